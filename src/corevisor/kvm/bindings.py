@@ -1,0 +1,427 @@
+"""Every ctypes structure, ioctl number and KVM_* constant corevisor uses.
+
+This is the only module that knows the KVM ABI's numbers and layouts (from
+include/uapi/linux/kvm.h and arch/x86/include/uapi/asm/kvm.h). Each structure is
+checked against its C size at import time, so a layout mistake fails loudly here
+instead of corrupting a vCPU later. What does not live here: calling the ioctls
+(kvm/ioctls.py) and deciding what values to put in the structures (arch/).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from ctypes import c_int32, c_uint8, c_uint16, c_uint32, c_uint64
+from enum import IntEnum
+
+# --- ioctl number encoding (asm-generic/ioctl.h) -------------------------------------
+_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+KVMIO = 0xAE
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
+
+
+def _io(nr: int) -> int:
+    return _ioc(_IOC_NONE, nr, 0)
+
+
+def _iow(nr: int, size: int) -> int:
+    return _ioc(_IOC_WRITE, nr, size)
+
+
+def _ior(nr: int, size: int) -> int:
+    return _ioc(_IOC_READ, nr, size)
+
+
+def _iowr(nr: int, size: int) -> int:
+    return _ioc(_IOC_READ | _IOC_WRITE, nr, size)
+
+
+def _check(cls: type[ctypes.Structure], size: int) -> None:
+    actual = ctypes.sizeof(cls)
+    assert actual == size, f"{cls.__name__}: sizeof {actual} != {size}"
+
+
+# --- structures ---------------------------------------------------------------------
+class kvm_userspace_memory_region(ctypes.Structure):
+    _fields_ = [
+        ("slot", c_uint32),
+        ("flags", c_uint32),
+        ("guest_phys_addr", c_uint64),
+        ("memory_size", c_uint64),
+        ("userspace_addr", c_uint64),
+    ]
+
+
+class kvm_regs(ctypes.Structure):
+    _fields_ = [
+        (name, c_uint64)
+        for name in (
+            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+        )
+    ]
+
+
+class kvm_segment(ctypes.Structure):
+    _fields_ = [
+        ("base", c_uint64),
+        ("limit", c_uint32),
+        ("selector", c_uint16),
+        ("type", c_uint8),
+        ("present", c_uint8),
+        ("dpl", c_uint8),
+        ("db", c_uint8),
+        ("s", c_uint8),
+        ("l", c_uint8),
+        ("g", c_uint8),
+        ("avl", c_uint8),
+        ("unusable", c_uint8),
+        ("padding", c_uint8),
+    ]
+
+
+class kvm_dtable(ctypes.Structure):
+    _fields_ = [("base", c_uint64), ("limit", c_uint16), ("padding", c_uint16 * 3)]
+
+
+class kvm_sregs(ctypes.Structure):
+    _fields_ = [
+        ("cs", kvm_segment),
+        ("ds", kvm_segment),
+        ("es", kvm_segment),
+        ("fs", kvm_segment),
+        ("gs", kvm_segment),
+        ("ss", kvm_segment),
+        ("tr", kvm_segment),
+        ("ldt", kvm_segment),
+        ("gdt", kvm_dtable),
+        ("idt", kvm_dtable),
+        ("cr0", c_uint64),
+        ("cr2", c_uint64),
+        ("cr3", c_uint64),
+        ("cr4", c_uint64),
+        ("cr8", c_uint64),
+        ("efer", c_uint64),
+        ("apic_base", c_uint64),
+        ("interrupt_bitmap", c_uint64 * 4),
+    ]
+
+
+class kvm_fpu(ctypes.Structure):
+    _fields_ = [
+        ("fpr", (c_uint8 * 16) * 8),
+        ("fcw", c_uint16),
+        ("fsw", c_uint16),
+        ("ftwx", c_uint8),
+        ("pad1", c_uint8),
+        ("last_opcode", c_uint16),
+        ("last_ip", c_uint64),
+        ("last_dp", c_uint64),
+        ("xmm", (c_uint8 * 16) * 16),
+        ("mxcsr", c_uint32),
+        ("pad2", c_uint32),
+    ]
+
+
+class kvm_msr_entry(ctypes.Structure):
+    _fields_ = [("index", c_uint32), ("reserved", c_uint32), ("data", c_uint64)]
+
+
+class kvm_msrs_header(ctypes.Structure):
+    _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32)]
+
+
+def kvm_msrs(n: int) -> type[ctypes.Structure]:
+    """A struct kvm_msrs with room for n entries (a flexible array in C)."""
+
+    class _Msrs(ctypes.Structure):
+        _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32), ("entries", kvm_msr_entry * n)]
+
+    return _Msrs
+
+
+class kvm_msr_list_header(ctypes.Structure):
+    _fields_ = [("nmsrs", c_uint32)]
+
+
+class kvm_cpuid_entry2(ctypes.Structure):
+    _fields_ = [
+        ("function", c_uint32),
+        ("index", c_uint32),
+        ("flags", c_uint32),
+        ("eax", c_uint32),
+        ("ebx", c_uint32),
+        ("ecx", c_uint32),
+        ("edx", c_uint32),
+        ("padding", c_uint32 * 3),
+    ]
+
+
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
+
+
+def kvm_cpuid2(n: int) -> type[ctypes.Structure]:
+    """A struct kvm_cpuid2 with room for n entries."""
+
+    class _Cpuid2(ctypes.Structure):
+        _fields_ = [("nent", c_uint32), ("padding", c_uint32), ("entries", kvm_cpuid_entry2 * n)]
+
+    return _Cpuid2
+
+
+class kvm_pit_config(ctypes.Structure):
+    _fields_ = [("flags", c_uint32), ("pad", c_uint32 * 15)]
+
+
+class kvm_irq_level(ctypes.Structure):
+    _fields_ = [("irq", c_uint32), ("level", c_uint32)]
+
+
+class kvm_irqfd(ctypes.Structure):
+    _fields_ = [
+        ("fd", c_uint32),
+        ("gsi", c_uint32),
+        ("flags", c_uint32),
+        ("resamplefd", c_uint32),
+        ("pad", c_uint8 * 16),
+    ]
+
+
+class kvm_ioeventfd(ctypes.Structure):
+    _fields_ = [
+        ("datamatch", c_uint64),
+        ("addr", c_uint64),
+        ("len", c_uint32),
+        ("fd", c_int32),
+        ("flags", c_uint32),
+        ("pad", c_uint8 * 36),
+    ]
+
+
+class kvm_msi(ctypes.Structure):
+    _fields_ = [
+        ("address_lo", c_uint32),
+        ("address_hi", c_uint32),
+        ("data", c_uint32),
+        ("flags", c_uint32),
+        ("devid", c_uint32),
+        ("pad", c_uint8 * 12),
+    ]
+
+
+class kvm_mp_state(ctypes.Structure):
+    _fields_ = [("mp_state", c_uint32)]
+
+
+class _events_exception(ctypes.Structure):
+    _fields_ = [
+        ("injected", c_uint8),
+        ("nr", c_uint8),
+        ("has_error_code", c_uint8),
+        ("pending", c_uint8),
+        ("error_code", c_uint32),
+    ]
+
+
+class _events_interrupt(ctypes.Structure):
+    _fields_ = [("injected", c_uint8), ("nr", c_uint8), ("soft", c_uint8), ("shadow", c_uint8)]
+
+
+class _events_nmi(ctypes.Structure):
+    _fields_ = [("injected", c_uint8), ("pending", c_uint8), ("masked", c_uint8), ("pad", c_uint8)]
+
+
+class _events_smi(ctypes.Structure):
+    _fields_ = [
+        ("smm", c_uint8),
+        ("pending", c_uint8),
+        ("smm_inside_nmi", c_uint8),
+        ("latched_init", c_uint8),
+    ]
+
+
+class kvm_vcpu_events(ctypes.Structure):
+    _fields_ = [
+        ("exception", _events_exception),
+        ("interrupt", _events_interrupt),
+        ("nmi", _events_nmi),
+        ("sipi_vector", c_uint32),
+        ("flags", c_uint32),
+        ("smi", _events_smi),
+        ("triple_fault_pending", c_uint8),
+        ("reserved", c_uint8 * 26),
+        ("exception_has_payload", c_uint8),
+        ("exception_payload", c_uint64),
+    ]
+
+
+class kvm_enable_cap(ctypes.Structure):
+    _fields_ = [
+        ("cap", c_uint32),
+        ("flags", c_uint32),
+        ("args", c_uint64 * 4),
+        ("pad", c_uint8 * 64),
+    ]
+
+
+class kvm_lapic_state(ctypes.Structure):
+    _fields_ = [("regs", c_uint8 * 1024)]
+
+
+for _cls, _size in (
+    (kvm_userspace_memory_region, 32),
+    (kvm_regs, 144),
+    (kvm_segment, 24),
+    (kvm_dtable, 16),
+    (kvm_sregs, 312),
+    (kvm_fpu, 416),
+    (kvm_msr_entry, 16),
+    (kvm_cpuid_entry2, 40),
+    (kvm_pit_config, 64),
+    (kvm_irq_level, 8),
+    (kvm_irqfd, 32),
+    (kvm_ioeventfd, 64),
+    (kvm_msi, 32),
+    (kvm_mp_state, 4),
+    (kvm_vcpu_events, 64),
+    (kvm_enable_cap, 104),
+    (kvm_lapic_state, 1024),
+):
+    _check(_cls, _size)
+assert kvm_sregs.cr0.offset == 224 and kvm_sregs.efer.offset == 264
+assert kvm_vcpu_events.exception_payload.offset == 56
+
+# --- ioctl numbers ------------------------------------------------------------------
+KVM_GET_API_VERSION = _io(0x00)
+KVM_CREATE_VM = _io(0x01)
+KVM_GET_MSR_INDEX_LIST = _iowr(0x02, 4)
+KVM_CHECK_EXTENSION = _io(0x03)
+KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
+KVM_GET_SUPPORTED_CPUID = _iowr(0x05, 8)
+KVM_CREATE_VCPU = _io(0x41)
+KVM_SET_USER_MEMORY_REGION = _iow(0x46, 32)
+KVM_SET_TSS_ADDR = _io(0x47)
+KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, 8)
+KVM_CREATE_IRQCHIP = _io(0x60)
+KVM_IRQ_LINE = _iow(0x61, 8)
+KVM_IRQFD = _iow(0x76, 32)
+KVM_CREATE_PIT2 = _iow(0x77, 64)
+KVM_IOEVENTFD = _iow(0x79, 64)
+KVM_ENABLE_CAP = _iow(0xA3, 104)
+KVM_SIGNAL_MSI = _iow(0xA5, 32)
+KVM_RUN = _io(0x80)
+KVM_GET_REGS = _ior(0x81, 144)
+KVM_SET_REGS = _iow(0x82, 144)
+KVM_GET_SREGS = _ior(0x83, 312)
+KVM_SET_SREGS = _iow(0x84, 312)
+KVM_GET_MSRS = _iowr(0x88, 8)
+KVM_SET_MSRS = _iow(0x89, 8)
+KVM_GET_FPU = _ior(0x8C, 416)
+KVM_SET_FPU = _iow(0x8D, 416)
+KVM_GET_LAPIC = _ior(0x8E, 1024)
+KVM_SET_LAPIC = _iow(0x8F, 1024)
+KVM_SET_CPUID2 = _iow(0x90, 8)
+KVM_GET_MP_STATE = _ior(0x98, 4)
+KVM_SET_MP_STATE = _iow(0x99, 4)
+KVM_GET_VCPU_EVENTS = _ior(0x9F, 64)
+KVM_SET_VCPU_EVENTS = _iow(0xA0, 64)
+KVM_GET_TSC_KHZ = _io(0xA3)
+
+KVM_API_VERSION = 12
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
+KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+KVM_PIT_SPEAKER_DUMMY = 1
+KVM_X86_DISABLE_EXITS_MWAIT = 1 << 0
+KVM_X86_DISABLE_EXITS_HLT = 1 << 1
+KVM_X86_DISABLE_EXITS_PAUSE = 1 << 2
+
+
+class Cap(IntEnum):
+    """KVM_CAP_* numbers corevisor asks about."""
+
+    IRQCHIP = 0
+    HLT = 1
+    USER_MEMORY = 3
+    SET_TSS_ADDR = 4
+    EXT_CPUID = 7
+    NR_VCPUS = 9
+    NR_MEMSLOTS = 10
+    PIT = 11
+    MP_STATE = 14
+    COALESCED_MMIO = 15
+    SET_GUEST_DEBUG = 23
+    IRQ_ROUTING = 25
+    IRQFD = 32
+    PIT2 = 33
+    IOEVENTFD = 36
+    SET_IDENTITY_MAP_ADDR = 37
+    VCPU_EVENTS = 41
+    MAX_VCPUS = 66
+    SIGNAL_MSI = 77
+    READONLY_MEM = 81
+    IMMEDIATE_EXIT = 136
+    X86_DISABLE_EXITS = 143
+    HALT_POLL = 182
+
+
+class ExitReason(IntEnum):
+    """KVM_EXIT_* values of kvm_run.exit_reason."""
+
+    UNKNOWN = 0
+    EXCEPTION = 1
+    IO = 2
+    HYPERCALL = 3
+    DEBUG = 4
+    HLT = 5
+    MMIO = 6
+    IRQ_WINDOW_OPEN = 7
+    SHUTDOWN = 8
+    FAIL_ENTRY = 9
+    INTR = 10
+    SET_TPR = 11
+    TPR_ACCESS = 12
+    NMI = 16
+    INTERNAL_ERROR = 17
+    SYSTEM_EVENT = 24
+    X86_RDMSR = 29
+    X86_WRMSR = 30
+
+
+KVM_EXIT_IO_IN = 0
+KVM_EXIT_IO_OUT = 1
+KVM_INTERNAL_ERROR_EMULATION = 1
+KVM_INTERNAL_ERROR_SIMUL_EX = 2
+KVM_INTERNAL_ERROR_DELIVERY_EV = 3
+KVM_SYSTEM_EVENT_SHUTDOWN = 1
+KVM_SYSTEM_EVENT_RESET = 2
+KVM_SYSTEM_EVENT_CRASH = 3
+
+KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_UNINITIALIZED = 1
+KVM_MP_STATE_INIT_RECEIVED = 2
+KVM_MP_STATE_HALTED = 3
+KVM_MP_STATE_SIPI_RECEIVED = 4
+
+# kvm_run layout: fixed header, then the exit union at offset 32.
+KVM_RUN_IMMEDIATE_EXIT_OFFSET = 1
+KVM_RUN_EXIT_REASON_OFFSET = 8
+KVM_RUN_EXIT_UNION_OFFSET = 32
+
+# MSR numbers the boot path initialises.
+MSR_IA32_TSC = 0x10
+MSR_IA32_APICBASE = 0x1B
+MSR_IA32_SYSENTER_CS = 0x174
+MSR_IA32_SYSENTER_ESP = 0x175
+MSR_IA32_SYSENTER_EIP = 0x176
+MSR_IA32_MISC_ENABLE = 0x1A0
+MSR_MTRR_DEF_TYPE = 0x2FF
+MSR_STAR = 0xC0000081
+MSR_LSTAR = 0xC0000082
+MSR_CSTAR = 0xC0000083
+MSR_SYSCALL_MASK = 0xC0000084
+MSR_KERNEL_GS_BASE = 0xC0000102

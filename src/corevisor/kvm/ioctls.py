@@ -1,0 +1,346 @@
+"""Kvm, VmFd and VcpuFd: one typed method per ioctl, and the only reader of kvm_run.
+
+Every failing ioctl raises KvmError naming the ioctl and the errno. The vCPU run loop's
+hot path (KVM_RUN, then reading an I/O or MMIO exit) is kept to a struct unpack on the
+shared kvm_run mapping; rarer exits are decoded into frozen dataclasses for reporting.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from corevisor.errors import KvmError
+from corevisor.kvm import bindings as b
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+_libc.ioctl.restype = ctypes.c_int
+
+
+def _ioctl(fd: int, request: int, arg: Any, name: str) -> int:
+    """Issue one ioctl; translate OSError into KvmError naming the ioctl."""
+    try:
+        if isinstance(arg, int):
+            if arg > 0x7FFFFFFF:  # fcntl.ioctl takes a C int; go through libc for the rest
+                ret = _libc.ioctl(fd, request, arg)
+                if ret < 0:
+                    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+                return int(ret)
+            return fcntl.ioctl(fd, request, arg)
+        return fcntl.ioctl(fd, request, arg, True)
+    except OSError as e:
+        raise KvmError(name, e.errno or 0) from None
+
+
+# --- exit decoding ------------------------------------------------------------------
+_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
+_MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
+_U32 = struct.Struct("<I")
+_U32X2 = struct.Struct("<II")
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """A decoded, rare vCPU exit, for reports (not for the hot path)."""
+
+    reason: int
+    name: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class SupportedCpuid:
+    """One KVM_GET_SUPPORTED_CPUID entry as plain values."""
+
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+class Kvm:
+    """The /dev/kvm system file descriptor."""
+
+    def __init__(self, path: str = "/dev/kvm") -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise KvmError(f"open({path})", e.errno or 0) from None
+        version = _ioctl(self.fd, b.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+        if version != b.KVM_API_VERSION:
+            os.close(self.fd)
+            raise KvmError("KVM_GET_API_VERSION", errno.EINVAL, f"API version {version} != 12")
+
+    def check_extension(self, cap: b.Cap) -> int:
+        """Return KVM_CHECK_EXTENSION's answer (0 means absent)."""
+        return _ioctl(self.fd, b.KVM_CHECK_EXTENSION, int(cap), "KVM_CHECK_EXTENSION")
+
+    def vcpu_mmap_size(self) -> int:
+        return _ioctl(self.fd, b.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+
+    def max_vcpus(self) -> int:
+        """The most vCPUs one VM may have (KVM_CAP_MAX_VCPUS, else NR_VCPUS)."""
+        return self.check_extension(b.Cap.MAX_VCPUS) or self.check_extension(b.Cap.NR_VCPUS) or 4
+
+    def supported_cpuid(self) -> list[SupportedCpuid]:
+        """KVM_GET_SUPPORTED_CPUID, growing the buffer until it fits."""
+        n = 64
+        while True:
+            buf = b.kvm_cpuid2(n)()
+            buf.nent = n
+            try:
+                fcntl.ioctl(self.fd, b.KVM_GET_SUPPORTED_CPUID, buf, True)
+            except OSError as e:
+                if e.errno == errno.E2BIG and n < 4096:
+                    n *= 2
+                    continue
+                raise KvmError("KVM_GET_SUPPORTED_CPUID", e.errno or 0) from None
+            return [
+                SupportedCpuid(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                for e in buf.entries[: buf.nent]
+            ]
+
+    def create_vm(self) -> VmFd:
+        fd = _ioctl(self.fd, b.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+        return VmFd(fd, self)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class VmFd:
+    """A VM file descriptor."""
+
+    def __init__(self, fd: int, kvm: Kvm) -> None:
+        self.fd = fd
+        self.kvm = kvm
+
+    def check_extension(self, cap: b.Cap) -> int:
+        return _ioctl(self.fd, b.KVM_CHECK_EXTENSION, int(cap), "KVM_CHECK_EXTENSION")
+
+    def set_user_memory_region(
+        self, slot: int, gpa: int, size: int, host_addr: int, flags: int = 0
+    ) -> None:
+        region = b.kvm_userspace_memory_region(slot, flags, gpa, size, host_addr)
+        _ioctl(self.fd, b.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+
+    def set_tss_addr(self, addr: int) -> None:
+        _ioctl(self.fd, b.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        buf = ctypes.c_uint64(addr)
+        _ioctl(self.fd, b.KVM_SET_IDENTITY_MAP_ADDR, buf, "KVM_SET_IDENTITY_MAP_ADDR")
+
+    def create_irqchip(self) -> None:
+        _ioctl(self.fd, b.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
+
+    def create_pit2(self, flags: int = 0) -> None:
+        _ioctl(self.fd, b.KVM_CREATE_PIT2, b.kvm_pit_config(flags), "KVM_CREATE_PIT2")
+
+    def irq_line(self, irq: int, level: int) -> None:
+        _ioctl(self.fd, b.KVM_IRQ_LINE, b.kvm_irq_level(irq, level), "KVM_IRQ_LINE")
+
+    def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
+        flags = b.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        _ioctl(self.fd, b.KVM_IRQFD, b.kvm_irqfd(fd, gsi, flags, 0), "KVM_IRQFD")
+
+    def ioeventfd(
+        self,
+        fd: int,
+        addr: int,
+        length: int,
+        pio: bool,
+        datamatch: int | None = None,
+        deassign: bool = False,
+    ) -> None:
+        """Wire guest writes to addr (port or MMIO) to an eventfd, handled in the kernel."""
+        flags = b.KVM_IOEVENTFD_FLAG_PIO if pio else 0
+        if datamatch is not None:
+            flags |= b.KVM_IOEVENTFD_FLAG_DATAMATCH
+        if deassign:
+            flags |= b.KVM_IOEVENTFD_FLAG_DEASSIGN
+        req = b.kvm_ioeventfd(datamatch or 0, addr, length, fd, flags)
+        _ioctl(self.fd, b.KVM_IOEVENTFD, req, "KVM_IOEVENTFD")
+
+    def signal_msi(self, address: int, data: int) -> int:
+        msi = b.kvm_msi(address & 0xFFFFFFFF, address >> 32, data, 0, 0)
+        return _ioctl(self.fd, b.KVM_SIGNAL_MSI, msi, "KVM_SIGNAL_MSI")
+
+    def enable_cap(self, cap: b.Cap, *args: int) -> None:
+        req = b.kvm_enable_cap(int(cap), 0)
+        for i, a in enumerate(args):
+            req.args[i] = a
+        _ioctl(self.fd, b.KVM_ENABLE_CAP, req, "KVM_ENABLE_CAP")
+
+    def create_vcpu(self, index: int) -> VcpuFd:
+        fd = _ioctl(self.fd, b.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
+        return VcpuFd(fd, index, self.kvm.vcpu_mmap_size())
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class VcpuFd:
+    """A vCPU file descriptor and its shared kvm_run page."""
+
+    def __init__(self, fd: int, index: int, mmap_size: int) -> None:
+        self.fd = fd
+        self.index = index
+        self.run_mm = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    # --- the hot path -------------------------------------------------------------
+    def run(self) -> int:
+        """KVM_RUN once; return the exit reason, or -1 if interrupted (EINTR/EAGAIN)."""
+        try:
+            fcntl.ioctl(self.fd, b.KVM_RUN, 0)
+        except OSError as e:
+            if e.errno in (errno.EINTR, errno.EAGAIN):
+                return -1
+            raise KvmError("KVM_RUN", e.errno or 0) from None
+        return int(_U32.unpack_from(self.run_mm, b.KVM_RUN_EXIT_REASON_OFFSET)[0])
+
+    def io_exit(self) -> tuple[int, int, int, int, int]:
+        """(direction, size, port, count, data_offset) of a KVM_EXIT_IO."""
+        return _IO.unpack_from(self.run_mm, b.KVM_RUN_EXIT_UNION_OFFSET)  # type: ignore[return-value]
+
+    def mmio_exit(self) -> tuple[int, bytes, int, int]:
+        """(phys_addr, data, len, is_write) of a KVM_EXIT_MMIO."""
+        return _MMIO.unpack_from(self.run_mm, b.KVM_RUN_EXIT_UNION_OFFSET)  # type: ignore[return-value]
+
+    def set_mmio_data(self, data: bytes) -> None:
+        """Answer an MMIO read: the data the guest's load will see."""
+        off = b.KVM_RUN_EXIT_UNION_OFFSET + 8
+        self.run_mm[off : off + len(data)] = data
+
+    def set_immediate_exit(self, value: bool) -> None:
+        self.run_mm[b.KVM_RUN_IMMEDIATE_EXIT_OFFSET] = 1 if value else 0
+
+    # --- rare exits, decoded for reports -------------------------------------------
+    def exit_info(self, reason: int) -> ExitInfo:
+        """Decode a non-I/O exit into a readable form."""
+        u = b.KVM_RUN_EXIT_UNION_OFFSET
+        try:
+            name = b.ExitReason(reason).name
+        except ValueError:
+            name = f"exit reason {reason}"
+        detail = ""
+        if reason == b.ExitReason.FAIL_ENTRY:
+            hw, cpu = struct.unpack_from("<QI", self.run_mm, u)
+            detail = f"hardware entry failure reason {hw:#x} on cpu {cpu}"
+        elif reason == b.ExitReason.INTERNAL_ERROR:
+            suberror, ndata = _U32X2.unpack_from(self.run_mm, u)
+            data = struct.unpack_from(f"<{min(ndata, 16)}Q", self.run_mm, u + 8)
+            kinds = {
+                b.KVM_INTERNAL_ERROR_EMULATION: "emulation failure",
+                b.KVM_INTERNAL_ERROR_SIMUL_EX: "exception while delivering an exception",
+                b.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failure",
+            }
+            detail = kinds.get(suberror, f"internal error {suberror}")
+            if data:
+                detail += " (data " + " ".join(f"{d:#x}" for d in data) + ")"
+        elif reason == b.ExitReason.SYSTEM_EVENT:
+            kind = _U32.unpack_from(self.run_mm, u)[0]
+            names = {1: "shutdown", 2: "reset", 3: "crash"}
+            detail = f"system event {names.get(kind, kind)}"
+        elif reason == b.ExitReason.SHUTDOWN:
+            detail = "triple fault (the CPU shut down)"
+        return ExitInfo(reason, name, detail)
+
+    def system_event_type(self) -> int:
+        return int(_U32.unpack_from(self.run_mm, b.KVM_RUN_EXIT_UNION_OFFSET)[0])
+
+    # --- state -----------------------------------------------------------------
+    def get_regs(self) -> b.kvm_regs:
+        regs = b.kvm_regs()
+        _ioctl(self.fd, b.KVM_GET_REGS, regs, "KVM_GET_REGS")
+        return regs
+
+    def set_regs(self, regs: b.kvm_regs) -> None:
+        _ioctl(self.fd, b.KVM_SET_REGS, regs, "KVM_SET_REGS")
+
+    def get_sregs(self) -> b.kvm_sregs:
+        sregs = b.kvm_sregs()
+        _ioctl(self.fd, b.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        return sregs
+
+    def set_sregs(self, sregs: b.kvm_sregs) -> None:
+        _ioctl(self.fd, b.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+
+    def get_fpu(self) -> b.kvm_fpu:
+        fpu = b.kvm_fpu()
+        _ioctl(self.fd, b.KVM_GET_FPU, fpu, "KVM_GET_FPU")
+        return fpu
+
+    def set_fpu(self, fpu: b.kvm_fpu) -> None:
+        _ioctl(self.fd, b.KVM_SET_FPU, fpu, "KVM_SET_FPU")
+
+    def set_msrs(self, msrs: dict[int, int]) -> None:
+        buf = b.kvm_msrs(len(msrs))()
+        buf.nmsrs = len(msrs)
+        for i, (index, data) in enumerate(msrs.items()):
+            buf.entries[i].index = index
+            buf.entries[i].data = data
+        done = _ioctl(self.fd, b.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
+        if done != len(msrs):
+            bad = list(msrs)[done]
+            raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {bad:#x} was refused")
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        buf = b.kvm_msrs(len(indices))()
+        buf.nmsrs = len(indices)
+        for i, index in enumerate(indices):
+            buf.entries[i].index = index
+        done = _ioctl(self.fd, b.KVM_GET_MSRS, buf, "KVM_GET_MSRS")
+        return {buf.entries[i].index: buf.entries[i].data for i in range(done)}
+
+    def set_cpuid2(self, entries: list[SupportedCpuid]) -> None:
+        buf = b.kvm_cpuid2(len(entries))()
+        buf.nent = len(entries)
+        for i, e in enumerate(entries):
+            buf.entries[i] = b.kvm_cpuid_entry2(
+                e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx
+            )
+        _ioctl(self.fd, b.KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
+
+    def get_mp_state(self) -> int:
+        st = b.kvm_mp_state()
+        _ioctl(self.fd, b.KVM_GET_MP_STATE, st, "KVM_GET_MP_STATE")
+        return int(st.mp_state)
+
+    def set_mp_state(self, state: int) -> None:
+        _ioctl(self.fd, b.KVM_SET_MP_STATE, b.kvm_mp_state(state), "KVM_SET_MP_STATE")
+
+    def get_vcpu_events(self) -> b.kvm_vcpu_events:
+        ev = b.kvm_vcpu_events()
+        _ioctl(self.fd, b.KVM_GET_VCPU_EVENTS, ev, "KVM_GET_VCPU_EVENTS")
+        return ev
+
+    def set_vcpu_events(self, ev: b.kvm_vcpu_events) -> None:
+        _ioctl(self.fd, b.KVM_SET_VCPU_EVENTS, ev, "KVM_SET_VCPU_EVENTS")
+
+    def get_lapic(self) -> b.kvm_lapic_state:
+        st = b.kvm_lapic_state()
+        _ioctl(self.fd, b.KVM_GET_LAPIC, st, "KVM_GET_LAPIC")
+        return st
+
+    def set_lapic(self, st: b.kvm_lapic_state) -> None:
+        _ioctl(self.fd, b.KVM_SET_LAPIC, st, "KVM_SET_LAPIC")
+
+    def get_tsc_khz(self) -> int:
+        return _ioctl(self.fd, b.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
+
+    def close(self) -> None:
+        self.run_mm.close()
+        os.close(self.fd)

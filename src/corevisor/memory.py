@@ -1,0 +1,146 @@
+"""Guest RAM: memfd-backed regions and the only bounds-checked way into them.
+
+Every guest-physical access in corevisor goes through GuestMemory. An access that is
+not wholly inside one RAM region raises GuestMemoryError, so a hostile guest cannot
+steer a device model (or a loader, or the GDB stub) into host memory: this is the
+software equivalent of an IOMMU. Regions are memfds so later work can share them
+between partitions, snapshot them and migrate them without copying through Python.
+
+What does not live here: the KVM memory-slot ioctls (kvm/ioctls.py) and the guest
+memory map policy (arch/x86_64/layout.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from corevisor.errors import GuestMemoryError
+
+_T = TypeVar("_T", bound=ctypes.Structure)
+
+
+@dataclass
+class MemoryRegion:
+    """One contiguous run of guest-physical RAM backed by (part of) a memfd."""
+
+    gpa: int
+    size: int
+    fd: int
+    offset: int = 0
+    readonly: bool = False
+    mm: mmap.mmap = field(repr=False, default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.mm is None:
+            prot = mmap.PROT_READ | mmap.PROT_WRITE
+            self.mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, prot, offset=self.offset)
+
+    @property
+    def end(self) -> int:
+        """One past the last guest-physical address of the region."""
+        return self.gpa + self.size
+
+    @property
+    def host_address(self) -> int:
+        """Host virtual address of the mapping, for KVM_SET_USER_MEMORY_REGION only."""
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+
+
+class GuestMemory:
+    """The RAM of one guest: a sorted list of non-overlapping regions."""
+
+    def __init__(self, regions: list[MemoryRegion]) -> None:
+        self.regions = sorted(regions, key=lambda r: r.gpa)
+        for a, b in zip(self.regions, self.regions[1:], strict=False):
+            if a.end > b.gpa:
+                raise GuestMemoryError(
+                    f"memory regions overlap: {a.gpa:#x}-{a.end:#x} and {b.gpa:#x}-{b.end:#x}"
+                )
+
+    @classmethod
+    def anonymous(cls, layout: list[tuple[int, int]], name: str = "guest-ram") -> GuestMemory:
+        """Create fresh zeroed RAM for the (gpa, size) runs in layout, in one memfd."""
+        total = sum(size for _, size in layout)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.ftruncate(fd, total)
+        regions = []
+        offset = 0
+        for gpa, size in layout:
+            regions.append(MemoryRegion(gpa=gpa, size=size, fd=fd, offset=offset))
+            offset += size
+        return cls(regions)
+
+    @property
+    def size(self) -> int:
+        """Total bytes of RAM over all regions."""
+        return sum(r.size for r in self.regions)
+
+    def _find(self, gpa: int, size: int) -> tuple[MemoryRegion, int]:
+        """Return the region wholly holding [gpa, gpa+size) and the offset into it."""
+        if gpa < 0 or size < 0:
+            raise GuestMemoryError(f"invalid guest access {gpa:#x}+{size:#x}")
+        for r in self.regions:
+            if r.gpa <= gpa and gpa + size <= r.end:
+                return r, gpa - r.gpa
+        raise GuestMemoryError(f"guest access {gpa:#x}+{size:#x} is outside guest RAM")
+
+    def contains(self, gpa: int, size: int = 1) -> bool:
+        """True if [gpa, gpa+size) lies wholly inside one RAM region."""
+        try:
+            self._find(gpa, size)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def read(self, gpa: int, size: int) -> bytes:
+        """Copy size bytes out of guest RAM."""
+        r, off = self._find(gpa, size)
+        return r.mm[off : off + size]
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy data into guest RAM."""
+        r, off = self._find(gpa, len(data))
+        r.mm[off : off + len(data)] = data
+
+    def fill(self, gpa: int, size: int, byte: int = 0) -> None:
+        """Set size bytes of guest RAM to one value (zeroing a .bss, for instance)."""
+        r, off = self._find(gpa, size)
+        r.mm[off : off + size] = bytes([byte]) * size
+
+    def read_obj(self, gpa: int, cls: type[_T]) -> _T:
+        """Read a ctypes structure from guest RAM (a copy, not a view)."""
+        return cls.from_buffer_copy(self.read(gpa, ctypes.sizeof(cls)))
+
+    def write_obj(self, gpa: int, obj: ctypes.Structure) -> None:
+        """Write a ctypes structure into guest RAM."""
+        self.write(gpa, bytes(obj))
+
+    def read_u8(self, gpa: int) -> int:
+        return self.read(gpa, 1)[0]
+
+    def read_u16(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 2), "little")
+
+    def read_u32(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 4), "little")
+
+    def read_u64(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 8), "little")
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write(gpa, value.to_bytes(4, "little"))
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write(gpa, value.to_bytes(8, "little"))
+
+    def close(self) -> None:
+        """Unmap every region and close the backing fds."""
+        fds = {r.fd for r in self.regions}
+        for r in self.regions:
+            r.mm.close()
+        for fd in fds:
+            os.close(fd)
