@@ -1,0 +1,220 @@
+"""Boot information handed to an x86 guest: the e820 map, PVH start_info, multiboot info.
+
+A PVH or multiboot guest learns where its RAM is and what its command line says only
+from the structures written here (at BOOT_INFO_ADDR, with the command line at
+CMDLINE_ADDR); the builder puts the returned address in ebx. What does not live here:
+register setup (cpu.py), the MP table (mptable.py), ACPI (acpi.py), the Linux zero page
+for bzImage (not yet needed by the bundled guests).
+
+Layouts follow Xen's public/arch-x86/hvm/start_info.h (version 1) and the Multiboot
+0.6.96 specification, section 3.3.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from corevisor.arch.x86_64.layout import (
+    BOOT_INFO_ADDR,
+    BOOT_INFO_MAX,
+    CMDLINE_ADDR,
+    CMDLINE_MAX,
+    EBDA_START,
+    HIGH_MEMORY_START,
+    MMIO_HOLE_END,
+)
+from corevisor.errors import ConfigError, LoaderError
+from corevisor.memory import GuestMemory
+
+E820_RAM = 1
+E820_RESERVED = 2
+
+
+@dataclass(frozen=True)
+class E820Entry:
+    """One run of the BIOS-style memory map; type is E820_RAM or E820_RESERVED."""
+
+    addr: int
+    size: int
+    type: int
+
+    @property
+    def end(self) -> int:
+        """One past the last address of the run."""
+        return self.addr + self.size
+
+
+def e820_map(mem: GuestMemory) -> list[E820Entry]:
+    """Describe guest RAM to the guest, hiding the low area the VMM's tables live in.
+
+    The EBDA (where the MP table lives) up to 1 MiB is reported reserved so the guest
+    never reuses it as RAM; the MMIO hole between the low region and 4 GiB is simply
+    absent.
+    """
+    if not mem.regions or mem.regions[0].gpa != 0:
+        raise ConfigError("memory: guest RAM must start at guest-physical address 0")
+    low_end = mem.regions[0].end
+    if low_end < EBDA_START:
+        raise ConfigError(f"memory: {low_end} bytes is too small (need at least {EBDA_START})")
+    entries = [
+        E820Entry(0, EBDA_START, E820_RAM),
+        E820Entry(EBDA_START, HIGH_MEMORY_START - EBDA_START, E820_RESERVED),
+    ]
+    if low_end > HIGH_MEMORY_START:
+        entries.append(E820Entry(HIGH_MEMORY_START, low_end - HIGH_MEMORY_START, E820_RAM))
+    for region in mem.regions[1:]:
+        if region.gpa >= MMIO_HOLE_END:
+            entries.append(E820Entry(region.gpa, region.size, E820_RAM))
+    return entries
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def _check_cmdline(cmdline: bytes) -> None:
+    """Reject command lines the guest would read differently from what the user wrote."""
+    if len(cmdline) > CMDLINE_MAX - 1:
+        raise LoaderError(
+            f"kernel command line is {len(cmdline)} bytes; at most {CMDLINE_MAX - 1} fit"
+        )
+    if b"\0" in cmdline:
+        raise LoaderError("kernel command line contains a NUL byte")
+
+
+def _write_cstrings(mem: GuestMemory, strings: Sequence[bytes]) -> list[int]:
+    """Pack NUL-terminated strings into the command-line area; return their addresses.
+
+    The whole set must fit in CMDLINE_MAX bytes so nothing spills past the area the
+    layout reserves for it.
+    """
+    addrs: list[int] = []
+    offset = 0
+    for s in strings:
+        if b"\0" in s:
+            raise LoaderError("module command line contains a NUL byte")
+        if offset + len(s) + 1 > CMDLINE_MAX:
+            raise LoaderError(f"command lines need more than {CMDLINE_MAX} bytes in total")
+        mem.write(CMDLINE_ADDR + offset, s + b"\0")
+        addrs.append(CMDLINE_ADDR + offset)
+        offset += len(s) + 1
+    return addrs
+
+
+# --- PVH ----------------------------------------------------------------------------------
+
+XEN_HVM_START_MAGIC_VALUE = 0x336EC578
+HVM_START_INFO_VERSION = 1
+
+# struct hvm_start_info (version 1): magic, version, flags, nr_modules, modlist_paddr,
+# cmdline_paddr, rsdp_paddr, memmap_paddr, memmap_entries, reserved.
+_START_INFO = struct.Struct("<IIIIQQQQII")
+# struct hvm_modlist_entry: paddr, size, cmdline_paddr, reserved.
+_MODLIST_ENTRY = struct.Struct("<QQQQ")
+# struct hvm_memmap_table_entry: addr, size, type, reserved.
+_MEMMAP_ENTRY = struct.Struct("<QQII")
+assert _START_INFO.size == 56 and _MODLIST_ENTRY.size == 32 and _MEMMAP_ENTRY.size == 24
+
+
+def write_pvh_boot_info(
+    mem: GuestMemory,
+    cmdline: bytes,
+    rsdp: int = 0,
+    modules: Sequence[tuple[int, int, bytes]] = (),
+) -> int:
+    """Write hvm_start_info, its memory map and module list; return its address (for ebx).
+
+    modules are (gpa, size, cmdline) of images the caller already placed in RAM; their
+    command lines are packed after the kernel's in the command-line area (an empty one
+    is passed as address 0, as the ABI allows). The memory map is the e820 map, whose
+    type numbers PVH shares.
+    """
+    _check_cmdline(cmdline)
+    addrs = _write_cstrings(mem, [cmdline, *(m[2] for m in modules if m[2])])
+    cmdline_addr, module_cmdlines = addrs[0], iter(addrs[1:])
+
+    memmap = e820_map(mem)
+    memmap_addr = BOOT_INFO_ADDR + _START_INFO.size
+    modlist_addr = memmap_addr + len(memmap) * _MEMMAP_ENTRY.size
+    end = modlist_addr + len(modules) * _MODLIST_ENTRY.size
+    if end > BOOT_INFO_ADDR + BOOT_INFO_MAX:
+        raise LoaderError(
+            f"PVH boot information needs {end - BOOT_INFO_ADDR} bytes; at most {BOOT_INFO_MAX} fit"
+        )
+
+    mem.fill(BOOT_INFO_ADDR, BOOT_INFO_MAX, 0)
+    mem.write(
+        BOOT_INFO_ADDR,
+        _START_INFO.pack(
+            XEN_HVM_START_MAGIC_VALUE,
+            HVM_START_INFO_VERSION,
+            0,  # flags
+            len(modules),
+            modlist_addr if modules else 0,
+            cmdline_addr,
+            rsdp,
+            memmap_addr,
+            len(memmap),
+            0,
+        ),
+    )
+    for i, e in enumerate(memmap):
+        mem.write(
+            memmap_addr + i * _MEMMAP_ENTRY.size, _MEMMAP_ENTRY.pack(e.addr, e.size, e.type, 0)
+        )
+    for i, (gpa, size, mod_cmdline) in enumerate(modules):
+        mod_cmdline_addr = next(module_cmdlines) if mod_cmdline else 0
+        mem.write(
+            modlist_addr + i * _MODLIST_ENTRY.size,
+            _MODLIST_ENTRY.pack(gpa, size, mod_cmdline_addr, 0),
+        )
+    return BOOT_INFO_ADDR
+
+
+# --- multiboot v1 -------------------------------------------------------------------------
+
+MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002
+MULTIBOOT_INFO_MEMORY = 1 << 0
+MULTIBOOT_INFO_CMDLINE = 1 << 2
+MULTIBOOT_INFO_MEM_MAP = 1 << 6
+
+# The fixed part of struct multiboot_info up to and including the VBE fields (88 bytes);
+# only flags, mem_lower, mem_upper, cmdline, mmap_length and mmap_addr are filled in.
+MULTIBOOT_INFO_SIZE = 88
+_MB_INFO_HEAD = struct.Struct("<IIIII")  # flags, mem_lower, mem_upper, boot_device, cmdline
+_MB_MMAP_OFFSET = 44  # mmap_length, mmap_addr
+_MB_MMAP = struct.Struct("<II")
+# A multiboot memory map entry: size (of the rest, 20), base_addr, length, type.
+_MB_MMAP_ENTRY = struct.Struct("<IQQI")
+assert _MB_MMAP_ENTRY.size == 24
+
+
+def write_multiboot_info(mem: GuestMemory, cmdline: bytes) -> int:
+    """Write a multiboot v1 info structure and memory map; return its address (for ebx).
+
+    mem_lower counts the RAM below the EBDA and mem_upper the RAM from 1 MiB up to the
+    first hole, both in KiB, as the spec defines them; the full map follows the info
+    structure. The caller loads eax with MULTIBOOT_BOOTLOADER_MAGIC.
+    """
+    _check_cmdline(cmdline)
+    (cmdline_addr,) = _write_cstrings(mem, [cmdline])
+
+    memmap = e820_map(mem)
+    mmap_addr = BOOT_INFO_ADDR + MULTIBOOT_INFO_SIZE
+    mmap_length = len(memmap) * _MB_MMAP_ENTRY.size
+    if MULTIBOOT_INFO_SIZE + mmap_length > BOOT_INFO_MAX:
+        raise LoaderError("multiboot memory map does not fit in the boot information area")
+
+    low_end = mem.regions[0].end
+    mem_lower = EBDA_START // 1024
+    mem_upper = max(0, low_end - HIGH_MEMORY_START) // 1024
+    flags = MULTIBOOT_INFO_MEMORY | MULTIBOOT_INFO_CMDLINE | MULTIBOOT_INFO_MEM_MAP
+
+    mem.fill(BOOT_INFO_ADDR, BOOT_INFO_MAX, 0)
+    mem.write(BOOT_INFO_ADDR, _MB_INFO_HEAD.pack(flags, mem_lower, mem_upper, 0, cmdline_addr))
+    mem.write(BOOT_INFO_ADDR + _MB_MMAP_OFFSET, _MB_MMAP.pack(mmap_length, mmap_addr))
+    for i, e in enumerate(memmap):
+        entry = _MB_MMAP_ENTRY.pack(_MB_MMAP_ENTRY.size - 4, e.addr, e.size, e.type)
+        mem.write(mmap_addr + i * _MB_MMAP_ENTRY.size, entry)
+    return BOOT_INFO_ADDR
