@@ -17,13 +17,14 @@ from corevisor.arch.x86_64.mptable import write_mptable
 from corevisor.bus import Bus
 from corevisor.config import PartitionConfig
 from corevisor.console import open_serial
+from corevisor.devices import Device
 from corevisor.devices.debug_exit import DebugExit
 from corevisor.devices.i8042 import I8042
 from corevisor.devices.postcode import PostCode
 from corevisor.devices.rtc import Rtc
 from corevisor.devices.uart16550 import Uart16550
 from corevisor.errors import ConfigError, KvmError
-from corevisor.kvm.bindings import Cap
+from corevisor.kvm.bindings import KVM_PIT_SPEAKER_DUMMY, Cap
 from corevisor.kvm.ioctls import Kvm
 from corevisor.loader import LoadedImage, load_image
 from corevisor.machine import Machine
@@ -74,7 +75,10 @@ def attach_irqchip(m: Machine) -> None:
     """In-kernel PIC/IOAPIC/LAPIC and PIT: interrupts and timers never touch Python."""
     m.vm.set_tss_addr(0xFFFBD000)  # needed by VT-x for real mode; harmless elsewhere
     m.vm.create_irqchip()
-    m.vm.create_pit2()
+    # KVM serves port 0x61 (PIT channel 2 gate and output, which guests calibrate their
+    # clocks against) only with KVM_PIT_SPEAKER_DUMMY; without it the port read 0 here
+    # and calibration loops spun until their bound.
+    m.vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
 
 
 def attach_vcpus(m: Machine, config: PartitionConfig) -> None:
@@ -88,7 +92,7 @@ def attach_vcpus(m: Machine, config: PartitionConfig) -> None:
         core = None
         if config.pin:
             core = config.pin[i] if len(config.pin) > 1 else config.pin[0]
-        m.vcpus.append(Vcpu(fd, m.pio, m.mmio, m.finish, host_core=core))
+        m.vcpus.append(Vcpu(fd, m.pio, m.mmio, m.finish, host_core=core, memory=m.memory))
 
 
 def attach_legacy_devices(m: Machine, config: PartitionConfig) -> None:
@@ -102,7 +106,7 @@ def attach_legacy_devices(m: Machine, config: PartitionConfig) -> None:
 
     uart = Uart16550(serial.write, com1_irq)
     serial.start_input(uart.enqueue_input)
-    devices = {
+    devices: dict[str, tuple[int, int, Device]] = {
         "com1": (COM1_PORT, 8, uart),
         "i8042": (0x60, 5, I8042(m.guest_reset)),
         "rtc": (0x70, 2, Rtc()),
@@ -117,7 +121,8 @@ def attach_legacy_devices(m: Machine, config: PartitionConfig) -> None:
 def attach_boot_tables(m: Machine, config: PartitionConfig) -> None:
     """Tables a guest reads to find its CPUs: the boot GDT and the MP table."""
     cpu.write_boot_gdt(m.memory)
-    write_mptable(m.memory, config.cpus)
+    # KVM's default GSI routing wires the PIT (IRQ0) to IOAPIC pin 0, not pin 2 as on PCs.
+    write_mptable(m.memory, config.cpus, irq0_pin=0)
 
 
 def boot_bsp(m: Machine, image: LoadedImage, cmdline: str) -> None:

@@ -21,7 +21,8 @@ from corevisor.vcpu import StopReport
 EXIT_USER_ERROR = 2
 EXIT_GUEST_FAULT = 1
 
-DEMO = {"guest": "smp", "cpus": 2, "cmdline": "demo"}
+# The demo: the SMP guest on two vCPUs, each CPU started by the guest and checking in.
+DEMO_GUEST, DEMO_CPUS, DEMO_CMDLINE = "smp", 2, "demo"
 
 
 def _err(msg: str) -> None:
@@ -57,9 +58,7 @@ def _resolve(args: argparse.Namespace) -> SystemConfig:
     cpus = args.cpus
     cmdline = args.cmdline
     if target is None:
-        target = str(DEMO["guest"])
-        cpus = cpus or int(DEMO["cpus"])
-        cmdline = cmdline or str(DEMO["cmdline"])
+        target, cpus, cmdline = DEMO_GUEST, cpus or DEMO_CPUS, cmdline or DEMO_CMDLINE
     if target.endswith(".toml"):
         flags = [f for f in ("cpus", "pin") if getattr(args, f) is not None]
         if flags:

@@ -21,6 +21,7 @@ from corevisor.bus import Bus
 from corevisor.errors import CorevisorError
 from corevisor.kvm import bindings as b
 from corevisor.kvm.ioctls import VcpuFd
+from corevisor.memory import GuestMemory
 
 KICK_SIGNAL = signal.SIGUSR1
 
@@ -70,8 +71,10 @@ class Vcpu:
         mmio: Bus,
         on_stop: Callable[[StopReport], None],
         host_core: int | None = None,
+        memory: GuestMemory | None = None,
     ) -> None:
         self.fd = fd
+        self.memory = memory
         self.index = fd.index
         self.pio = pio
         self.mmio = mmio
@@ -150,7 +153,7 @@ class Vcpu:
             self.on_stop(report)
 
     def _regs(self) -> str:
-        return format_registers(self.fd)
+        return format_registers(self.fd, self.memory)
 
     def _park(self) -> bool:
         """Handle a posted command; return False if the loop must end."""
@@ -233,7 +236,7 @@ class Vcpu:
         info = self.fd.exit_info(reason)
         msg = f"{info.name}: {info.detail}" if info.detail else info.name
         if reason == b.ExitReason.SHUTDOWN:
-            msg = "triple fault: " + info.detail
+            msg = info.detail
         elif reason == b.ExitReason.INTERNAL_ERROR:
             msg = "KVM internal error: " + info.detail
         return StopReport("fault", msg, registers=self._regs(), vcpu=self.index)

@@ -58,3 +58,21 @@ def test_cpuid_gives_each_vcpu_its_apic_id() -> None:
         assert out[1].edx & cpu.CPUID_HTT
         assert out[0xB].edx == index
         assert out[0] == base[2]
+
+
+def test_page_walk_matches_identity_tables_and_refuses_unmapped() -> None:
+    from corevisor.arch.x86_64 import paging
+
+    mem = GuestMemory.anonymous([(0, 1 << 20)])
+    cr3 = cpu.write_identity_page_tables(mem)
+    state = dict(cr0=cpu.CR0_PG | cpu.CR0_PE, cr3=cr3, cr4=cpu.CR4_PAE, efer=cpu.EFER_LMA)
+    assert paging.translate(mem, 0x12345, **state) == 0x12345
+    assert paging.translate(mem, 0xFEE00ABC, **state) == 0xFEE00ABC
+    assert paging.translate(mem, 1 << 32, **state) is None  # PDPT entry 4 is empty
+    assert paging.translate(mem, 0x777, cr0=0, cr3=0, cr4=0, efer=0) == 0x777
+    mem.write(0x3000, b"code")
+    assert paging.read_virtual(mem, 0x3000, 4, **state) == b"code"
+    # a page table entry pointing outside RAM: the walk says unmapped, never reads host memory
+    mem.write_u64(cr3, (0x7000_0000) | 1)
+    assert paging.translate(mem, 0x1000, **state) is None
+    mem.close()

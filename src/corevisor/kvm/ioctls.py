@@ -19,7 +19,6 @@ from typing import Any
 from corevisor.errors import KvmError
 from corevisor.kvm import bindings as b
 
-
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 _libc.ioctl.restype = ctypes.c_int
@@ -34,8 +33,8 @@ def _ioctl(fd: int, request: int, arg: Any, name: str) -> int:
                 if ret < 0:
                     raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
                 return int(ret)
-            return fcntl.ioctl(fd, request, arg)
-        return fcntl.ioctl(fd, request, arg, True)
+            return int(fcntl.ioctl(fd, request, arg))
+        return int(fcntl.ioctl(fd, request, arg, True))
     except OSError as e:
         raise KvmError(name, e.errno or 0) from None
 
@@ -213,11 +212,11 @@ class VcpuFd:
 
     def io_exit(self) -> tuple[int, int, int, int, int]:
         """(direction, size, port, count, data_offset) of a KVM_EXIT_IO."""
-        return _IO.unpack_from(self.run_mm, b.KVM_RUN_EXIT_UNION_OFFSET)  # type: ignore[return-value]
+        return _IO.unpack_from(self.run_mm, b.KVM_RUN_EXIT_UNION_OFFSET)
 
     def mmio_exit(self) -> tuple[int, bytes, int, int]:
         """(phys_addr, data, len, is_write) of a KVM_EXIT_MMIO."""
-        return _MMIO.unpack_from(self.run_mm, b.KVM_RUN_EXIT_UNION_OFFSET)  # type: ignore[return-value]
+        return _MMIO.unpack_from(self.run_mm, b.KVM_RUN_EXIT_UNION_OFFSET)
 
     def set_mmio_data(self, data: bytes) -> None:
         """Answer an MMIO read: the data the guest's load will see."""

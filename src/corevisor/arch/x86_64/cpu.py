@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from corevisor.arch.x86_64 import layout
+from corevisor.arch.x86_64 import layout, paging
 from corevisor.kvm import bindings as b
 from corevisor.kvm.ioctls import SupportedCpuid, VcpuFd
 from corevisor.memory import GuestMemory
@@ -191,13 +191,17 @@ def boot_msrs() -> dict[int, int]:
     }
 
 
-def format_registers(vcpu: VcpuFd) -> str:
-    """A compact register dump for guest-stopped reports."""
+def format_registers(vcpu: VcpuFd, mem: GuestMemory | None = None) -> str:
+    """A compact register dump for guest-stopped reports, with the bytes at rip."""
     try:
         r = vcpu.get_regs()
         s = vcpu.get_sregs()
     except Exception as e:  # noqa: BLE001 - a report must never fail
         return f"(registers unavailable: {e})"
+    code = ""
+    if mem is not None:
+        insn = paging.read_virtual(mem, s.cs.base + r.rip, 16, s.cr0, s.cr3, s.cr4, s.efer)
+        code = "\n  code at rip: " + (insn.hex(" ") if insn is not None else "(unmapped)")
     gp = " ".join(
         f"{n}={getattr(r, n):#018x}"
         for n in "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15".split()
@@ -205,5 +209,5 @@ def format_registers(vcpu: VcpuFd) -> str:
     return (
         f"vcpu{vcpu.index}: rip={r.rip:#018x} rflags={r.rflags:#x} cs={s.cs.selector:#x} "
         f"ss={s.ss.selector:#x} cr0={s.cr0:#x} cr2={s.cr2:#x} cr3={s.cr3:#x} cr4={s.cr4:#x} "
-        f"efer={s.efer:#x}\n  {gp}"
+        f"efer={s.efer:#x}\n  {gp}{code}"
     )
