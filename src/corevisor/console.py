@@ -1,0 +1,378 @@
+"""Serial backends: the host end of a guest's UART (stdout, a file, a Unix socket, nothing).
+
+``open_serial(spec, name)`` turns a validated ``serial`` setting into a backend:
+
+- ``stdout``: output to ``sys.stdout.buffer``, flushed on every write. Input is read from
+  stdin only if stdin is a terminal; the terminal is then put in no-echo, no-line-buffer
+  mode (the guest echoes and edits lines itself) with signals kept, so Ctrl-C still
+  reaches corevisor, and is restored by ``close`` or at exit.
+- ``file:PATH``: output appended to PATH (created if missing), unbuffered so whatever
+  the guest printed is in the file as soon as ``write`` returns. No input.
+- ``unix:PATH``: corevisor listens on a Unix socket at PATH (a stale socket left by a dead
+  run is replaced; a live one is an error). Output goes to the connected client, and what
+  the client sends is guest input. Output written while no client is connected is kept,
+  newest 64 KiB, and sent when one connects, so a late client still sees the boot log. A
+  new client replaces the current one. A client that stops reading loses output rather
+  than stalling the guest: sends never block a vCPU.
+- ``null``: output discarded, no input.
+
+``write`` runs on a vCPU thread once per guest byte, so it does the least it can. Input
+arrives on a daemon thread per backend that calls ``feed`` (the UART's
+``enqueue_input``).
+
+What does not live here: parsing and validating the spec (config.py) and the UART
+itself (devices/uart16550.py).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import selectors
+import socket
+import stat
+import sys
+import termios
+import threading
+from collections.abc import Callable
+from typing import Any, BinaryIO, Protocol
+
+from corevisor.errors import ConfigError
+
+__all__ = [
+    "SerialBackend",
+    "StdoutSerial",
+    "FileSerial",
+    "UnixSocketSerial",
+    "NullSerial",
+    "open_serial",
+    "UNIX_BACKLOG_LIMIT",
+]
+
+Feed = Callable[[bytes], None]
+
+# Output kept for a Unix-socket client that has not connected yet.
+UNIX_BACKLOG_LIMIT = 64 * 1024
+_READ_CHUNK = 4096
+_JOIN_TIMEOUT = 2.0
+
+
+class SerialBackend(Protocol):
+    """What the VMM needs from the host end of a serial line."""
+
+    def write(self, data: bytes) -> None:
+        """Send guest output (called on a vCPU thread; must not block for long)."""
+        ...
+
+    def start_input(self, feed: Feed) -> None:
+        """Start delivering host input to ``feed`` (from a thread of the backend's own)."""
+        ...
+
+    def close(self) -> None:
+        """Stop input, release files, sockets and terminal settings. Idempotent."""
+        ...
+
+
+class _InputPump:
+    """A daemon thread copying bytes from a file descriptor to ``feed`` until stopped.
+
+    It waits on the fd and a wake-up pipe together, so ``stop`` does not depend on the
+    fd ever becoming readable.
+    """
+
+    def __init__(self, fd: int, feed: Feed, name: str) -> None:
+        self._fd = fd
+        self._feed = feed
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._run, name=f"serial-in-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._fd, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                for key, _ in sel.select():
+                    if key.fd == self._wake_r:
+                        return
+                    try:
+                        data = os.read(self._fd, _READ_CHUNK)
+                    except OSError:
+                        return
+                    if not data:
+                        return  # EOF: nothing more will come
+                    self._feed(data)
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        self._thread.join(_JOIN_TIMEOUT)
+        if not self._thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+
+class NullSerial:
+    """Discards output and never produces input."""
+
+    def write(self, data: bytes) -> None:
+        """Drop the bytes."""
+
+    def start_input(self, feed: Feed) -> None:
+        """No input to deliver."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class FileSerial:
+    """Appends output to a file; no input (a log, or something a test can read)."""
+
+    def __init__(self, path: str, name: str) -> None:
+        try:
+            # Unbuffered: each write is one write(2), so readers see it immediately.
+            self._file: BinaryIO = open(path, "ab", buffering=0)
+        except OSError as e:
+            raise ConfigError(
+                f'{name}: serial "file:{path}": cannot open: {e.strerror or e}'
+            ) from None
+        self.path = path
+
+    def write(self, data: bytes) -> None:
+        """Append the bytes."""
+        self._file.write(data)
+
+    def start_input(self, feed: Feed) -> None:
+        """A file gives no input."""
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+
+class StdoutSerial:
+    """Output to this process's stdout; input from stdin when it is a terminal.
+
+    ``stdin_fd`` is a parameter so the terminal handling can be exercised on a pty.
+    """
+
+    def __init__(self, name: str, stdin_fd: int = 0) -> None:
+        self._name = name
+        buffer = getattr(sys.stdout, "buffer", None)
+        self._out: BinaryIO = (
+            buffer if buffer is not None else open(1, "wb", buffering=0, closefd=False)
+        )
+        self._stdin_fd = stdin_fd
+        self._pump: _InputPump | None = None
+        self._saved_tty: list[Any] | None = None
+
+    def write(self, data: bytes) -> None:
+        """Write and flush, so output interleaves sensibly with the VMM's own messages."""
+        self._out.write(data)
+        self._out.flush()
+
+    def start_input(self, feed: Feed) -> None:
+        """Read stdin only if it is a terminal: a pipe or /dev/null is not a console."""
+        if self._pump is not None or not os.isatty(self._stdin_fd):
+            return
+        self._enter_raw_input()
+        self._pump = _InputPump(self._stdin_fd, feed, self._name)
+
+    def close(self) -> None:
+        """Stop reading stdin and give the terminal its settings back."""
+        if self._pump is not None:
+            self._pump.stop()
+            self._pump = None
+        self._restore_tty()
+        with contextlib.suppress(OSError, ValueError):
+            self._out.flush()
+
+    def _enter_raw_input(self) -> None:
+        try:
+            saved = termios.tcgetattr(self._stdin_fd)
+        except termios.error:
+            return
+        attrs = list(saved)
+        attrs[3] &= ~(termios.ICANON | termios.ECHO)  # lflag; ISIG stays for Ctrl-C
+        cc = list(attrs[6])
+        cc[termios.VMIN] = 1
+        cc[termios.VTIME] = 0
+        attrs[6] = cc
+        termios.tcsetattr(self._stdin_fd, termios.TCSANOW, attrs)
+        self._saved_tty = saved
+        # Also on an unhandled exception or sys.exit: a shell without echo is hostile.
+        atexit.register(self._restore_tty)
+
+    def _restore_tty(self) -> None:
+        saved, self._saved_tty = self._saved_tty, None
+        if saved is not None:
+            with contextlib.suppress(termios.error, OSError):
+                termios.tcsetattr(self._stdin_fd, termios.TCSADRAIN, saved)
+            atexit.unregister(self._restore_tty)
+
+
+class UnixSocketSerial:
+    """A listening Unix socket whose one client is the other end of the serial line."""
+
+    def __init__(self, path: str, name: str) -> None:
+        self.path = path
+        self._name = name
+        self._lock = threading.Lock()  # guards _client and _backlog (vCPU vs I/O thread)
+        self._client: socket.socket | None = None
+        self._backlog = bytearray()
+        self._feed: Feed | None = None
+        self._closed = False
+        self._listener = self._listen()
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._run, name=f"serial-{name}", daemon=True)
+        self._thread.start()
+
+    def _error(self, reason: str) -> ConfigError:
+        return ConfigError(f'{self._name}: serial "unix:{self.path}": {reason}')
+
+    def _listen(self) -> socket.socket:
+        path = self.path
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise self._error(f"cannot use the path: {e.strerror or e}") from None
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise self._error("the path exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                # Nobody listens: a stale socket from a previous run.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            else:
+                raise self._error("another process is listening on this socket")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            sock.listen(1)
+        except OSError as e:
+            sock.close()
+            raise self._error(f"cannot listen: {e.strerror or e}") from None
+        return sock
+
+    def write(self, data: bytes) -> None:
+        """Send to the client without blocking, or keep the bytes until one connects."""
+        with self._lock:
+            client = self._client
+            if client is None:
+                backlog = self._backlog
+                backlog += data
+                if len(backlog) > UNIX_BACKLOG_LIMIT:
+                    del backlog[:-UNIX_BACKLOG_LIMIT]
+                return
+            try:
+                client.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                pass  # the client is not reading: drop rather than stall the guest
+            except OSError:
+                # Gone; the I/O thread sees EOF and forgets it.
+                with contextlib.suppress(OSError):
+                    client.shutdown(socket.SHUT_RDWR)
+
+    def start_input(self, feed: Feed) -> None:
+        """Deliver what clients send to ``feed`` (bytes arriving earlier were dropped)."""
+        self._feed = feed
+
+    @property
+    def connected(self) -> bool:
+        """Whether a client is connected right now."""
+        return self._client is not None
+
+    def close(self) -> None:
+        """Disconnect the client, stop the thread, remove the socket file."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        self._thread.join(_JOIN_TIMEOUT)
+        self._listener.close()
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)
+        if not self._thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _run(self) -> None:
+        current: socket.socket | None = None
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        try:
+            while True:
+                for key, _ in sel.select():
+                    if key.fd == self._wake_r:
+                        return
+                    if key.fileobj is self._listener:
+                        conn = self._accept()
+                        if conn is None:
+                            continue
+                        if current is not None:
+                            self._drop(sel, current)
+                        current = conn
+                        sel.register(conn, selectors.EVENT_READ)
+                    elif key.fileobj is current:
+                        try:
+                            data = current.recv(_READ_CHUNK)
+                        except OSError:
+                            data = b""
+                        if not data:
+                            self._drop(sel, current)
+                            current = None
+                            continue
+                        feed = self._feed
+                        if feed is not None:
+                            feed(data)
+        finally:
+            if current is not None:
+                self._drop(sel, current)
+            sel.close()
+
+    def _accept(self) -> socket.socket | None:
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:
+            return None
+        with self._lock:
+            old_backlog = bytes(self._backlog)
+            self._backlog.clear()
+            if old_backlog:
+                with contextlib.suppress(OSError):
+                    conn.send(old_backlog, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            self._client = conn
+        return conn
+
+    def _drop(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
+        with self._lock:
+            if self._client is conn:
+                self._client = None
+        with contextlib.suppress(KeyError, ValueError):
+            sel.unregister(conn)
+        conn.close()  # after _client is cleared, so no writer can be using it
+
+
+def open_serial(spec: str, name: str) -> SerialBackend:
+    """Open the backend a ``serial`` setting names; ``name`` labels threads and errors."""
+    if spec == "stdout":
+        return StdoutSerial(name)
+    if spec == "null":
+        return NullSerial()
+    kind, sep, path = spec.partition(":")
+    if sep and path and kind == "file":
+        return FileSerial(path, name)
+    if sep and path and kind == "unix":
+        return UnixSocketSerial(path, name)
+    raise ConfigError(f'{name}: bad serial "{spec}" (use stdout, null, file:PATH or unix:PATH)')
