@@ -16,6 +16,17 @@ def test_hello_prints_and_exits_with_requested_status(guests: dict[str, Path]) -
     assert r.returncode == 3, r.stderr
 
 
+def test_hello_reads_real_time_from_the_rtc(guests: dict[str, Path]) -> None:
+    import datetime
+
+    before = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    r = corevisor("run", str(guests["hello"]))
+    after = datetime.datetime.now(datetime.UTC)
+    line = next(x for x in r.stdout.splitlines() if x.startswith("hello: rtc "))
+    seen = datetime.datetime.strptime(line[len("hello: rtc ") :], "%Y-%m-%d %H:%M:%S")
+    assert before <= seen.replace(tzinfo=datetime.UTC) <= after
+
+
 def test_hello_sees_its_memory_size(guests: dict[str, Path]) -> None:
     r = corevisor("run", str(guests["hello"]), "--memory", "32M")
     assert r.returncode == 0, r.stderr
