@@ -8,6 +8,7 @@ restore path can reuse the same steps with saved state instead of fresh state.
 from __future__ import annotations
 
 from corevisor.arch.x86_64 import cpu, layout
+from corevisor.arch.x86_64.acpi import write_acpi_tables
 from corevisor.arch.x86_64.bootparams import (
     MULTIBOOT_BOOTLOADER_MAGIC,
     write_multiboot_info,
@@ -48,8 +49,8 @@ def build(config: PartitionConfig, kvm_path: str = "/dev/kvm") -> Machine:
         attach_vcpus(m, config)
         attach_legacy_devices(m, config)
         image = load_image(m.memory, config.image)
-        attach_boot_tables(m, config)
-        boot_bsp(m, image, config.cmdline)
+        rsdp = attach_boot_tables(m, config)
+        boot_bsp(m, image, config.cmdline, rsdp)
     except BaseException:
         m.close()
         raise
@@ -118,18 +119,19 @@ def attach_legacy_devices(m: Machine, config: PartitionConfig) -> None:
         m.devices[name] = dev
 
 
-def attach_boot_tables(m: Machine, config: PartitionConfig) -> None:
-    """Tables a guest reads to find its CPUs: the boot GDT and the MP table."""
+def attach_boot_tables(m: Machine, config: PartitionConfig) -> int:
+    """Tables a guest reads to find its CPUs: boot GDT, MP table, ACPI; returns the RSDP."""
     cpu.write_boot_gdt(m.memory)
     # KVM's default GSI routing wires the PIT (IRQ0) to IOAPIC pin 0, not pin 2 as on PCs.
     write_mptable(m.memory, config.cpus, irq0_pin=0)
+    return write_acpi_tables(m.memory, config.cpus)
 
 
-def boot_bsp(m: Machine, image: LoadedImage, cmdline: str) -> None:
+def boot_bsp(m: Machine, image: LoadedImage, cmdline: str, rsdp: int) -> None:
     """Write the boot-information block for the image's protocol and set vCPU 0's entry."""
     bsp = m.vcpus[0].fd
     if image.kind == "pvh":
-        ebx = write_pvh_boot_info(m.memory, cmdline.encode())
+        ebx = write_pvh_boot_info(m.memory, cmdline.encode(), rsdp=rsdp)
         cpu.setup_protected_mode(bsp, m.memory, image.entry, eax=0, ebx=ebx)
     else:
         ebx = write_multiboot_info(m.memory, cmdline.encode())

@@ -37,6 +37,9 @@ EBDA_START = 0x9FC00
 MPTABLE_ADDR = 0x9FC00
 
 VGA_HOLE_START = 0xA0000
+# ACPI tables: RSDP first (where a guest's BIOS-area scan finds it), then the tables.
+ACPI_ADDR = 0xE0000
+ACPI_MAX = 0x10000
 BIOS_ROM_START = 0xF0000
 HIGH_MEMORY_START = 0x100000
 
