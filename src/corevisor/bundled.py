@@ -8,8 +8,6 @@ README sets up.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 from corevisor.errors import CorevisorError
@@ -35,6 +33,9 @@ def image_path(name: str) -> Path:
 
 def build_guests(quiet: bool = True) -> None:
     """Run the guests' Makefile; raise a one-line error if the toolchain fails."""
+    import shutil  # imported here: only building needs them, and start-up time counts
+    import subprocess
+
     if not (GUESTS_DIR / "Makefile").exists():
         raise CorevisorError(f"bundled guest sources not found at {GUESTS_DIR}")
     if shutil.which("make") is None or shutil.which("gcc") is None:
