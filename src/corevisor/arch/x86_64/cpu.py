@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from corevisor.arch.x86_64 import layout, paging
+from corevisor.arch.x86_64.paging import CR0_PG, CR4_PAE, EFER_LMA
 from corevisor.kvm import bindings as b
 from corevisor.kvm.ioctls import SupportedCpuid, VcpuFd
 from corevisor.memory import GuestMemory
@@ -23,11 +24,8 @@ CR0_ET = 1 << 4
 CR0_NE = 1 << 5
 CR0_WP = 1 << 16
 CR0_AM = 1 << 18
-CR0_PG = 1 << 31
-CR4_PAE = 1 << 5
 EFER_SCE = 1 << 0
 EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
 RFLAGS_RESERVED = 1 << 1
 
 PTE_PRESENT = 1 << 0
