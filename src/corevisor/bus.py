@@ -55,6 +55,12 @@ class Bus:
             for addr in range(base, base + size):
                 self._by_addr[addr] = (device, base)
 
+    def port_map(self) -> dict[int, tuple[Device, int]]:
+        """The live address -> (device, base) dict of a dense bus, for the vCPU hot path."""
+        if not self._dense:
+            raise DeviceError(f"{self.name} bus is not dense: use find()")
+        return self._by_addr
+
     def find(self, addr: int) -> tuple[Device, int] | None:
         """Return (device, base) owning addr, or None."""
         if self._dense:

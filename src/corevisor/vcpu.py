@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from corevisor.arch.x86_64.cpu import format_registers
 from corevisor.bus import Bus
+from corevisor.devices import Device
 from corevisor.errors import CorevisorError
 from corevisor.kvm import bindings as b
 from corevisor.kvm.ioctls import VcpuFd
@@ -169,35 +170,28 @@ class Vcpu:
             return True
 
     def _loop(self) -> StopReport | None:
-        fd = self.fd
-        run = fd.run
-        io_exit = fd.io_exit
-        mm = fd.run_mm
-        pio_find = self.pio.find
-        pio = self.pio
-        io_reason = b.ExitReason.IO
-        mmio_reason = b.ExitReason.MMIO
+        run = self.fd.run_decoded
+        mm = self.fd.run_mm
+        ports = self.pio.port_map()  # port -> (device, base): one dict lookup per exit
+        io_reason = int(b.ExitReason.IO)
+        mmio_reason = int(b.ExitReason.MMIO)
         out = b.KVM_EXIT_IO_OUT
         while True:
-            reason = run()
+            reason, direction, size, port, count, off = run()
             self.exits += 1
             if reason == io_reason:
-                direction, size, port, count, off = io_exit()
-                hit = pio_find(port)
+                hit = ports.get(port)
                 if hit is None:
-                    pio.unhandled += 1
+                    self.pio.unhandled += 1
                     if direction != out:
                         mm[off : off + size * count] = b"\xff" * (size * count)
-                    continue
-                dev, base = hit
-                if direction == out:
-                    for i in range(count):
-                        p = off + i * size
-                        dev.write(port - base, mm[p : p + size])
+                elif count == 1:
+                    if direction == out:
+                        hit[0].write(port - hit[1], mm[off : off + size])
+                    else:
+                        mm[off : off + size] = hit[0].read(port - hit[1], size)
                 else:
-                    for i in range(count):
-                        p = off + i * size
-                        mm[p : p + size] = dev.read(port - base, size)
+                    self._string_io(hit[0], port - hit[1], direction, size, count, off)
                 continue
             if reason == mmio_reason:
                 self._mmio()
@@ -210,6 +204,18 @@ class Vcpu:
             report = self._other_exit(reason)
             if report is not None:
                 return report
+
+    def _string_io(
+        self, dev: Device, offset: int, direction: int, size: int, count: int, off: int
+    ) -> None:
+        """rep ins/outs: count accesses of size bytes at consecutive buffer offsets."""
+        mm = self.fd.run_mm
+        for i in range(count):
+            p = off + i * size
+            if direction == b.KVM_EXIT_IO_OUT:
+                dev.write(offset, mm[p : p + size])
+            else:
+                mm[p : p + size] = dev.read(offset, size)
 
     def _mmio(self) -> None:
         addr, data, length, is_write = self.fd.mmio_exit()

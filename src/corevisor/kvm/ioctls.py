@@ -40,11 +40,13 @@ def _ioctl(fd: int, request: int, arg: Any, name: str) -> int:
 
 
 # --- exit decoding ------------------------------------------------------------------
-_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
+# exit_reason (offset 8) and the I/O exit fields (offset 32) in one unpack, for the hot path
+_RUN_IO = struct.Struct("<8xI20xBBHIQ")
 _MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
 _U32 = struct.Struct("<I")
 _U32X2 = struct.Struct("<II")
 _U64 = struct.Struct("<Q")
+_DEBUG = struct.Struct("<IIQQQ")  # kvm_debug_exit_arch: exception, pad, pc, dr6, dr7
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,17 @@ class ExitInfo:
     reason: int
     name: str
     detail: str
+
+
+@dataclass(frozen=True)
+class DebugExit:
+    """A decoded KVM_EXIT_DEBUG: exception 1 (#DB: single-step, hardware breakpoint)
+    or 3 (#BP: int3), the guest's rip, and DR6/DR7 at the exit."""
+
+    exception: int
+    pc: int
+    dr6: int
+    dr7: int
 
 
 @dataclass(frozen=True)
@@ -200,19 +213,20 @@ class VcpuFd:
         self.run_mm = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     # --- the hot path -------------------------------------------------------------
-    def run(self) -> int:
-        """KVM_RUN once; return the exit reason, or -1 if interrupted (EINTR/EAGAIN)."""
+    def run_decoded(self) -> tuple[int, int, int, int, int, int]:
+        """KVM_RUN once; (reason, direction, size, port, count, data_offset).
+
+        The I/O fields are meaningful only when reason is KVM_EXIT_IO; decoding them
+        unconditionally in one unpack is cheaper than a second call on the hot path.
+        reason is -1 if the run was interrupted (EINTR/EAGAIN).
+        """
         try:
             fcntl.ioctl(self.fd, b.KVM_RUN, 0)
         except OSError as e:
             if e.errno in (errno.EINTR, errno.EAGAIN):
-                return -1
+                return (-1, 0, 0, 0, 0, 0)
             raise KvmError("KVM_RUN", e.errno or 0) from None
-        return int(_U32.unpack_from(self.run_mm, b.KVM_RUN_EXIT_REASON_OFFSET)[0])
-
-    def io_exit(self) -> tuple[int, int, int, int, int]:
-        """(direction, size, port, count, data_offset) of a KVM_EXIT_IO."""
-        return _IO.unpack_from(self.run_mm, b.KVM_RUN_EXIT_UNION_OFFSET)
+        return _RUN_IO.unpack_from(self.run_mm)
 
     def mmio_exit(self) -> tuple[int, bytes, int, int]:
         """(phys_addr, data, len, is_write) of a KVM_EXIT_MMIO."""
@@ -256,6 +270,17 @@ class VcpuFd:
         elif reason == b.ExitReason.SHUTDOWN:
             detail = "triple fault (the CPU shut down)"
         return ExitInfo(reason, name, detail)
+
+    def debug_exit(self) -> DebugExit:
+        """kvm_run.debug.arch of a KVM_EXIT_DEBUG."""
+        exc, _pad, pc, dr6, dr7 = _DEBUG.unpack_from(self.run_mm, b.KVM_RUN_EXIT_UNION_OFFSET)
+        return DebugExit(exc, pc, dr6, dr7)
+
+    def internal_error(self) -> tuple[int, tuple[int, ...]]:
+        """(suberror, data words) of a KVM_EXIT_INTERNAL_ERROR."""
+        u = b.KVM_RUN_EXIT_UNION_OFFSET
+        suberror, ndata = _U32X2.unpack_from(self.run_mm, u)
+        return suberror, struct.unpack_from(f"<{min(ndata, 16)}Q", self.run_mm, u + 8)
 
     def system_event_type(self) -> int:
         return int(_U32.unpack_from(self.run_mm, b.KVM_RUN_EXIT_UNION_OFFSET)[0])
@@ -336,6 +361,14 @@ class VcpuFd:
 
     def set_lapic(self, st: b.kvm_lapic_state) -> None:
         _ioctl(self.fd, b.KVM_SET_LAPIC, st, "KVM_SET_LAPIC")
+
+    def set_guest_debug(self, control: int, debugregs: tuple[int, ...] = ()) -> None:
+        """KVM_SET_GUEST_DEBUG: control is KVM_GUESTDBG_* flags (0 turns debugging off);
+        debugregs are DR0-DR3, (unused), (unused), DR6, DR7 for KVM_GUESTDBG_USE_HW_BP."""
+        dbg = b.kvm_guest_debug(control, 0)
+        for i, value in enumerate(debugregs[:8]):
+            dbg.debugreg[i] = value
+        _ioctl(self.fd, b.KVM_SET_GUEST_DEBUG, dbg, "KVM_SET_GUEST_DEBUG")
 
     def get_tsc_khz(self) -> int:
         return _ioctl(self.fd, b.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
