@@ -1,0 +1,195 @@
+"""virtio-blk (virtio 1.x, 5.2) over a raw image file: read, write, flush, get-id.
+
+A request is a device-readable header (type, reserved, sector), then data (device-
+readable for writes, device-writable for reads) and one device-writable status byte,
+which is the last byte of the chain. A chain that cannot hold that shape (no header, no
+writable status byte) is a broken driver: QueueError, the device needs a reset. A
+request that is well-formed but cannot be done (beyond the end of the disk, not whole
+sectors, a write to a read-only disk, a host I/O error) completes with VIRTIO_BLK_S_IOERR
+and the device carries on, as a real disk would.
+
+Data moves in pieces of at most CHUNK bytes between the file and guest RAM (always
+through GuestMemory), so a huge request costs no more VMM memory than a small one.
+Flush is os.fsync of the image. The image's size must be a whole number of 512-byte
+sectors; anything else is refused when the device is built, with a ConfigError.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from pathlib import Path
+
+from corevisor.errors import ConfigError
+from corevisor.virtio.device import VirtioDevice
+from corevisor.virtio.queue import ChainReader, ChainWriter, DescriptorChain, QueueError
+
+__all__ = [
+    "Blk",
+    "VIRTIO_ID_BLOCK",
+    "VIRTIO_BLK_F_SEG_MAX",
+    "VIRTIO_BLK_F_RO",
+    "VIRTIO_BLK_F_BLK_SIZE",
+    "VIRTIO_BLK_F_FLUSH",
+    "VIRTIO_BLK_T_IN",
+    "VIRTIO_BLK_T_OUT",
+    "VIRTIO_BLK_T_FLUSH",
+    "VIRTIO_BLK_T_GET_ID",
+    "VIRTIO_BLK_S_OK",
+    "VIRTIO_BLK_S_IOERR",
+    "VIRTIO_BLK_S_UNSUPP",
+    "SECTOR",
+    "ID_BYTES",
+    "check_image",
+]
+
+VIRTIO_ID_BLOCK = 2
+VIRTIO_BLK_F_SEG_MAX = 1 << 2
+VIRTIO_BLK_F_RO = 1 << 5
+VIRTIO_BLK_F_BLK_SIZE = 1 << 6
+VIRTIO_BLK_F_FLUSH = 1 << 9
+
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+
+SECTOR = 512
+ID_BYTES = 20  # VIRTIO_BLK_ID_BYTES
+QUEUE_SIZE = 256
+CHUNK = 1 << 20
+_HEADER = struct.Struct("<IIQ")
+
+
+def check_image(path: Path, where: str) -> int:
+    """Return the size of a usable raw image, or raise a one-line ConfigError naming where."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot use {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{where}: {path} is not a regular file")
+    if st.st_size % SECTOR:
+        raise ConfigError(
+            f"{where}: {path} is {st.st_size} bytes, not a multiple of {SECTOR} "
+            "(a disk image holds whole sectors)"
+        )
+    return st.st_size
+
+
+class Blk(VirtioDevice):
+    """A disk backed by a raw image file (optionally read-only)."""
+
+    device_type = VIRTIO_ID_BLOCK
+    queue_sizes = (QUEUE_SIZE,)
+    name = "virtio-blk"
+
+    def __init__(self, path: Path, readonly: bool = False, where: str = "blk") -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.readonly = readonly
+        self.size = check_image(self.path, where)
+        try:
+            self.fd = os.open(self.path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot open {path}: {e.strerror or e}") from None
+        self.name = f"virtio-blk({self.path.name})"
+        self.serial = self.path.name.encode()[:ID_BYTES]
+        self.requests = 0
+        self.errors = 0
+
+    def features(self) -> int:
+        f = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
+        return f | (VIRTIO_BLK_F_RO if self.readonly else 0)
+
+    def config(self) -> bytes:
+        # capacity, size_max, seg_max, geometry (c/h/s), blk_size. seg_max keeps a chain
+        # (header + data + status) within the queue size, as 2.7.4.2 requires.
+        return struct.pack("<QIIHBBI", self.size // SECTOR, 0, QUEUE_SIZE - 2, 0, 0, 0, SECTOR)
+
+    def process_queue(self, index: int) -> None:
+        ctx = self.ctx
+        if ctx is None:
+            return
+        q = ctx.queues[0]
+        done = False
+        while (chain := q.pop()) is not None:
+            q.add_used(chain.head, self._request(chain))
+            done = True
+        if done:
+            ctx.notify_used(q)
+
+    def _request(self, chain: DescriptorChain) -> int:
+        """Serve one request; return the bytes written into the chain (status included)."""
+        self.requests += 1
+        kind, _, sector = _HEADER.unpack(chain.reader().read(_HEADER.size))
+        if not chain.writable:
+            raise QueueError(f"blk request {chain.head} has no device-writable status byte")
+        *front, (last_gpa, last_len) = chain.writable
+        status_gpa = last_gpa + last_len - 1
+        data = ChainWriter(chain.memory, front + ([(last_gpa, last_len - 1)] * (last_len > 1)))
+        reader = chain.reader()
+        reader.read(_HEADER.size)
+        try:
+            if kind == VIRTIO_BLK_T_IN:
+                status = self._read(sector, data)
+            elif kind == VIRTIO_BLK_T_OUT:
+                status = self._write(sector, reader.remaining, reader)
+            elif kind == VIRTIO_BLK_T_FLUSH:
+                status = VIRTIO_BLK_S_OK if self.readonly else self._flush()
+            elif kind == VIRTIO_BLK_T_GET_ID:
+                data.write(self.serial.ljust(ID_BYTES, b"\0")[: data.remaining])
+                status = VIRTIO_BLK_S_OK
+            else:
+                status = VIRTIO_BLK_S_UNSUPP
+        except OSError:
+            status = VIRTIO_BLK_S_IOERR
+        if status != VIRTIO_BLK_S_OK:
+            self.errors += 1
+        chain.memory.write(status_gpa, bytes([status]))
+        return data.written + 1
+
+    def _range_ok(self, sector: int, length: int) -> bool:
+        return length % SECTOR == 0 and sector * SECTOR + length <= self.size
+
+    def _read(self, sector: int, data: ChainWriter) -> int:
+        length = data.remaining
+        if not self._range_ok(sector, length):
+            return VIRTIO_BLK_S_IOERR
+        pos = sector * SECTOR
+        for gpa, n in data.segments(length):
+            for off in range(0, n, CHUNK):
+                piece = os.pread(self.fd, min(CHUNK, n - off), pos)
+                if len(piece) != min(CHUNK, n - off):
+                    raise OSError("short read: the image shrank under the device")
+                assert self.ctx is not None
+                self.ctx.memory.write(gpa + off, piece)
+                pos += len(piece)
+        return VIRTIO_BLK_S_OK
+
+    def _write(self, sector: int, length: int, reader: ChainReader) -> int:
+        assert self.ctx is not None
+        if self.readonly or not self._range_ok(sector, length):
+            return VIRTIO_BLK_S_IOERR
+        pos = sector * SECTOR
+        for gpa, n in reader.segments(length):
+            for off in range(0, n, CHUNK):
+                piece = self.ctx.memory.read(gpa + off, min(CHUNK, n - off))
+                written = os.pwrite(self.fd, piece, pos)
+                if written != len(piece):
+                    raise OSError("short write to the image")
+                pos += written
+        return VIRTIO_BLK_S_OK
+
+    def _flush(self) -> int:
+        os.fsync(self.fd)
+        return VIRTIO_BLK_S_OK
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,147 @@
+"""The virtio device layer: what every device type shares, independent of the transport.
+
+A VirtioDevice declares its type, its queues and feature bits, serves its config space
+and handles queue notifications; the transport (mmio.py) owns the status register,
+feature negotiation and queue set-up, and calls the device's hooks. Devices are pure
+logic too: they never start threads or issue ioctls. Their host-side work runs on the
+transport's I/O thread (worker.py), which calls ``process_queue`` when the driver kicks
+a queue and ``process_fd`` when one of the device's own host fds (a TAP, an input
+pipe) is ready.
+
+Interrupts leave through an Interrupt: the interrupt status bits the driver reads and
+acknowledges, plus an eventfd the builder hands to KVM as an irqfd, so raising an
+interrupt is one write(2) from the I/O thread and never involves a vCPU thread.
+
+What does not live here: ring parsing (queue.py), registers (mmio.py), device types.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from corevisor.memory import GuestMemory
+from corevisor.virtio.queue import Queue
+
+__all__ = [
+    "VirtioDevice",
+    "Interrupt",
+    "DeviceContext",
+    "VIRTIO_F_INDIRECT_DESC",
+    "VIRTIO_F_EVENT_IDX",
+    "VIRTIO_F_VERSION_1",
+    "TRANSPORT_FEATURES",
+    "INT_USED_BUFFER",
+    "INT_CONFIG_CHANGE",
+]
+
+VIRTIO_F_INDIRECT_DESC = 1 << 28
+VIRTIO_F_EVENT_IDX = 1 << 29
+VIRTIO_F_VERSION_1 = 1 << 32
+# Offered by every device: the transport and queue.py implement them for all.
+TRANSPORT_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX
+
+INT_USED_BUFFER = 1 << 0
+INT_CONFIG_CHANGE = 1 << 1
+
+
+class Interrupt:
+    """The interrupt status register and the eventfd (irqfd) that raises the line.
+
+    Set from the I/O thread, read and acknowledged from a vCPU thread: the lock keeps the
+    read-modify-write of the status bits whole.
+    """
+
+    def __init__(self, fd: int | None = None) -> None:
+        self.fd = fd if fd is not None else os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._lock = threading.Lock()
+        self.status = 0
+        self.count = 0  # interrupts raised, for tests and metrics
+
+    def raise_irq(self, bits: int) -> None:
+        with self._lock:
+            self.status |= bits
+            self.count += 1
+        os.eventfd_write(self.fd, 1)
+
+    def ack(self, bits: int) -> None:
+        with self._lock:
+            self.status &= ~bits
+
+    def clear(self) -> None:
+        with self._lock:
+            self.status = 0
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass
+class DeviceContext:
+    """What an activated device works with: RAM, its queues, the negotiated features."""
+
+    memory: GuestMemory
+    queues: Sequence[Queue]
+    features: int
+    interrupt: Interrupt
+
+    def notify_used(self, queue: Queue) -> None:
+        """Interrupt the driver for queue's new used entries, if it wants one now."""
+        if queue.needs_notification():
+            self.interrupt.raise_irq(INT_USED_BUFFER)
+
+
+class VirtioDevice:
+    """Base of every device type: override the class attributes and the hooks you need."""
+
+    device_type: int = 0
+    queue_sizes: tuple[int, ...] = ()
+    name: str = "virtio"
+
+    def __init__(self) -> None:
+        self.ctx: DeviceContext | None = None
+        # Set by the transport so a device can ask for another look at its fds (net
+        # RX after the driver adds buffers) without knowing about the I/O thread.
+        self.wake: Callable[[], None] = lambda: None
+
+    # --- negotiation and config ---------------------------------------------------------
+    def features(self) -> int:
+        """Device-specific feature bits offered to the driver (transport bits are added)."""
+        return 0
+
+    def config(self) -> bytes:
+        """The device's config space, as the driver sees it right now."""
+        return b""
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """A driver write into config space; ignored unless a device has writable fields."""
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        """Read config space; bytes past its end read as zero (never an error)."""
+        cfg = self.config()
+        return (cfg[offset : offset + size] if offset < len(cfg) else b"").ljust(size, b"\0")
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def activate(self, ctx: DeviceContext) -> None:
+        """DRIVER_OK: the queues are valid and features fixed; start serving."""
+        self.ctx = ctx
+
+    def reset(self) -> None:
+        """The driver wrote 0 to status (or the device failed): forget in-flight work."""
+        self.ctx = None
+
+    def close(self) -> None:
+        """Release host resources (files, TAP fds); the machine is going away."""
+
+    # --- work, on the I/O thread --------------------------------------------------------
+    def process_queue(self, index: int) -> None:
+        """The driver kicked queue index. May raise QueueError (device needs reset)."""
+
+    def fds(self) -> tuple[int, ...]:
+        """Host fds the I/O thread should poll for this device right now."""
+        return ()
+
+    def process_fd(self, fd: int) -> None:
+        """One of fds() is readable. May raise QueueError."""

@@ -1,0 +1,46 @@
+"""virtio-rng (virtio 1.x, 5.4): one request queue, filled from the host's os.urandom.
+
+The driver posts device-writable buffers; the device fills each one completely. A
+request with no writable byte at all is a malformed chain (QueueError): the spec has
+the driver offer write-only buffers, so a read-only one means a broken or hostile
+driver. A request gets at most MAX_PER_REQUEST bytes (the spec lets the device write
+fewer than offered and report how many), so a 4 GiB chain cannot keep the I/O thread
+busy or make the VMM allocate much: the driver simply asks again.
+"""
+
+from __future__ import annotations
+
+import os
+
+from corevisor.virtio.device import VirtioDevice
+from corevisor.virtio.queue import QueueError
+
+__all__ = ["Rng", "VIRTIO_ID_RNG"]
+
+VIRTIO_ID_RNG = 4
+QUEUE_SIZE = 256
+MAX_PER_REQUEST = 64 << 10
+
+
+class Rng(VirtioDevice):
+    """An entropy source for the guest."""
+
+    device_type = VIRTIO_ID_RNG
+    queue_sizes = (QUEUE_SIZE,)
+    name = "virtio-rng"
+
+    def process_queue(self, index: int) -> None:
+        ctx = self.ctx
+        if ctx is None:
+            return
+        q = ctx.queues[0]
+        used = False
+        while (chain := q.pop()) is not None:
+            if not chain.writable:
+                raise QueueError(f"rng request {chain.head} has no device-writable buffer")
+            writer = chain.writer()
+            writer.write(os.urandom(min(writer.remaining, MAX_PER_REQUEST)))
+            q.add_used(chain.head, writer.written)
+            used = True
+        if used:
+            ctx.notify_used(q)
