@@ -1,11 +1,21 @@
 """build(config): the recipe that turns a PartitionConfig into a ready, unstarted Machine.
 
-Read it top to bottom: create VM -> memory -> irqchip -> vCPUs -> devices -> load the
-image -> boot tables -> boot registers. Each step is an attach_* function, so a later
-restore path can reuse the same steps with saved state instead of fresh state.
+Read it top to bottom: create VM -> memory -> irqchip -> exit policy -> vCPUs ->
+devices -> hypercalls -> virtio devices -> load the image -> boot tables -> boot
+registers -> channels.
+Each step is an attach_* function, so a later restore path (and a system restarting a
+partition) can reuse the same steps. What a partition gets from the system around it
+(its channel ends, a serial backend that outlives restarts, its watchdog) comes in as
+PartitionLinks; a lone machine gets the defaults.
 """
 
 from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from corevisor.arch.x86_64 import cpu, layout
 from corevisor.arch.x86_64.acpi import write_acpi_tables
@@ -13,11 +23,13 @@ from corevisor.arch.x86_64.bootparams import (
     MULTIBOOT_BOOTLOADER_MAGIC,
     write_multiboot_info,
     write_pvh_boot_info,
+    write_zero_page,
 )
 from corevisor.arch.x86_64.mptable import write_mptable
 from corevisor.bus import Bus
+from corevisor.channel import DOORBELL_PORT, ChannelEnd, DoorbellPort, ReadOnlyGuard
 from corevisor.config import PartitionConfig
-from corevisor.console import open_serial
+from corevisor.console import SerialBackend, open_serial
 from corevisor.devices import Device
 from corevisor.devices.debug_exit import DebugExit
 from corevisor.devices.i8042 import I8042
@@ -25,19 +37,56 @@ from corevisor.devices.postcode import PostCode
 from corevisor.devices.rtc import Rtc
 from corevisor.devices.uart16550 import Uart16550
 from corevisor.errors import ConfigError, KvmError
-from corevisor.kvm.bindings import KVM_PIT_SPEAKER_DUMMY, Cap
+from corevisor.hypercall import HYPERCALL_PORT, HypercallHost, Hypercalls, handler_table
+from corevisor.kvm.bindings import (
+    KVM_MEM_READONLY,
+    KVM_PIT_SPEAKER_DUMMY,
+    KVM_X86_DISABLE_EXITS_HLT,
+    KVM_X86_DISABLE_EXITS_PAUSE,
+    Cap,
+)
 from corevisor.kvm.ioctls import Kvm
-from corevisor.loader import LoadedImage, load_image
+from corevisor.loader import Initrd, LoadedImage, load_image, load_initrd
 from corevisor.machine import Machine
-from corevisor.memory import GuestMemory
+from corevisor.memory import GuestMemory, MemoryRegion
 from corevisor.vcpu import Vcpu
+from corevisor.virtio import attach as virtio_attach
+from corevisor.virtio.attach import VirtioSlot
+from corevisor.virtio.attach import cmdline as virtio_cmdline
+from corevisor.virtio.mmio import MMIO_SIZE
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
 REQUIRED_CAPS = (Cap.IRQCHIP, Cap.USER_MEMORY, Cap.IMMEDIATE_EXIT, Cap.PIT2, Cap.MP_STATE)
+# KVM memory slots: RAM takes 0 and 1 (below and above the MMIO hole), channels 16 + index.
+CHANNEL_SLOT_BASE = 16
 
 
-def build(config: PartitionConfig, kvm_path: str = "/dev/kvm") -> Machine:
+def _report_to_stderr(name: str, message: str) -> None:
+    print(f"corevisor: {name}: {message}", file=sys.stderr, flush=True)
+
+
+def _no_watchdog(ms: int) -> None:
+    """A lone machine's watchdog: nothing watches it."""
+
+
+@dataclass(frozen=True)
+class PartitionLinks:
+    """What a partition gets from the system it runs in (defaults: a lone machine)."""
+
+    index: int = 0  # partition id (config order), for HC_PARTITION_INFO
+    channels: tuple[ChannelEnd, ...] = ()
+    # A serial backend owned by the caller, so it outlives a restart; None opens
+    # config.serial for this machine alone.
+    serial: SerialBackend | None = None
+    watchdog: Callable[[int], None] = field(default=_no_watchdog)  # HC_WATCHDOG's ms
+    report: Callable[[str, str], None] = field(default=_report_to_stderr)  # (name, event)
+
+
+def build(
+    config: PartitionConfig, kvm_path: str = "/dev/kvm", links: PartitionLinks | None = None
+) -> Machine:
     """Assemble a Machine for config; the caller starts it with run()."""
+    links = links if links is not None else PartitionLinks()
     kvm = Kvm(kvm_path)
     _check_host(kvm, config)
     vm = kvm.create_vm()
@@ -46,15 +95,33 @@ def build(config: PartitionConfig, kvm_path: str = "/dev/kvm") -> Machine:
     try:
         attach_memory(m)
         attach_irqchip(m)
+        attach_exit_policy(m, config)
         attach_vcpus(m, config)
-        attach_legacy_devices(m, config)
+        serial = attach_legacy_devices(m, config, links.serial)
+        attach_hypercalls(m, config, links, serial)
+        virtio = attach_virtio_devices(m, config, links, serial)
         image = load_image(m.memory, config.image)
-        rsdp = attach_boot_tables(m, config)
-        boot_bsp(m, image, config.cmdline, rsdp)
+        initrd = load_initrd(m.memory, config.initrd, image) if config.initrd else None
+        rsdp = attach_boot_tables(m, config, virtio)
+        boot_bsp(m, image, virtio_cmdline(config.cmdline, virtio), rsdp, initrd)
+        attach_channels(m, links)
+        if config.gdb is not None:
+            attach_debugger(m, config, links)
     except BaseException:
         m.close()
         raise
     return m
+
+
+def attach_debugger(m: Machine, config: PartitionConfig, links: PartitionLinks) -> None:
+    """Last step: a GDB stub on config.gdb; the vCPUs stay parked until GDB continues
+    (or, with gdb_attach, run until GDB connects). docs/debugging.md shows a session."""
+    from corevisor.gdb.server import attach_gdb  # only partitions that ask pay for it
+
+    assert config.gdb is not None
+    attach_gdb(
+        m, config.gdb, wait=not config.gdb_attach, report=lambda msg: links.report(m.name, msg)
+    )
 
 
 def _check_host(kvm: Kvm, config: PartitionConfig) -> None:
@@ -82,6 +149,35 @@ def attach_irqchip(m: Machine) -> None:
     m.vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
 
 
+def attach_exit_policy(m: Machine, config: PartitionConfig) -> None:
+    """HLT/PAUSE handling of a dedicated partition; KVM takes it only before any vCPU exists.
+
+    "disabled": HLT and PAUSE stay in the guest (the vCPU keeps its core busy, wakes
+    with no host scheduling); "halt-poll": a halted vCPU polls for config.halt_poll_ns
+    before its thread sleeps. docs/partitioning.md measures both.
+    """
+    where = f"partitions.{config.name}.exits"
+    if config.exits == "disabled":
+        want = KVM_X86_DISABLE_EXITS_HLT | KVM_X86_DISABLE_EXITS_PAUSE
+        have = m.vm.check_extension(Cap.X86_DISABLE_EXITS)
+        if have & want != want:
+            raise KvmError(
+                "KVM_ENABLE_CAP",
+                errno.EOPNOTSUPP,
+                f'{where} = "disabled": this host\'s KVM cannot keep HLT and PAUSE in the '
+                f"guest (KVM_CAP_X86_DISABLE_EXITS = {have:#x})",
+            )
+        m.vm.enable_cap(Cap.X86_DISABLE_EXITS, want)
+    elif config.exits == "halt-poll":
+        if not m.vm.check_extension(Cap.HALT_POLL):
+            raise KvmError(
+                "KVM_ENABLE_CAP",
+                errno.EOPNOTSUPP,
+                f'{where} = "halt-poll": this host\'s KVM lacks KVM_CAP_HALT_POLL',
+            )
+        m.vm.enable_cap(Cap.HALT_POLL, config.halt_poll_ns)
+
+
 def attach_vcpus(m: Machine, config: PartitionConfig) -> None:
     """Create the vCPUs with CPUID, MSRs and FPU state; pin each to its host core."""
     supported = m.kvm.supported_cpuid()
@@ -96,10 +192,17 @@ def attach_vcpus(m: Machine, config: PartitionConfig) -> None:
         m.vcpus.append(Vcpu(fd, m.pio, m.mmio, m.finish, host_core=core, memory=m.memory))
 
 
-def attach_legacy_devices(m: Machine, config: PartitionConfig) -> None:
-    """The PC devices every bundled guest (and Linux) expects at their usual ports."""
-    serial = open_serial(config.serial, config.name)
-    m.closers.append(serial.close)
+def attach_legacy_devices(
+    m: Machine, config: PartitionConfig, serial: SerialBackend | None = None
+) -> SerialBackend:
+    """The PC devices every bundled guest (and Linux) expects at their usual ports.
+
+    Returns the serial backend (the hypercall console writes there too); one passed in
+    belongs to the caller and is not closed with the machine.
+    """
+    if serial is None:
+        serial = open_serial(config.serial, config.name)
+        m.closers.append(serial.close)
     vm = m.vm
 
     def com1_irq(level: bool) -> None:
@@ -117,24 +220,113 @@ def attach_legacy_devices(m: Machine, config: PartitionConfig) -> None:
     for name, (port, size, dev) in devices.items():
         m.pio.attach(port, size, dev, name)
         m.devices[name] = dev
+    return serial
 
 
-def attach_boot_tables(m: Machine, config: PartitionConfig) -> int:
+def attach_hypercalls(
+    m: Machine, config: PartitionConfig, links: PartitionLinks, serial: SerialBackend
+) -> None:
+    """The paravirtual ports (docs/paravirt-abi.md): hypercalls at 0x500, doorbells at 0x504.
+
+    Doorbells that match a channel never reach userspace (attach_channels wires them in
+    the kernel); the DoorbellPort only counts the ones that match nothing.
+    """
+    host = HypercallHost(
+        memory=m.memory,
+        console=serial.write,
+        partition_id=links.index,
+        vcpus=config.cpus,
+        channels=links.channels,
+        watchdog=links.watchdog,
+    )
+    paravirt: dict[str, tuple[int, Device]] = {
+        "hypercall": (HYPERCALL_PORT, Hypercalls(m.memory, handler_table(host))),
+        "doorbell": (DOORBELL_PORT, DoorbellPort()),
+    }
+    for name, (port, dev) in paravirt.items():
+        m.pio.attach(port, 4, dev, name)
+        m.devices[name] = dev
+
+
+def attach_virtio_devices(
+    m: Machine, config: PartitionConfig, links: PartitionLinks, serial: SerialBackend
+) -> list[VirtioSlot]:
+    """virtio-mmio devices (virtio/attach.py): windows from 0xC000_0000, GSIs 5, 6, 7, ...,
+    kicks by ioeventfd and interrupts by irqfd, each device served by its own I/O thread.
+    Closed before the memory they address (closers run in reverse)."""
+    if not config.virtio.count:
+        return []
+    devices = virtio_attach.make_devices(config.virtio, config.name, serial.write)
+    slots = virtio_attach.attach(
+        m.vm, m.memory, m.mmio.attach, devices, lambda msg: links.report(m.name, msg)
+    )
+    for slot in slots:
+        m.devices[slot.name] = slot.transport
+        m.closers.append(slot.close)
+    return slots
+
+
+def attach_boot_tables(
+    m: Machine, config: PartitionConfig, virtio: list[VirtioSlot] | None = None
+) -> int:
     """Tables a guest reads to find its CPUs: boot GDT, MP table, ACPI; returns the RSDP."""
     cpu.write_boot_gdt(m.memory)
     # KVM's default GSI routing wires the PIT (IRQ0) to IOAPIC pin 0, not pin 2 as on PCs.
     write_mptable(m.memory, config.cpus, irq0_pin=0)
-    return write_acpi_tables(m.memory, config.cpus)
+    windows = [(s.base, MMIO_SIZE, s.gsi) for s in virtio or ()]
+    return write_acpi_tables(m.memory, config.cpus, windows)
 
 
-def boot_bsp(m: Machine, image: LoadedImage, cmdline: str, rsdp: int) -> None:
-    """Write the boot-information block for the image's protocol and set vCPU 0's entry."""
+def boot_bsp(
+    m: Machine, image: LoadedImage, cmdline: str, rsdp: int, initrd: Initrd | None = None
+) -> None:
+    """Write the boot-information block for the image's protocol and set vCPU 0's entry.
+
+    A bzImage enters at startup_64 in long mode with rsi = zero page (boot.rst's 64-bit
+    protocol); PVH gets the initrd as its first module, which is where Linux looks.
+    """
     bsp = m.vcpus[0].fd
-    if image.kind == "pvh":
-        ebx = write_pvh_boot_info(m.memory, cmdline.encode(), rsdp=rsdp)
+    if image.kind == "bzimage":
+        ramdisk = (initrd.gpa, initrd.size) if initrd else None
+        rsi = write_zero_page(m.memory, image.boot_header, cmdline.encode(), rsdp, ramdisk)
+        cpu.setup_long_mode(bsp, m.memory, image.entry, rsi=rsi)
+    elif image.kind == "pvh":
+        modules = [(initrd.gpa, initrd.size, b"")] if initrd else []
+        ebx = write_pvh_boot_info(m.memory, cmdline.encode(), rsdp=rsdp, modules=modules)
         cpu.setup_protected_mode(bsp, m.memory, image.entry, eax=0, ebx=ebx)
     else:
         ebx = write_multiboot_info(m.memory, cmdline.encode())
         cpu.setup_protected_mode(
             bsp, m.memory, image.entry, eax=MULTIBOOT_BOOTLOADER_MAGIC, ebx=ebx
         )
+
+
+def attach_channels(m: Machine, links: PartitionLinks) -> None:
+    """Map each channel as an extra memory slot and wire its doorbells in the kernel.
+
+    Runs after the boot tables on purpose: a channel is not RAM, so it must not be in
+    the e820 map, and the image loader must not be able to place bytes in it. The
+    reader of a one-way channel maps it KVM_MEM_READONLY (and read-only in GuestMemory,
+    so devices acting for the guest cannot write it either); its writes exit as MMIO to
+    a ReadOnlyGuard that refuses them.
+    """
+    if any(end.readonly for end in links.channels) and not m.vm.check_extension(Cap.READONLY_MEM):
+        raise KvmError(
+            "KVM_CHECK_EXTENSION",
+            errno.EOPNOTSUPP,
+            "one-way channels need KVM_CAP_READONLY_MEM, which this host's KVM lacks",
+        )
+    for end in links.channels:
+        region = MemoryRegion(end.gpa, end.size, fd=os.dup(end.memfd), readonly=end.readonly)
+        m.memory.add_region(region)
+        flags = KVM_MEM_READONLY if end.readonly else 0
+        slot = CHANNEL_SLOT_BASE + end.index
+        m.vm.set_user_memory_region(slot, end.gpa, end.size, region.host_address, flags)
+        if end.readonly:
+            guard = ReadOnlyGuard(end.name, lambda msg: links.report(m.name, msg))
+            m.mmio.attach(end.gpa, end.size, guard, f"channel-{end.name}")
+            m.devices[f"channel-{end.name}"] = guard
+        if end.ring_fd is not None:
+            m.vm.ioeventfd(end.ring_fd, DOORBELL_PORT, 4, pio=True, datamatch=end.index)
+        if end.irq_fd is not None:
+            m.vm.irqfd(end.irq_fd, end.gsi)

@@ -14,6 +14,9 @@ from corevisor.errors import CorevisorError
 
 GUESTS_DIR = Path(__file__).resolve().parents[2] / "guests"
 BUILD_DIR = GUESTS_DIR / "build"
+# `corevisor run` with no target: two partitions (rtos, peer) talking over a channel.
+DEMO_SYSTEM = GUESTS_DIR.parent / "examples" / "demo.toml"
+DEMO_GUESTS = ("rtos", "peer")
 
 # name -> what it shows; the order is the order `corevisor guests` lists them in.
 GUESTS = {
@@ -23,6 +26,8 @@ GUESTS = {
     "timer": "LAPIC timer ticks interrupting a user-mode loop; UART interrupt check",
     "fault": "triple-faults on purpose",
     "pio": "count=N port writes from user mode (benchmark guest)",
+    "rtos": "preemptive RTOS: pings a peer partition over a channel (msgs=N wdfail=1 crash=1)",
+    "peer": "bare-metal peer partition: mode=pong|echo|sink|counter|writer|reader|rowriter",
 }
 
 

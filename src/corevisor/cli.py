@@ -3,7 +3,8 @@
 User errors (bad config, bad image, missing /dev/kvm) print one line prefixed with
 "corevisor:" and exit 2; a guest that stops abnormally prints a report with its
 registers and exits 1; a guest that writes its status to the exit port makes corevisor
-exit with that status. Only bugs keep their traceback.
+exit with that status. With several partitions: 0 if all of them ended with 0, else the
+first non-zero status (system.py). Only bugs keep their traceback.
 """
 
 from __future__ import annotations
@@ -12,18 +13,15 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from corevisor import bundled
+from corevisor import bundled, linuxboot
 from corevisor.config import PartitionConfig, SystemConfig, load_config, partition_from_args
 from corevisor.errors import CorevisorError
-from corevisor.vcpu import StopReport
 
 EXIT_USER_ERROR = 2
-EXIT_GUEST_FAULT = 1
 
-# The demo: the SMP guest on two vCPUs, each CPU started by the guest and checking in.
-DEMO_GUEST, DEMO_CPUS, DEMO_CMDLINE = "smp", 2, "demo"
 
 
 def _err(msg: str) -> None:
@@ -41,13 +39,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("target", nargs="?", help="IMAGE, SYSTEM.toml or a bundled guest name")
     run.add_argument("--cpus", type=int, default=None, help="vCPUs (default 1)")
-    run.add_argument("--memory", default="64M", help="guest RAM, e.g. 64M or 1G")
+    run.add_argument("--memory", default=None, help="guest RAM, e.g. 64M or 1G (default 64M)")
     run.add_argument("--pin", default=None, help="host cores for the vCPUs, e.g. 0,1 or 0-3")
-    run.add_argument("--cmdline", default="", help="guest command line")
-    run.add_argument(
-        "--serial", default="stdout", help="stdout | file:PATH | unix:PATH | null"
-    )
+    run.add_argument("--cmdline", default=None, help="guest command line")
+    run.add_argument("--serial", default="stdout", help="stdout | file:PATH | unix:PATH | null")
     run.add_argument("--timeout", type=float, default=None, help="stop the guest after S s")
+    run.add_argument(
+        "--gdb",
+        metavar="HOST:PORT",
+        default=None,
+        help="serve GDB's remote protocol there, halted before the first instruction",
+    )
+    run.add_argument(
+        "--gdb-attach",
+        action="store_true",
+        help="with --gdb (or gdb keys): run at once; stop when GDB connects or sends Ctrl-C",
+    )
+    run.add_argument(
+        "--gdb-allow-remote",
+        action="store_true",
+        help="allow a GDB address that is not loopback (whoever reaches it controls the guest)",
+    )
+    run.add_argument(
+        "--disk", action="append", metavar="PATH[,ro]", help="a virtio-blk raw image (repeatable)"
+    )
+    run.add_argument("--net", action="append", metavar="TAP", help="a virtio-net on a host TAP")
+    run.add_argument("--rng", action="store_true", help="a virtio-rng entropy device")
+    linuxboot.add_arguments(run)
     guests = sub.add_parser("guests", help="list the bundled guests and their image paths")
     guests.add_argument("--build", action="store_true", help="(re)build them first")
     return p
@@ -55,16 +73,28 @@ def _parser() -> argparse.ArgumentParser:
 
 def _resolve(args: argparse.Namespace) -> SystemConfig:
     """Turn the run arguments into a validated SystemConfig."""
+    linuxboot.apply(args)  # --kernel/--initrd/--initramfs-dir and the defaults they change
     target = args.target
     cpus = args.cpus
     cmdline = args.cmdline
     if target is None:
-        target, cpus, cmdline = DEMO_GUEST, cpus or DEMO_CPUS, cmdline or DEMO_CMDLINE
+        # The demo (examples/demo.toml): build its guests if they are missing.
+        for name in bundled.DEMO_GUESTS:
+            bundled.ensure_built(name)
+        target = str(bundled.DEMO_SYSTEM)
     if target.endswith(".toml"):
-        flags = [f for f in ("cpus", "pin") if getattr(args, f) is not None]
+        flags = [f for f in ("cpus", "pin", "gdb", "disk", "net") if getattr(args, f) is not None]
+        flags += ["rng"] if args.rng else []
         if flags:
-            raise CorevisorError(f"--{flags[0]} cannot be combined with a system file")
-        return load_config(Path(target))
+            hint = " (give each partition a gdb key instead)" if flags[0] == "gdb" else ""
+            raise CorevisorError(f"--{flags[0]} cannot be combined with a system file{hint}")
+        system = load_config(Path(target), gdb_allow_remote=args.gdb_allow_remote)
+        if args.gdb_attach:
+            parts = tuple(replace(p, gdb_attach=p.gdb is not None) for p in system.partitions)
+            system = replace(system, partitions=parts)
+        return system
+    if args.gdb_attach and args.gdb is None:
+        raise CorevisorError("--gdb-attach needs --gdb HOST:PORT")
     if target in bundled.GUESTS and not Path(target).exists():
         target = str(bundled.ensure_built(target))
     part = partition_from_args(
@@ -74,45 +104,22 @@ def _resolve(args: argparse.Namespace) -> SystemConfig:
         pin=args.pin,
         cmdline=cmdline,
         serial=args.serial,
+        initrd=args.initrd,
+        gdb=args.gdb,
+        gdb_attach=args.gdb_attach,
+        gdb_allow_remote=args.gdb_allow_remote,
+        disks=args.disk,
+        nets=args.net,
+        rng=args.rng,
     )
     return SystemConfig(partitions=(part,))
 
 
-def _outcome(name: str, report: StopReport) -> int:
-    """Print why a partition stopped and return its exit status."""
-    if report.kind == "exit":
-        _err(f"{name}: {report.message}")
-        return report.code or 0
-    if report.kind == "reset":
-        _err(f"{name}: {report.message}")
-        return 0
-    if report.kind == "stopped":
-        _err(f"{name}: stopped: {report.message}")
-        return report.code if report.code is not None else EXIT_GUEST_FAULT
-    _err(f"{name}: guest stopped: {report.message}")
-    if report.registers:
-        print(report.registers, file=sys.stderr, flush=True)
-    return EXIT_GUEST_FAULT
-
-
 def _run_system(system: SystemConfig, timeout: float | None) -> int:
-    """Build every partition, run them side by side, return the first non-zero status."""
-    from corevisor.builder import build  # KVM imports only when running
+    """Run every partition under the health monitor; see system.py for the exit status."""
+    from corevisor.system import System  # KVM imports only when running
 
-    machines = []
-    try:
-        for part in system.partitions:
-            machines.append((part, build(part)))
-        for _, m in machines:
-            m.start()
-        status = 0
-        for part, m in machines:
-            report = m.outcome(timeout)
-            status = status or _outcome(part.name, report)
-        return status
-    finally:
-        for _, m in machines:
-            m.close()
+    return System(system).run(timeout)
 
 
 def _list_guests(build: bool) -> int:

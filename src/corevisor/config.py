@@ -13,19 +13,45 @@ The format::
     memory = "64M"                      # or bytes; >= 2M, 4 KiB multiple, <= 64G and host RAM
     pin = [0, 1]                        # optional: one host core, or one per vCPU ("0-1" works too)
     cmdline = "exit=0"                  # optional, <= 4096 bytes, no NUL
+    initrd = "initramfs.cpio"           # optional: for a Linux image (bzImage or vmlinux)
     serial = "stdout"                   # "stdout" | "file:PATH" | "unix:PATH" | "null"
+    dedicated = false                   # true: owns its pinned cores (no other partition on them)
+    exits = "normal"                    # dedicated only: "halt-poll" | "disabled" (HLT/PAUSE)
+    halt_poll_ns = 200000               # with exits = "halt-poll": how long KVM polls a halted vCPU
+    restart = "stop"                    # on a crash: "stop" | "restart" | "halt-system"
+    watchdog_ms = 0                     # > 0: armed at boot; the guest kicks it (HC_WATCHDOG)
+    gdb = "127.0.0.1:1234"              # optional: serve GDB there, halted until it continues;
+                                        # not loopback only with --gdb-allow-remote
+    blk = [{path = "disk.img", readonly = false}]  # virtio devices (virtio/config.py)
+    net = [{tap = "tap0"}]
+    rng = true
+    virtio_console = true
+
+    [channels.NAME]                     # shared memory between two partitions (channel.py)
+    between = ["a", "b"]
+    size = "4K"                         # a multiple of 4K
+    gpa = 0xD0000000                    # optional: default from 0xD0000000 up, in config order
+    direction = "a->b"                  # optional: one-way; b maps it read-only
+
+    [system]
+    log_dir = "logs"                    # per-partition serial logs (default: a new temp dir)
+
+The checks that need the whole file (dedicated cores shared, total memory, channel
+endpoints and addresses, at most 8 channels per partition) run after every partition
+parsed, and still name the file and the key.
 
 Relative ``file:`` and ``unix:`` serial paths in a file are resolved against the file's
 directory, like ``image``, so a configuration means the same from any working directory;
 on the command line they stay relative to the working directory.
 
-The image check is shallow on purpose (exists, regular file, ELF magic): parsing it is
-the loader's job. What does not live here: opening serial backends (console.py) and
+The image check is shallow on purpose (exists, regular file, ELF or bzImage magic):
+parsing it is the loader's job. What does not live here: opening serial backends (console.py) and
 turning a config into a machine (builder.py).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -33,12 +59,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from corevisor.arch.x86_64 import layout
 from corevisor.errors import ConfigError
+from corevisor.virtio.config import VIRTIO_KEYS, VirtioConfig, virtio_from_args, virtio_from_table
 
 __all__ = [
     "PartitionConfig",
+    "ChannelConfig",
     "SystemConfig",
     "parse_size",
+    "parse_host_port",
     "parse_cpu_list",
     "format_size",
     "format_cpu_list",
@@ -48,6 +78,9 @@ __all__ = [
     "MIN_MEMORY",
     "MAX_MEMORY",
     "MAX_CMDLINE",
+    "MAX_CHANNELS",
+    "EXIT_MODES",
+    "RESTART_POLICIES",
 ]
 
 MAX_VCPUS = 64
@@ -66,8 +99,36 @@ _SIZE_RE = re.compile(r"(\d+)\s*([KMG]?)", re.IGNORECASE)
 _SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _CPU_ITEM_RE = re.compile(r"(\d+)(?:-(\d+))?")
 
-_PARTITION_KEYS = ("cpus", "image", "memory", "pin", "cmdline", "serial")
-_TOP_LEVEL_KEYS = ("partitions",)
+# Channel doorbells raise GSIs 16..23 (the IOAPIC pins above the ISA ones), one per channel.
+MAX_CHANNELS = 8
+MAX_CHANNEL_SIZE = 1 << 30
+PAGE = 4 << 10
+EXIT_MODES = ("normal", "halt-poll", "disabled")
+RESTART_POLICIES = ("stop", "restart", "halt-system")
+DEFAULT_HALT_POLL_NS = 200_000  # Linux's own default for halt_poll_ns
+MAX_HALT_POLL_NS = 1_000_000_000
+MAX_WATCHDOG_MS = 3_600_000
+
+_PARTITION_KEYS = (
+    "cpus",
+    "image",
+    "memory",
+    "pin",
+    "cmdline",
+    "serial",
+    "dedicated",
+    "exits",
+    "halt_poll_ns",
+    "restart",
+    "watchdog_ms",
+    "initrd",
+    "gdb",
+    *VIRTIO_KEYS,  # blk, net, rng, virtio_console: virtio/config.py
+)
+_CHANNEL_KEYS = ("between", "size", "gpa", "direction")
+_SYSTEM_KEYS = ("log_dir",)
+_TOP_LEVEL_KEYS = ("partitions", "channels", "system")
+_DUPLICATE_RE = re.compile(r"Cannot declare \(([^)]*)\) twice \(at line (\d+)")
 _SIZE_HINT = "use a number of bytes or a suffix K, M, G: 64M"
 _SERIAL_HINT = "use stdout, null, file:PATH or unix:PATH"
 
@@ -83,14 +144,48 @@ class PartitionConfig:
     pin: tuple[int, ...] = ()
     cmdline: str = ""
     serial: str = "stdout"
+    dedicated: bool = False
+    exits: str = "normal"
+    halt_poll_ns: int = DEFAULT_HALT_POLL_NS
+    restart: str = "stop"
+    watchdog_ms: int = 0
+    initrd: Path | None = None  # an initramfs for a Linux image (loader/initrd.py)
+    gdb: str | None = None  # HOST:PORT of a GDB stub for this partition (gdb/server.py)
+    gdb_attach: bool = False  # run at once, stop when GDB connects (else halted at start)
+    virtio: VirtioConfig = VirtioConfig()  # paravirtual devices (virtio/config.py)
+
+    def vcpu_cores(self) -> tuple[int, ...]:
+        """The host core of each vCPU, in vCPU order (empty if the partition is not pinned)."""
+        if not self.pin:
+            return ()
+        return self.pin if len(self.pin) == self.cpus else self.pin * self.cpus
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """Shared memory between two partitions, at the same guest-physical address in both.
+
+    ``writer``/``reader`` are set for a one-way channel (the reader maps it read-only);
+    both None means either side may write and ring the other.
+    """
+
+    name: str
+    between: tuple[str, str]
+    size: int
+    gpa: int
+    writer: str | None = None
+    reader: str | None = None
 
 
 @dataclass(frozen=True)
 class SystemConfig:
-    """A whole system: the partitions, and the file they came from (None for CLI runs)."""
+    """A whole system: the partitions, the channels between them, where serial logs go,
+    and the file it came from (None for CLI runs)."""
 
     partitions: tuple[PartitionConfig, ...]
     source: Path | None = None
+    channels: tuple[ChannelConfig, ...] = ()
+    log_dir: Path | None = None
 
 
 # ---------------------------------------------------------------------- small parsers
@@ -186,15 +281,29 @@ def parse_cpu_list(value: str, where: str) -> tuple[int, ...]:
 # ---------------------------------------------------------------------- host facts
 
 
-def _host_memory() -> int | None:
-    """MemTotal from /proc/meminfo in bytes, or None if it cannot be read."""
+def _meminfo(field: str) -> int | None:
+    """One /proc/meminfo field in bytes, or None if it cannot be read."""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
+    return None
+
+
+def _host_memory() -> int | None:
+    """MemTotal in bytes: no single partition can be bigger than the host."""
+    return _meminfo("MemTotal")
+
+
+def _host_available_memory() -> tuple[str, int] | None:
+    """What the host can give a whole system: MemAvailable, else MemTotal (old kernels)."""
+    for field in ("MemAvailable", "MemTotal"):
+        value = _meminfo(field)
+        if value is not None:
+            return field, value
     return None
 
 
@@ -319,6 +428,41 @@ def _check_serial(value: object, where: str, base: Path | None) -> str:
     return f"{kind}:{path}"
 
 
+def parse_host_port(text: str) -> tuple[str, int]:
+    """HOST:PORT ([HOST]:PORT for IPv6) -> (host, port); host is an IP or localhost.
+
+    Raises ValueError saying what is wrong.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{_quote(text)} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"bad port {_quote(port_text)} in {_quote(text)} (use 1-65535)")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{_quote(host)} is not an IP address or localhost") from None
+    return host, int(port_text)
+
+
+def _check_gdb(value: object, where: str, allow_remote: bool) -> str:
+    """A GDB stub address: loopback unless the user explicitly allowed the network."""
+    text = _check_str(value, where)
+    try:
+        host, _ = parse_host_port(text)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e} (use e.g. 127.0.0.1:1234)") from None
+    if not allow_remote and host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+        raise ConfigError(
+            f"{where}: {host} is not a loopback address and whoever reaches it controls the "
+            "guest; pass --gdb-allow-remote to serve GDB on the network"
+        )
+    return text
+
+
 def _check_image(value: object, where: str, base: Path | None) -> Path:
     shown = _check_str(value, where)
     if not shown or "\0" in shown:
@@ -332,19 +476,36 @@ def _check_image(value: object, where: str, base: Path | None) -> Path:
         if not path.is_file():
             raise ConfigError(f"{where}: {shown} is not a regular file")
         with path.open("rb") as f:
-            magic = f.read(len(_ELF_MAGIC))
+            head = f.read(0x206)
     except OSError as e:
         raise ConfigError(f"{where}: cannot read {shown}: {e.strerror or e}") from None
-    if magic != _ELF_MAGIC:
-        raise ConfigError(f"{where}: {shown} is not an ELF image")
+    # A Linux bzImage has no ELF magic: its setup header's "HdrS" is at 0x202.
+    if head[: len(_ELF_MAGIC)] != _ELF_MAGIC and head[0x202:0x206] != b"HdrS":
+        raise ConfigError(f"{where}: {shown} is not an ELF image or a Linux bzImage")
+    return path
+
+
+def _check_initrd(value: object, where: str, base: Path | None) -> Path:
+    shown = _check_str(value, where)
+    if not shown or "\0" in shown:
+        raise ConfigError(f"{where}: {_quote(shown)} is not a valid path")
+    path = Path(shown).expanduser()
+    if base is not None and not path.is_absolute():
+        path = base / path
+    if not path.is_file():
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise ConfigError(f"{where}: {shown} {what}")
     return path
 
 
 # ---------------------------------------------------------------------- entry points
 
 
-def load_config(path: Path) -> SystemConfig:
-    """Read and validate a system TOML file; raise ConfigError naming the file and key."""
+def load_config(path: Path, *, gdb_allow_remote: bool = False) -> SystemConfig:
+    """Read and validate a system TOML file; raise ConfigError naming the file and key.
+
+    gdb_allow_remote permits non-loopback gdb addresses (--gdb-allow-remote).
+    """
     path = Path(path)
     fname = str(path)
     try:
@@ -356,6 +517,12 @@ def load_config(path: Path) -> SystemConfig:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{fname}: not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
+        dup = _DUPLICATE_RE.search(str(e))
+        if dup is not None:
+            key = ".".join(k.strip().strip("'\"") for k in dup.group(1).split(","))
+            raise ConfigError(
+                f"{fname}: {key}: declared twice (line {dup.group(2)}); names must be unique"
+            ) from None
         raise ConfigError(f"{fname}: TOML syntax error: {e}") from None
 
     for key in doc:
@@ -379,12 +546,25 @@ def load_config(path: Path) -> SystemConfig:
         _check_name(name, where)
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: expected a table, got {_type_name(table)}")
-        partitions.append(_partition_from_table(name, table, where, base))
-    return SystemConfig(partitions=tuple(partitions), source=path)
+        partitions.append(
+            _partition_from_table(name, table, where, base, gdb_allow_remote=gdb_allow_remote)
+        )
+    _check_dedicated_cores(partitions, fname)
+    channels = _channels_from_doc(doc.get("channels", {}), partitions, fname)
+    _check_total_memory(partitions, channels, fname)
+    log_dir = _system_from_doc(doc.get("system", {}), fname, base)
+    return SystemConfig(
+        partitions=tuple(partitions), source=path, channels=channels, log_dir=log_dir
+    )
 
 
 def _partition_from_table(
-    name: str, table: dict[str, object], where: str, base: Path
+    name: str,
+    table: dict[str, object],
+    where: str,
+    base: Path,
+    *,
+    gdb_allow_remote: bool = False,
 ) -> PartitionConfig:
     for key in table:
         if key not in _PARTITION_KEYS:
@@ -394,6 +574,9 @@ def _partition_from_table(
     if "image" not in table:
         raise ConfigError(f'{where}: missing key "image" (the guest ELF to boot)')
     image = _check_image(table["image"], f"{where}.image", base)
+    initrd = None
+    if "initrd" in table:
+        initrd = _check_initrd(table["initrd"], f"{where}.initrd", base)
     cpus = _check_cpus(table.get("cpus", 1), f"{where}.cpus")
     memory = _check_memory(table.get("memory", 64 << 20), f"{where}.memory")
     pin: tuple[int, ...] = ()
@@ -401,9 +584,263 @@ def _partition_from_table(
         pin = _check_pin(_pin_from_toml(table["pin"], f"{where}.pin"), cpus, f"{where}.pin")
     cmdline = _check_cmdline(table.get("cmdline", ""), f"{where}.cmdline")
     serial = _check_serial(table.get("serial", "stdout"), f"{where}.serial", base)
-    return PartitionConfig(
-        name=name, image=image, cpus=cpus, memory=memory, pin=pin, cmdline=cmdline, serial=serial
+    dedicated = _check_bool(table.get("dedicated", False), f"{where}.dedicated")
+    if dedicated and not pin:
+        raise ConfigError(f"{where}.dedicated: a dedicated partition needs pin (its host cores)")
+    exits = _check_choice(table.get("exits", "normal"), EXIT_MODES, f"{where}.exits")
+    if exits != "normal" and not dedicated:
+        # A vCPU that polls or never leaves the guest on HLT burns its core: only a
+        # partition that owns its cores may do that to them.
+        raise ConfigError(f'{where}.exits: "{exits}" needs dedicated = true')
+    halt_poll_ns = _check_range(
+        table.get("halt_poll_ns", DEFAULT_HALT_POLL_NS),
+        0,
+        MAX_HALT_POLL_NS,
+        f"{where}.halt_poll_ns",
     )
+    restart = _check_choice(table.get("restart", "stop"), RESTART_POLICIES, f"{where}.restart")
+    watchdog_ms = _check_range(
+        table.get("watchdog_ms", 0), 0, MAX_WATCHDOG_MS, f"{where}.watchdog_ms"
+    )
+    return PartitionConfig(
+        name=name,
+        image=image,
+        cpus=cpus,
+        memory=memory,
+        pin=pin,
+        cmdline=cmdline,
+        serial=serial,
+        dedicated=dedicated,
+        exits=exits,
+        halt_poll_ns=halt_poll_ns,
+        restart=restart,
+        watchdog_ms=watchdog_ms,
+        initrd=initrd,
+        gdb=_check_gdb(table["gdb"], f"{where}.gdb", gdb_allow_remote) if "gdb" in table else None,
+        virtio=virtio_from_table(table, where, base),
+    )
+
+
+def _check_bool(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"{where}: expected true or false, got {_type_name(value)} {_quote(value)}"
+        )
+    return value
+
+
+def _check_choice(value: object, choices: tuple[str, ...], where: str) -> str:
+    text = _check_str(value, where)
+    if text not in choices:
+        known = " | ".join(f'"{c}"' for c in choices)
+        raise ConfigError(f"{where}: {_quote(text)} is not one of {known}")
+    return text
+
+
+def _check_range(value: object, low: int, high: int, where: str) -> int:
+    number = _check_int(value, where)
+    if not low <= number <= high:
+        raise ConfigError(f"{where}: {number} is out of range ({low}..{high})")
+    return number
+
+
+# ---------------------------------------------------------------------- whole-system checks
+
+
+def _check_dedicated_cores(partitions: list[PartitionConfig], fname: str) -> None:
+    """A dedicated partition's cores belong to it alone (other partitions' vCPUs included)."""
+    for p in partitions:
+        if not p.dedicated:
+            continue
+        for q in partitions:
+            if q is p:
+                continue
+            shared = set(p.vcpu_cores()) & set(q.vcpu_cores())
+            if shared:
+                raise ConfigError(
+                    f"{fname}: partitions.{p.name}.pin: host core "
+                    f"{format_cpu_list(shared)} is dedicated to {p.name} "
+                    f"but partition {q.name} is pinned there too"
+                )
+
+
+def _check_total_memory(
+    partitions: list[PartitionConfig], channels: tuple[ChannelConfig, ...], fname: str
+) -> None:
+    host = _host_available_memory()
+    if host is None:
+        return
+    field, available = host
+    total = sum(p.memory for p in partitions) + sum(c.size for c in channels)
+    if total > available:
+        raise ConfigError(
+            f"{fname}: partitions: total guest memory {format_size(total)} is more than "
+            f"this host can give ({field} {format_size(available)})"
+        )
+
+
+def _system_from_doc(table: object, fname: str, base: Path) -> Path | None:
+    where = f"{fname}: system"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table, got {_type_name(table)}")
+    for key in table:
+        if key not in _SYSTEM_KEYS:
+            raise ConfigError(
+                f"{where}: unknown key {_quote(key)} (known: {', '.join(_SYSTEM_KEYS)})"
+            )
+    if "log_dir" not in table:
+        return None
+    shown = _check_str(table["log_dir"], f"{where}.log_dir")
+    if not shown or "\0" in shown:
+        raise ConfigError(f"{where}.log_dir: {_quote(shown)} is not a valid path")
+    path = Path(shown).expanduser()
+    path = path if path.is_absolute() else base / path
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{where}.log_dir: {shown} exists and is not a directory")
+    return path
+
+
+def _channels_from_doc(
+    tables: object, partitions: list[PartitionConfig], fname: str
+) -> tuple[ChannelConfig, ...]:
+    """Parse [channels.*], then place every channel without a gpa, in config order."""
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{fname}: channels: expected a table, got {_type_name(tables)}")
+    by_name = {p.name: p for p in partitions}
+    parsed: list[tuple[str, tuple[str, str], int, int | None, tuple[str, str] | None]] = []
+    count: dict[str, int] = dict.fromkeys(by_name, 0)
+    for name, table in tables.items():
+        shown = name if _NAME_RE.fullmatch(name) else _quote(name)
+        where = f"{fname}: channels.{shown}"
+        if _NAME_RE.fullmatch(name) is None:
+            raise ConfigError(
+                f"{where}: bad channel name {_quote(name)} (use [a-z][a-z0-9_-]{{0,31}})"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table, got {_type_name(table)}")
+        for key in table:
+            if key not in _CHANNEL_KEYS:
+                raise ConfigError(
+                    f"{where}: unknown key {_quote(key)} (known: {', '.join(_CHANNEL_KEYS)})"
+                )
+        between = _check_between(table.get("between"), by_name, f"{where}.between")
+        size = parse_size(table.get("size", PAGE), f"{where}.size")
+        if size == 0 or size % PAGE or size > MAX_CHANNEL_SIZE:
+            raise ConfigError(
+                f"{where}.size: {format_size(size)} must be a non-zero multiple of 4K "
+                f"up to {format_size(MAX_CHANNEL_SIZE)}"
+            )
+        gpa: int | None = None
+        if "gpa" in table:
+            gpa = _check_int(table["gpa"], f"{where}.gpa")
+            if gpa < 0 or gpa % PAGE:
+                raise ConfigError(f"{where}.gpa: {gpa:#x} is not a 4K-aligned address")
+        direction = None
+        if "direction" in table:
+            direction = _check_direction(table["direction"], between, f"{where}.direction")
+        for end in between:
+            count[end] += 1
+            if count[end] > MAX_CHANNELS:
+                raise ConfigError(
+                    f"{where}: partition {end} has more than {MAX_CHANNELS} channels "
+                    f"(their doorbells use GSIs 16..{15 + MAX_CHANNELS})"
+                )
+        parsed.append((name, between, size, gpa, direction))
+
+    taken: list[tuple[int, int, str]] = []  # (start, end, what) already claimed
+    for name, between, size, gpa, _ in parsed:
+        if gpa is not None:
+            _check_channel_place(
+                gpa, size, between, by_name, taken, f"{fname}: channels.{name}.gpa"
+            )
+            taken.append((gpa, gpa + size, f"channel {name}"))
+    channels = []
+    for name, between, size, gpa, direction in parsed:
+        if gpa is None:
+            gpa = _place_channel(size, between, by_name, taken)
+            if gpa is None:
+                raise ConfigError(
+                    f"{fname}: channels.{name}: no free guest-physical space for "
+                    f"{format_size(size)} below {layout.CHANNEL_AREA_END:#x} (give a gpa)"
+                )
+            taken.append((gpa, gpa + size, f"channel {name}"))
+        writer, reader = direction if direction is not None else (None, None)
+        channels.append(ChannelConfig(name, between, size, gpa, writer, reader))
+    return tuple(channels)
+
+
+def _check_between(
+    value: object, by_name: dict[str, PartitionConfig], where: str
+) -> tuple[str, str]:
+    if value is None:
+        raise ConfigError(f'{where}: missing (e.g. between = ["a", "b"])')
+    if not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected two partition names, got {_quote(value)}")
+    a, b = value
+    for end in (a, b):
+        if end not in by_name:
+            raise ConfigError(
+                f"{where}: unknown partition {_quote(end)} (known: {', '.join(by_name)})"
+            )
+    if a == b:
+        raise ConfigError(f"{where}: a channel joins two different partitions, not {a} and {a}")
+    return a, b
+
+
+def _check_direction(value: object, between: tuple[str, str], where: str) -> tuple[str, str]:
+    text = _check_str(value, where)
+    writer, sep, reader = (part.strip() for part in text.partition("->"))
+    if not sep or {writer, reader} != set(between):
+        a, b = between
+        raise ConfigError(f'{where}: {_quote(text)} is not "{a}->{b}" or "{b}->{a}"')
+    return writer, reader
+
+
+def _reserved(
+    between: tuple[str, str], by_name: dict[str, PartitionConfig]
+) -> list[tuple[int, int, str]]:
+    """Guest-physical ranges a channel must stay out of: both sides' RAM, fixed MMIO."""
+    out = [(start, end, what) for start, end, what in layout.FIXED_MMIO]
+    for end_name in between:
+        for gpa, size in layout.ram_layout(by_name[end_name].memory):
+            out.append((gpa, gpa + size, f"partition {end_name}'s RAM"))
+    return out
+
+
+def _check_channel_place(
+    gpa: int,
+    size: int,
+    between: tuple[str, str],
+    by_name: dict[str, PartitionConfig],
+    taken: list[tuple[int, int, str]],
+    where: str,
+) -> None:
+    if gpa + size > layout.MAX_GPA:
+        raise ConfigError(f"{where}: {gpa:#x}+{format_size(size)} is beyond {layout.MAX_GPA:#x}")
+    for start, end, what in _reserved(between, by_name) + taken:
+        if gpa < end and start < gpa + size:
+            raise ConfigError(
+                f"{where}: {gpa:#x}+{format_size(size)} overlaps {what} ({start:#x}-{end:#x})"
+            )
+
+
+def _place_channel(
+    size: int,
+    between: tuple[str, str],
+    by_name: dict[str, PartitionConfig],
+    taken: list[tuple[int, int, str]],
+) -> int | None:
+    """The lowest page from CHANNEL_AREA_START up where size bytes fit, or None."""
+    blocked = sorted(_reserved(between, by_name) + taken)
+    gpa = layout.CHANNEL_AREA_START
+    moved = True
+    while moved:
+        moved = False
+        for start, end, _ in blocked:
+            if gpa < end and start < gpa + size:
+                gpa = (end + PAGE - 1) // PAGE * PAGE
+                moved = True
+    return gpa if gpa + size <= layout.CHANNEL_AREA_END else None
 
 
 def _name_from_image(image: str) -> str:
@@ -423,6 +860,13 @@ def partition_from_args(
     cmdline: str = "",
     serial: str = "stdout",
     name: str | None = None,
+    initrd: str | None = None,
+    gdb: str | None = None,
+    gdb_attach: bool = False,
+    gdb_allow_remote: bool = False,
+    disks: list[str] | None = None,
+    nets: list[str] | None = None,
+    rng: bool = False,
 ) -> PartitionConfig:
     """Build one partition from `corevisor run` options; errors name the option (--memory)."""
     part_name = _check_name(name, "--name") if name is not None else _name_from_image(image)
@@ -438,4 +882,8 @@ def partition_from_args(
         pin=cores,
         cmdline=_check_cmdline(cmdline, "--cmdline"),
         serial=_check_serial(serial, "--serial", None),
+        initrd=_check_initrd(initrd, "--initrd", None) if initrd is not None else None,
+        gdb=_check_gdb(gdb, "--gdb", gdb_allow_remote) if gdb is not None else None,
+        gdb_attach=gdb_attach,
+        virtio=virtio_from_args(disks, nets, rng),
     )

@@ -16,6 +16,12 @@
   than stalling the guest: sends never block a vCPU.
 - ``null``: output discarded, no input.
 
+Several partitions sharing one terminal use a ConsoleMux instead of ``stdout``: each
+partition gets a PrefixedSerial that tees its output to a log file of its own and sends
+it to the terminal one whole line at a time, prefixed ``name | `` (the name coloured
+when stdout is a terminal), so lines of different guests never mix mid-line. No input:
+it would be unclear which guest a keystroke is for.
+
 ``write`` runs on a vCPU thread once per guest byte, so it does the least it can. Input
 arrives on a daemon thread per backend that calls ``feed`` (the UART's
 ``enqueue_input``).
@@ -46,6 +52,8 @@ __all__ = [
     "FileSerial",
     "UnixSocketSerial",
     "NullSerial",
+    "ConsoleMux",
+    "PrefixedSerial",
     "open_serial",
     "UNIX_BACKLOG_LIMIT",
 ]
@@ -362,6 +370,107 @@ class UnixSocketSerial:
         with contextlib.suppress(KeyError, ValueError):
             sel.unregister(conn)
         conn.close()  # after _client is cleared, so no writer can be using it
+
+
+# ANSI foreground colours for partition names, in config order.
+_COLOURS = (36, 33, 35, 32, 34, 31)
+# A guest that never ends a line must not grow the buffer without bound.
+_MAX_PENDING_LINE = 4096
+
+
+class ConsoleMux:
+    """One terminal shared line by line by several partitions' serial output."""
+
+    def __init__(self, out: BinaryIO | None = None, colour: bool | None = None) -> None:
+        if out is None:
+            buffer = getattr(sys.stdout, "buffer", None)
+            out = buffer if buffer is not None else open(1, "wb", buffering=0, closefd=False)
+        self._out = out
+        if colour is None:
+            try:
+                colour = os.isatty(out.fileno())
+            except (OSError, ValueError, AttributeError):
+                colour = False
+        self.colour = colour
+        self._lock = threading.Lock()
+        self._names: list[str] = []
+
+    def backend(self, name: str, log_path: str | None, width: int = 0) -> PrefixedSerial:
+        """A serial backend for partition name: lines to the terminal, bytes to log_path.
+
+        ``width`` pads the names so the ``|`` bars line up (the longest name's length).
+        """
+        colour = _COLOURS[len(self._names) % len(_COLOURS)]
+        self._names.append(name)
+        label = f"{name:<{width}} |"
+        if self.colour:
+            label = f"\x1b[{colour}m{label}\x1b[0m"
+        return PrefixedSerial(self, (label + " ").encode(), log_path, name)
+
+    def emit(self, data: bytes) -> None:
+        """Write whole lines to the terminal, atomically with respect to other partitions."""
+        with self._lock:
+            with contextlib.suppress(OSError, ValueError):
+                self._out.write(data)
+                self._out.flush()
+
+
+class PrefixedSerial:
+    """A partition's serial line on a ConsoleMux, teed to its log file (if any)."""
+
+    def __init__(self, mux: ConsoleMux, prefix: bytes, log_path: str | None, name: str) -> None:
+        self._mux = mux
+        self._prefix = prefix
+        self._pending = bytearray()
+        self._lock = threading.Lock()  # several vCPUs of one guest may print at once
+        self._log: BinaryIO | None = None
+        self.log_path = log_path
+        if log_path is not None:
+            try:
+                # Truncated per run; unbuffered so the log is current while guests run.
+                self._log = open(log_path, "wb", buffering=0)
+            except OSError as e:
+                raise ConfigError(f"{name}: log file {log_path}: {e.strerror or e}") from None
+
+    def write(self, data: bytes) -> None:
+        """Log the bytes; pass every completed line to the terminal with the prefix."""
+        with self._lock:
+            if self._log is not None:
+                self._log.write(data)
+            pending = self._pending
+            pending += data
+            if b"\n" not in data and len(pending) < _MAX_PENDING_LINE:
+                return
+            lines = bytearray()
+            while True:
+                nl = pending.find(b"\n")
+                if nl < 0:
+                    if len(pending) >= _MAX_PENDING_LINE:
+                        lines += self._prefix + pending + b"\n"
+                        pending.clear()
+                    break
+                lines += self._prefix + pending[:nl].rstrip(b"\r") + b"\n"
+                del pending[: nl + 1]
+        self._mux.emit(bytes(lines))
+
+    def break_line(self) -> None:
+        """End a partial line now (before a restart, so the new boot starts a fresh line)."""
+        with self._lock:
+            if not self._pending:
+                return
+            line = self._prefix + bytes(self._pending) + b"\n"
+            self._pending.clear()
+        self._mux.emit(line)
+
+    def start_input(self, feed: Feed) -> None:
+        """No input: a shared terminal cannot say which guest a keystroke is for."""
+
+    def close(self) -> None:
+        """Flush a partial last line and close the log. Idempotent."""
+        self.break_line()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
 
 def open_serial(spec: str, name: str) -> SerialBackend:

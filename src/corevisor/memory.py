@@ -74,6 +74,16 @@ class GuestMemory:
             offset += size
         return cls(regions)
 
+    def add_region(self, region: MemoryRegion) -> None:
+        """Add a region after creation (a channel's shared memory); overlaps are refused."""
+        for r in self.regions:
+            if region.gpa < r.end and r.gpa < region.end:
+                raise GuestMemoryError(
+                    f"memory regions overlap: {r.gpa:#x}-{r.end:#x} and "
+                    f"{region.gpa:#x}-{region.end:#x}"
+                )
+        self.regions = sorted([*self.regions, region], key=lambda r: r.gpa)
+
     @property
     def size(self) -> int:
         """Total bytes of RAM over all regions."""
@@ -96,20 +106,36 @@ class GuestMemory:
             return False
         return True
 
+    def writable(self, gpa: int, size: int = 1) -> bool:
+        """True if [gpa, gpa+size) lies wholly inside one RAM region the guest may write."""
+        try:
+            self._find_writable(gpa, size)
+        except GuestMemoryError:
+            return False
+        return True
+
     def read(self, gpa: int, size: int) -> bytes:
         """Copy size bytes out of guest RAM."""
         r, off = self._find(gpa, size)
         return r.mm[off : off + size]
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        """Copy data into guest RAM."""
-        r, off = self._find(gpa, len(data))
+        """Copy data into guest RAM (never into a region the guest maps read-only)."""
+        r, off = self._find_writable(gpa, len(data))
         r.mm[off : off + len(data)] = data
 
     def fill(self, gpa: int, size: int, byte: int = 0) -> None:
         """Set size bytes of guest RAM to one value (zeroing a .bss, for instance)."""
-        r, off = self._find(gpa, size)
+        r, off = self._find_writable(gpa, size)
         r.mm[off : off + size] = bytes([byte]) * size
+
+    def _find_writable(self, gpa: int, size: int) -> tuple[MemoryRegion, int]:
+        """_find, refusing read-only regions: what the guest may not write, a device acting
+        for the guest may not either (the reader side of a one-way channel)."""
+        r, off = self._find(gpa, size)
+        if r.readonly:
+            raise GuestMemoryError(f"guest access {gpa:#x}+{size:#x} writes read-only memory")
+        return r, off
 
     def read_obj(self, gpa: int, cls: type[_T]) -> _T:
         """Read a ctypes structure from guest RAM (a copy, not a view)."""

@@ -83,6 +83,10 @@ class Vcpu:
         self.host_core = host_core
         self.state = VcpuState.CREATED
         self.exits = 0
+        # Installed by a debugger (gdb/target.py): called on this thread for KVM_EXIT_DEBUG
+        # and KVM_EXIT_INTERNAL_ERROR; True means "mine, handled" (the handler has posted
+        # a pause, so the vCPU parks until the debugger resumes it).
+        self.debug_handler: Callable[[Vcpu, int], bool] | None = None
         self._command = Command.RUN
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -227,6 +231,13 @@ class Vcpu:
     def _other_exit(self, reason: int) -> StopReport | None:
         """Exits off the hot path: each is handled or becomes a StopReport."""
         if reason in (b.ExitReason.IRQ_WINDOW_OPEN, b.ExitReason.INTR):
+            return None
+        handler = self.debug_handler
+        if (
+            handler is not None
+            and reason in (b.ExitReason.DEBUG, b.ExitReason.INTERNAL_ERROR)
+            and handler(self, reason)
+        ):
             return None
         if reason == b.ExitReason.SYSTEM_EVENT:
             kind = self.fd.system_event_type()

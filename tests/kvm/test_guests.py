@@ -77,7 +77,14 @@ def test_fault_guest_triple_fault_is_reported(guests: dict[str, Path]) -> None:
 
 def test_demo_runs_and_exits_zero(guests: dict[str, Path]) -> None:
     r = corevisor("run")
-    assert "checked in" in r.stdout
+    out = r.stdout.splitlines()
+    for k in range(1, 6):
+        assert f'rtos | rtos: sent "ping {k}"' in out
+        assert f'peer | peer: received "ping {k}"' in out
+        assert f'rtos | rtos: received "pong {k}"' in out
+    assert "rtos | rtos: done" in out
+    assert "corevisor: rtos: guest exited with status 0" in r.stderr
+    assert "corevisor: peer: guest exited with status 0" in r.stderr
     assert r.returncode == 0, r.stderr
 
 

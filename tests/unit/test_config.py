@@ -141,7 +141,9 @@ def test_no_partitions(tree: Path) -> None:
 
 
 def test_unknown_top_level_key(tree: Path) -> None:
-    assert error(tree, 'debug = true\n' + DEMO) == 'unknown key "debug" (known: partitions)'
+    assert error(tree, 'debug = true\n' + DEMO) == (
+        'unknown key "debug" (known: partitions, channels, system)'
+    )
 
 
 def test_partitions_not_a_table(tree: Path) -> None:
@@ -162,7 +164,9 @@ def test_partition_not_a_table(tree: Path) -> None:
 
 def test_unknown_partition_key(tree: Path) -> None:
     assert error(tree, DEMO + "cpu = 2\n") == (
-        'partitions.demo: unknown key "cpu" (known: cpus, image, memory, pin, cmdline, serial)'
+        'partitions.demo: unknown key "cpu" (known: cpus, image, memory, pin, cmdline, serial, '
+        "dedicated, exits, halt_poll_ns, restart, watchdog_ms, initrd, gdb, blk, net, rng, "
+            "virtio_console)"
     )
 
 
@@ -182,7 +186,7 @@ def test_image_does_not_exist(tree: Path) -> None:
 
 def test_image_not_elf(tree: Path) -> None:
     msg = error(tree, '[partitions.demo]\nimage = "guests/notes.txt"\n')
-    assert msg == "partitions.demo.image: guests/notes.txt is not an ELF image"
+    assert msg == "partitions.demo.image: guests/notes.txt is not an ELF image or a Linux bzImage"
 
 
 def test_image_is_a_directory(tree: Path) -> None:

@@ -269,6 +269,24 @@ class kvm_lapic_state(ctypes.Structure):
     _fields_ = [("regs", c_uint8 * 1024)]
 
 
+class kvm_guest_debug(ctypes.Structure):
+    """KVM_SET_GUEST_DEBUG's argument: KVM_GUESTDBG_* flags and x86 debug registers."""
+
+    _fields_ = [("control", c_uint32), ("pad", c_uint32), ("debugreg", c_uint64 * 8)]
+
+
+class kvm_debug_exit_arch(ctypes.Structure):
+    """kvm_run.debug.arch on x86: which exception (1 = #DB, 3 = #BP) and where."""
+
+    _fields_ = [
+        ("exception", c_uint32),
+        ("pad", c_uint32),
+        ("pc", c_uint64),
+        ("dr6", c_uint64),
+        ("dr7", c_uint64),
+    ]
+
+
 for _cls, _size in (
     (kvm_userspace_memory_region, 32),
     (kvm_regs, 144),
@@ -287,10 +305,13 @@ for _cls, _size in (
     (kvm_vcpu_events, 64),
     (kvm_enable_cap, 104),
     (kvm_lapic_state, 1024),
+    (kvm_guest_debug, 72),
+    (kvm_debug_exit_arch, 32),
 ):
     _check(_cls, _size)
 assert kvm_sregs.cr0.offset == 224 and kvm_sregs.efer.offset == 264
 assert kvm_vcpu_events.exception_payload.offset == 56
+assert kvm_guest_debug.debugreg.offset == 8 and kvm_debug_exit_arch.pc.offset == 8
 
 # --- ioctl numbers ------------------------------------------------------------------
 KVM_GET_API_VERSION = _io(0x00)
@@ -327,6 +348,7 @@ KVM_SET_MP_STATE = _iow(0x99, 4)
 KVM_GET_VCPU_EVENTS = _ior(0x9F, 64)
 KVM_SET_VCPU_EVENTS = _iow(0xA0, 64)
 KVM_GET_TSC_KHZ = _io(0xA3)
+KVM_SET_GUEST_DEBUG = _iow(0x9B, 72)
 
 KVM_API_VERSION = 12
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
@@ -339,6 +361,15 @@ KVM_PIT_SPEAKER_DUMMY = 1
 KVM_X86_DISABLE_EXITS_MWAIT = 1 << 0
 KVM_X86_DISABLE_EXITS_HLT = 1 << 1
 KVM_X86_DISABLE_EXITS_PAUSE = 1 << 2
+
+# kvm_guest_debug.control
+KVM_GUESTDBG_ENABLE = 0x00000001
+KVM_GUESTDBG_SINGLESTEP = 0x00000002
+KVM_GUESTDBG_USE_SW_BP = 0x00010000
+KVM_GUESTDBG_USE_HW_BP = 0x00020000
+KVM_GUESTDBG_INJECT_DB = 0x00040000
+KVM_GUESTDBG_INJECT_BP = 0x00080000
+KVM_GUESTDBG_BLOCKIRQ = 0x00100000
 
 
 class Cap(IntEnum):
@@ -361,12 +392,16 @@ class Cap(IntEnum):
     IOEVENTFD = 36
     SET_IDENTITY_MAP_ADDR = 37
     VCPU_EVENTS = 41
+    X86_ROBUST_SINGLESTEP = 51
     MAX_VCPUS = 66
     SIGNAL_MSI = 77
     READONLY_MEM = 81
+    GUEST_DEBUG_HW_BPS = 119
+    GUEST_DEBUG_HW_WPS = 120
     IMMEDIATE_EXIT = 136
     X86_DISABLE_EXITS = 143
     HALT_POLL = 182
+    SET_GUEST_DEBUG2 = 195  # answers with the KVM_GUESTDBG_* flags this host supports
 
 
 class ExitReason(IntEnum):

@@ -29,7 +29,7 @@ from corevisor.arch.x86_64.layout import HIGH_MEMORY_START
 from corevisor.errors import GuestMemoryError, LoaderError
 from corevisor.memory import GuestMemory
 
-ImageKind = Literal["pvh", "multiboot"]
+ImageKind = Literal["pvh", "multiboot", "bzimage"]
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS32 = 1
@@ -136,7 +136,8 @@ class LoadedImage:
     """Where an image went: the builder turns this into registers and boot info.
 
     start is the lowest loaded guest-physical address and end is one past the highest
-    (bss included), so [start, end) is the RAM the image occupies.
+    (bss included), so [start, end) is the RAM the image occupies. boot_header is a
+    bzImage's setup header (bzimage.py), which its zero page starts from; empty for ELF.
     """
 
     path: Path
@@ -144,6 +145,7 @@ class LoadedImage:
     entry: int
     start: int
     end: int
+    boot_header: bytes = b""
 
 
 def _size(n: int) -> str:

@@ -4,16 +4,17 @@ Generated for each machine (its CPU count, its interrupt controllers) and placed
 reserved BIOS area at layout.ACPI_ADDR, RSDP first, so a guest finds them through PVH's
 start_info.rsdp_paddr or by the classic 0xE0000-0xFFFFF scan. The FADT declares a
 hardware-reduced platform (no PM timer, no SCI): what a VMM without ACPI power-management
-hardware honestly has. The DSDT is an empty definition block for now; device objects
-(UART, virtio-mmio) belong there as they are added. What lives elsewhere: the MP table
-(mptable.py), the e820 map (bootparams.py).
+hardware honestly has. The DSDT describes the virtio-mmio devices (AML from aml.py);
+other device objects (the UART) belong there as they are added. What lives elsewhere:
+the MP table (mptable.py), the e820 map (bootparams.py).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
-from corevisor.arch.x86_64 import layout
+from corevisor.arch.x86_64 import aml, layout
 from corevisor.errors import ConfigError
 from corevisor.memory import GuestMemory
 
@@ -78,8 +79,14 @@ def rsdp(xsdt_addr: int) -> bytes:
     return bytes(full)
 
 
-def write_acpi_tables(mem: GuestMemory, ncpus: int) -> int:
-    """Lay out every table at layout.ACPI_ADDR; return the RSDP's address."""
+def write_acpi_tables(
+    mem: GuestMemory, ncpus: int, virtio_mmio: Sequence[tuple[int, int, int]] = ()
+) -> int:
+    """Lay out every table at layout.ACPI_ADDR; return the RSDP's address.
+
+    virtio_mmio lists (base, size, gsi) of the virtio-mmio windows, described in the
+    DSDT (aml.py) so an ACPI guest finds them without a command line.
+    """
     base = layout.ACPI_ADDR
     cursor = base + 64  # the RSDP (36 bytes) goes first, tables 16-byte aligned after it
     blobs: list[tuple[int, bytes]] = []
@@ -91,7 +98,7 @@ def write_acpi_tables(mem: GuestMemory, ncpus: int) -> int:
         cursor = (cursor + len(table) + 15) & ~15
         return addr
 
-    dsdt_addr = place(sdt(b"DSDT", 2, b""))
+    dsdt_addr = place(sdt(b"DSDT", 2, aml.virtio_mmio_devices(virtio_mmio)))
     fadt_addr = place(fadt(dsdt_addr))
     madt_addr = place(madt(ncpus))
     xsdt_addr = place(sdt(b"XSDT", 1, struct.pack("<QQ", fadt_addr, madt_addr)))

@@ -3,11 +3,13 @@
 A PVH or multiboot guest learns where its RAM is and what its command line says only
 from the structures written here (at BOOT_INFO_ADDR, with the command line at
 CMDLINE_ADDR); the builder puts the returned address in ebx. What does not live here:
-register setup (cpu.py), the MP table (mptable.py), ACPI (acpi.py), the Linux zero page
-for bzImage (not yet needed by the bundled guests).
+register setup (cpu.py), the MP table (mptable.py), ACPI (acpi.py), parsing a bzImage
+(loader/bzimage.py). The Linux zero page (struct boot_params, for a bzImage's 64-bit
+entry) is written here too, in the same area, with rsi instead of ebx pointing at it.
 
-Layouts follow Xen's public/arch-x86/hvm/start_info.h (version 1) and the Multiboot
-0.6.96 specification, section 3.3.
+Layouts follow Xen's public/arch-x86/hvm/start_info.h (version 1), the Multiboot
+0.6.96 specification, section 3.3, and Linux's Documentation/arch/x86/zero-page.rst
+and boot.rst.
 """
 
 from __future__ import annotations
@@ -217,4 +219,80 @@ def write_multiboot_info(mem: GuestMemory, cmdline: bytes) -> int:
     for i, e in enumerate(memmap):
         entry = _MB_MMAP_ENTRY.pack(_MB_MMAP_ENTRY.size - 4, e.addr, e.size, e.type)
         mem.write(mmap_addr + i * _MB_MMAP_ENTRY.size, entry)
+    return BOOT_INFO_ADDR
+
+
+# --- Linux zero page (struct boot_params) -------------------------------------------------
+
+ZERO_PAGE_SIZE = 0x1000
+# Offsets in struct boot_params (zero-page.rst); 0x1f1.. is the setup header (boot.rst).
+_ZP_ACPI_RSDP_ADDR = 0x070
+_ZP_EXT_RAMDISK_IMAGE = 0x0C0
+_ZP_EXT_RAMDISK_SIZE = 0x0C4
+_ZP_EXT_CMD_LINE_PTR = 0x0C8
+_ZP_E820_ENTRIES = 0x1E8
+_ZP_SETUP_HEADER = 0x1F1
+_ZP_TYPE_OF_LOADER = 0x210
+_ZP_RAMDISK_IMAGE = 0x218
+_ZP_RAMDISK_SIZE = 0x21C
+_ZP_CMD_LINE_PTR = 0x228
+_ZP_CMDLINE_SIZE = 0x238
+_ZP_E820_TABLE = 0x2D0
+E820_MAX_ENTRIES_ZEROPAGE = 128
+# "Undefined" boot loader id (boot.rst, type_of_loader): corevisor has no assigned one.
+LOADER_TYPE_UNDEFINED = 0xFF
+_ZP_E820_ENTRY = struct.Struct("<QQI")
+assert _ZP_E820_ENTRY.size == 20
+assert _ZP_E820_TABLE + E820_MAX_ENTRIES_ZEROPAGE * _ZP_E820_ENTRY.size <= ZERO_PAGE_SIZE
+assert ZERO_PAGE_SIZE <= BOOT_INFO_MAX
+
+
+def write_zero_page(
+    mem: GuestMemory,
+    setup_header: bytes,
+    cmdline: bytes,
+    rsdp: int = 0,
+    initrd: tuple[int, int] | None = None,
+) -> int:
+    """Write a bzImage's boot_params; return its address (for rsi at the 64-bit entry).
+
+    The page starts as zeroes plus the image's own setup header, as boot.rst asks, and
+    then gets what a boot loader fills in: type_of_loader, the command line pointer,
+    the initrd (gpa, size), the e820 map and the RSDP (so the kernel need not scan
+    for it). Zero fields mean "no information" to the kernel (no screen, no EDD, no
+    EFI), which is what corevisor has to offer.
+    """
+    end = _ZP_SETUP_HEADER + len(setup_header)
+    if len(setup_header) < _ZP_CMDLINE_SIZE + 4 - _ZP_SETUP_HEADER or end > ZERO_PAGE_SIZE:
+        raise LoaderError(f"bzImage setup header is {len(setup_header)} bytes, which is bad")
+    page = bytearray(ZERO_PAGE_SIZE)
+    page[_ZP_SETUP_HEADER:end] = setup_header
+    (cmdline_size,) = struct.unpack_from("<I", page, _ZP_CMDLINE_SIZE)
+    if len(cmdline) > cmdline_size:
+        raise LoaderError(
+            f"kernel command line is {len(cmdline)} bytes; this kernel takes at most "
+            f"{cmdline_size} (its cmdline_size)"
+        )
+    _check_cmdline(cmdline)
+    (cmdline_addr,) = _write_cstrings(mem, [cmdline])
+
+    memmap = e820_map(mem)
+    if len(memmap) > E820_MAX_ENTRIES_ZEROPAGE:  # pragma: no cover - the map has <= 4
+        raise LoaderError(f"e820 map has {len(memmap)} entries; the zero page holds 128")
+    page[_ZP_E820_ENTRIES] = len(memmap)
+    for i, e in enumerate(memmap):
+        _ZP_E820_ENTRY.pack_into(
+            page, _ZP_E820_TABLE + i * _ZP_E820_ENTRY.size, e.addr, e.size, e.type
+        )
+
+    page[_ZP_TYPE_OF_LOADER] = LOADER_TYPE_UNDEFINED
+    struct.pack_into("<I", page, _ZP_CMD_LINE_PTR, cmdline_addr & 0xFFFFFFFF)
+    struct.pack_into("<I", page, _ZP_EXT_CMD_LINE_PTR, cmdline_addr >> 32)
+    if initrd is not None:
+        gpa, size = initrd
+        struct.pack_into("<II", page, _ZP_RAMDISK_IMAGE, gpa & 0xFFFFFFFF, size & 0xFFFFFFFF)
+        struct.pack_into("<II", page, _ZP_EXT_RAMDISK_IMAGE, gpa >> 32, size >> 32)
+    struct.pack_into("<Q", page, _ZP_ACPI_RSDP_ADDR, rsdp)
+    mem.fill(BOOT_INFO_ADDR, BOOT_INFO_MAX, 0)
+    mem.write(BOOT_INFO_ADDR, page)
     return BOOT_INFO_ADDR

@@ -50,6 +50,18 @@ MMIO_HOLE_END = 0x1_0000_0000
 IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
 
+# From the IOAPIC to 4 GiB: IOAPIC, LAPIC, the VT-x real-mode TSS (builder.py), the
+# reset vector. Nothing else may be mapped there.
+FIXED_MMIO = ((IOAPIC_ADDR, MMIO_HOLE_END, "the IOAPIC/LAPIC/firmware area"),)
+
+# Inter-partition channels (channel.py) are placed from here up, in the MMIO hole where
+# no partition has RAM (docs/paravirt-abi.md); a system file may place them elsewhere.
+CHANNEL_AREA_START = 0xD000_0000
+CHANNEL_AREA_END = IOAPIC_ADDR
+# Highest guest-physical address a channel may end at: 39 bits, the least an x86-64
+# host CPU has.
+MAX_GPA = 1 << 39
+
 
 def ram_layout(memory_size: int) -> list[tuple[int, int]]:
     """Split memory_size bytes of RAM into KVM slots around the MMIO hole.

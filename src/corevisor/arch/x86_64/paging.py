@@ -1,7 +1,8 @@
 """Guest-virtual to guest-physical translation by walking the guest's own page tables.
 
 Used wherever the VMM must look at memory the way the guest's CPU sees it (the
-instruction bytes at a faulting rip, later the GDB stub). Every table read goes through
+instruction bytes at a faulting rip, the GDB stub's memory reads, writes and
+breakpoints). Every table read goes through
 GuestMemory, so a hostile guest's page tables can point anywhere without the walk ever
 leaving guest RAM: an entry that points outside RAM translates to None.
 """
@@ -86,3 +87,23 @@ def read_virtual(
         va += chunk
         size -= chunk
     return bytes(out)
+
+
+def write_virtual(
+    mem: GuestMemory, va: int, data: bytes, cr0: int, cr3: int, cr4: int, efer: int
+) -> bool:
+    """Write data at a guest-virtual address; False (and nothing written) if any page
+    of the range is unmapped or outside RAM. Page permissions are not checked: this is
+    the debugger's view, which may patch read-only code."""
+    chunks: list[tuple[int, int, int]] = []  # (gpa, offset into data, length)
+    done = 0
+    while done < len(data):
+        gpa = translate(mem, va + done, cr0, cr3, cr4, efer)
+        chunk = min(len(data) - done, 0x1000 - ((va + done) & 0xFFF))
+        if gpa is None or not mem.contains(gpa, chunk):
+            return False
+        chunks.append((gpa, done, chunk))
+        done += chunk
+    for gpa, off, length in chunks:
+        mem.write(gpa, data[off : off + length])
+    return True

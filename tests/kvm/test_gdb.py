@@ -1,0 +1,281 @@
+"""The GDB stub with the real gdb (Debian's 13.1) against real guests on real KVM.
+
+corevisor runs as a child process with --gdb 127.0.0.1:<free port>; gdb runs in batch
+mode with the guest's ELF (built with -g) as its symbol file. Each test checks what
+gdb printed and how the guest ended (its output and exit status).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+GDB = shutil.which("gdb")
+pytestmark = pytest.mark.skipif(GDB is None, reason="gdb is not installed")
+TIMEOUT = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Vm:
+    proc: subprocess.Popen[str]
+    address: str
+    stderr_head: str
+    stdout: str = ""
+    stderr: str = ""
+
+    def finish(self, timeout: float = TIMEOUT) -> int:
+        out, err = self.proc.communicate(timeout=timeout)
+        self.stdout += out
+        self.stderr = self.stderr_head + err
+        return int(self.proc.returncode)
+
+
+@contextmanager
+def vm(*args: str, gdb_args: tuple[str, ...] = ()) -> Iterator[Vm]:
+    """corevisor run ARGS --gdb ADDR, once its GDB server is listening."""
+    address = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "corevisor.cli", "run", *args, "--gdb", address, *gdb_args]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+    )
+    head = ""
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        while "GDB server on" not in head and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            head += line
+        assert "GDB server on" in head, head
+        yield Vm(proc, address, head)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def gdb(elf: Path, address: str, *commands: str, interrupt_after: float | None = None) -> str:
+    """Run gdb -batch with the commands; optionally press Ctrl-C (SIGINT) once."""
+    assert GDB is not None
+    cmd = [GDB, "-batch", "-nx", "-ex", "set pagination off", "-ex", f"target remote {address}"]
+    for c in commands:
+        cmd += ["-ex", c]
+    cmd.append(str(elf))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if interrupt_after is not None:
+        time.sleep(interrupt_after)
+        proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    return out
+
+
+def values(out: str) -> dict[int, str]:
+    """GDB's value history in the output: {1: "...", 2: "..."} from "$N = ..." lines."""
+    return {int(m[1]): m[2] for m in re.finditer(r"^\$(\d+) = (.*)$", out, re.MULTILINE)}
+
+
+def test_break_registers_stepi_detach(guests: dict[str, Path]) -> None:
+    elf = guests["hello"]
+    with vm(str(elf), "--cmdline", "exit=3") as v:
+        out = gdb(
+            elf,
+            v.address,
+            "p/x $pc",
+            "break main",
+            "continue",
+            "info registers rip",
+            "p/x $cr3",
+            "p/x $cr0",
+            "p/x $efer",
+            "p $pc",
+            "stepi",
+            "stepi",
+            "stepi",
+            "p $pc",
+            "p *(int *)0xfffffff000",
+            "detach",
+        )
+        status = v.finish()
+    vals = values(out)
+    # halted before the first instruction: pc is the PVH entry point
+    assert vals[1] == hex(_symbol(elf, "pvh_start")), out
+    assert "Breakpoint 1, main () at hello.c" in out
+    assert re.search(r"^rip\s+0x101000\s+0x101000 <main>", out, re.MULTILINE), out
+    assert int(vals[2], 16) != 0  # cr3: the guest's page tables
+    assert int(vals[3], 16) & 0x80000001 == 0x80000001  # PG | PE
+    assert int(vals[4], 16) & 0x500 == 0x500  # LME | LMA
+    assert "<main>" in vals[5] and "<main+" in vals[6] and vals[5] != vals[6], out
+    assert "Cannot access memory at address 0xfffffff000" in out
+    assert "detached" in out
+    # the guest finished normally: breakpoint gone, nothing else disturbed
+    assert "hello: exit 3" in v.stdout
+    assert status == 3, v.stderr
+
+
+def _symbol(elf: Path, name: str) -> int:
+    nm = subprocess.run(["nm", str(elf)], capture_output=True, text=True, check=True).stdout
+    return next(int(line.split()[0], 16) for line in nm.splitlines() if line.endswith(f" {name}"))
+
+
+def test_smp_vcpus_are_threads_and_both_hit_a_breakpoint(guests: dict[str, Path]) -> None:
+    elf = guests["smp"]
+    with vm(str(elf), "--cpus", "2") as v:
+        out = gdb(
+            elf,
+            v.address,
+            "info threads",
+            "break check_in",
+            "continue",
+            "p index",
+            "continue",
+            "p index",
+            "info threads",
+            "delete",
+            "continue",
+        )
+        status = v.finish()
+    threads = out.split("Breakpoint 1 at")[0]
+    # both vCPUs are threads from the start; the AP waits for its SIPI
+    assert re.search(r"\* 1 +Thread 1 \(vCPU 0, runnable, protected mode, CPL0\)", threads), out
+    assert re.search(r"2 +Thread 2 \(vCPU 1, INIT: waiting for SIPI, real mode", threads), out
+    assert "Thread 1 hit Breakpoint 1, check_in (index=" in out
+    assert "Thread 2 hit Breakpoint 1, check_in (index=1)" in out
+    assert values(out) == {1: "0", 2: "1"}
+    assert re.search(r"\* 2 +Thread 2 \(vCPU 1, runnable, 64-bit, CPL0\) check_in", out), out
+    assert "exited normally" in out
+    assert "smp: 2/2 cpus checked in" in v.stdout
+    assert status == 0, v.stderr
+
+
+def test_breakpoint_in_the_timer_interrupt_handler(guests: dict[str, Path]) -> None:
+    elf = guests["timer"]
+    with vm(str(elf)) as v:
+        out = gdb(
+            elf, v.address, "break timer_irq", "continue", "p ticks", "p/x tf->cs",
+            "continue", "p ticks", "detach",
+        )
+        status = v.finish()
+    assert "Breakpoint 1, timer_irq (tf=" in out
+    vals = values(out)
+    assert vals[1] == "0" and vals[3] == "1", out
+    assert vals[2] == "0x23", out  # the tick interrupted the CPL3 loop
+    assert "timer: 20 ticks" in v.stdout
+    assert status == 0, v.stderr
+
+
+def test_memory_and_register_writes(guests: dict[str, Path]) -> None:
+    elf = guests["smp"]
+    line = _line(Path(elf).parents[1] / "smp.c", "int k = checked_in;")
+    with vm(str(elf)) as v:
+        out = gdb(
+            elf,
+            v.address,
+            f"break smp.c:{line}",
+            "continue",
+            "p checked_in",
+            "set var checked_in = 5",
+            "p checked_in",
+            "set $saved = $r12",
+            "set $r12 = 0x1234abcd",
+            "p/x $r12",
+            "set $r12 = $saved",
+            "x/4xb &checked_in",
+            "detach",
+        )
+        status = v.finish()
+    vals = values(out)
+    assert vals[1] == "1" and vals[2] == "5" and vals[3] == "0x1234abcd", out
+    assert re.search(r"<checked_in>:\s+0x05\s+0x00\s+0x00\s+0x00", out), out
+    # the guest reads the value the debugger wrote
+    assert "smp: 5/1 cpus checked in" in v.stdout
+    assert status == 1, v.stderr
+
+
+def _line(source: Path, text: str) -> int:
+    return next(i for i, x in enumerate(source.read_text().splitlines(), 1) if text in x)
+
+
+def test_ctrl_c_stops_a_running_guest_and_kill_ends_it(guests: dict[str, Path]) -> None:
+    elf = guests["pio"]
+    with vm(str(elf), "--cmdline", "count=100000000") as v:
+        out = gdb(
+            elf, v.address, "continue", "p $pc", "info threads", "kill", interrupt_after=2.0
+        )
+        status = v.finish()
+    assert "Program received signal SIGINT, Interrupt." in out
+    assert "killed" in out
+    assert "pio: start" in v.stdout and "writes" not in v.stdout
+    assert "stopped: killed from GDB" in v.stderr
+    assert status == 1
+
+
+def test_attach_to_a_running_guest_then_detach(guests: dict[str, Path]) -> None:
+    elf = guests["pio"]
+    with vm(str(elf), "--cmdline", "count=60000", gdb_args=("--gdb-attach",)) as v:
+        assert "(running)" in v.stderr_head
+        out = gdb(elf, v.address, "p $pc", "info threads", "detach")
+        status = v.finish()
+    assert "Thread 1 (vCPU 0, runnable, 64-bit" in out
+    assert "detached" in out
+    assert "pio: 60000 writes" in v.stdout
+    assert status == 0, v.stderr
+
+
+def test_hardware_breakpoints_are_refused(guests: dict[str, Path]) -> None:
+    elf = guests["hello"]
+    with vm(str(elf)) as v:
+        out = gdb(elf, v.address, "hbreak main", "continue", "p $pc", "kill")
+        v.finish()
+    assert "Could not insert hardware breakpoint" in out or "Cannot insert hardware" in out, out
+
+
+def test_system_file_gdb_key(guests: dict[str, Path], tmp_path: Path) -> None:
+    port = free_port()
+    system = tmp_path / "dbg.toml"
+    system.write_text(
+        f'[partitions.one]\nimage = "{guests["hello"]}"\ngdb = "127.0.0.1:{port}"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corevisor.cli", "run", str(system)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        assert "GDB server on" in proc.stderr.readline()
+        out = gdb(guests["hello"], f"127.0.0.1:{port}", "p/x $pc", "detach")
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert values(out)[1] == hex(_symbol(guests["hello"], "pvh_start"))
+    assert "hello: exit 0" in stdout
+    assert proc.returncode == 0, stderr
+
+
+def test_non_loopback_address_needs_explicit_permission(guests: dict[str, Path]) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "corevisor.cli", "run", str(guests["hello"]),
+         "--gdb", "0.0.0.0:1234"],
+        capture_output=True, text=True, timeout=TIMEOUT, check=False,
+    )
+    assert r.returncode == 2
+    assert r.stderr.startswith("corevisor: --gdb: 0.0.0.0 is not a loopback address")
+    assert "--gdb-allow-remote" in r.stderr and "Traceback" not in r.stderr
