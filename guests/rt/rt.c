@@ -561,10 +561,26 @@ static int calibrate_pit_ch0(void)
  * PIT but no port 0x61). Without a PIT: the TSC rate from CPUID if given, else assume
  * the 1 GHz LAPIC bus clock that KVM and QEMU both emulate.
  */
+/* The hypervisor timing leaf (0x40000010: EAX = TSC kHz, EBX = LAPIC bus kHz), as
+ * corevisor and QEMU publish it: exact rates with no measurement that load can skew. */
+static int rates_from_hypervisor(void)
+{
+    u32 a, b, c, d;
+    cpuid(0x40000000, 0, &a, &b, &c, &d);
+    if (a < 0x40000010 || a >= 0x40010000)
+        return 0;
+    cpuid(0x40000010, 0, &a, &b, &c, &d);
+    if (!a || !b)
+        return 0;
+    tsc_khz = a;
+    rt_lapic_ticks_10ms = b * 10 / 16;              /* the LAPIC timer divides by 16 */
+    return 1;
+}
+
 static void calibrate(void)
 {
     lapic_enable();
-    if (calibrate_pit_ch2() || calibrate_pit_ch0())
+    if (rates_from_hypervisor() || calibrate_pit_ch2() || calibrate_pit_ch0())
         return;
     u64 khz = tsc_khz_from_cpuid();
     lapic_timer_start_oneshot();

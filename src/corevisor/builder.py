@@ -183,7 +183,7 @@ def attach_vcpus(m: Machine, config: PartitionConfig) -> None:
     supported = m.kvm.supported_cpuid()
     for i in range(config.cpus):
         fd = m.vm.create_vcpu(i)
-        fd.set_cpuid2(cpu.vcpu_cpuid(supported, i, config.cpus))
+        fd.set_cpuid2(cpu.vcpu_cpuid(supported, i, config.cpus, fd.get_tsc_khz()))
         fd.set_msrs(cpu.boot_msrs())
         cpu.setup_fpu(fd)
         core = None

@@ -76,3 +76,11 @@ def test_page_walk_matches_identity_tables_and_refuses_unmapped() -> None:
     mem.write_u64(cr3, (0x7000_0000) | 1)
     assert paging.translate(mem, 0x1000, **state) is None
     mem.close()
+
+
+def test_cpuid_publishes_tsc_and_lapic_rates_in_the_hypervisor_leaf() -> None:
+    base = [SupportedCpuid(0x40000000, 0, 0, 0x40000001, 0x4B4D564B, 0x564B4D56, 0x4D)]
+    out = {e.function: e for e in cpu.vcpu_cpuid(base, 0, 1, tsc_khz=2_596_142)}
+    assert out[0x40000000].eax == cpu.HV_TIMING_LEAF
+    assert (out[cpu.HV_TIMING_LEAF].eax, out[cpu.HV_TIMING_LEAF].ebx) == (2_596_142, 1_000_000)
+    assert cpu.HV_TIMING_LEAF not in {e.function for e in cpu.vcpu_cpuid(base, 0, 1)}

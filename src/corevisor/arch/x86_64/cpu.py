@@ -158,10 +158,24 @@ CPUID_HYPERVISOR = 1 << 31  # leaf 1 ECX
 CPUID_HTT = 1 << 28  # leaf 1 EDX
 
 
-def vcpu_cpuid(supported: list[SupportedCpuid], index: int, ncpus: int) -> list[SupportedCpuid]:
-    """Give one vCPU its own view of CPUID: APIC ID, logical CPU count, hypervisor bit."""
+HV_TIMING_LEAF = 0x40000010  # EAX: TSC kHz, EBX: LAPIC bus kHz (QEMU/VMware convention)
+KVM_LAPIC_BUS_KHZ = 1_000_000  # KVM's LAPIC timer counts at 1 GHz (APIC_BUS_CYCLE_NS = 1)
+
+
+def vcpu_cpuid(
+    supported: list[SupportedCpuid], index: int, ncpus: int, tsc_khz: int = 0
+) -> list[SupportedCpuid]:
+    """Give one vCPU its own view of CPUID: APIC ID, CPU count, hypervisor bit, timing.
+
+    With tsc_khz, the hypervisor timing leaf publishes the TSC and LAPIC timer rates so
+    guests need not calibrate them against the PIT, a measurement host load can skew.
+    """
     out = []
     for e in supported:
+        if e.function == 0x40000000 and tsc_khz:
+            e = replace(e, eax=max(e.eax, HV_TIMING_LEAF))
+        elif e.function == HV_TIMING_LEAF:
+            continue
         if e.function == 1:
             ebx = (e.ebx & 0x0000FFFF) | (index << 24) | (min(ncpus, 255) << 16)
             edx = e.edx | CPUID_HTT if ncpus > 1 else e.edx & ~CPUID_HTT
@@ -169,6 +183,8 @@ def vcpu_cpuid(supported: list[SupportedCpuid], index: int, ncpus: int) -> list[
         elif e.function in (0xB, 0x1F):
             e = replace(e, edx=index)
         out.append(e)
+    if tsc_khz and any(e.function == 0x40000000 for e in supported):
+        out.append(SupportedCpuid(HV_TIMING_LEAF, 0, 0, tsc_khz, KVM_LAPIC_BUS_KHZ, 0, 0))
     return out
 
 
