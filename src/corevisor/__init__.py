@@ -15,6 +15,7 @@ _API = {
     "load_config": "corevisor.config",
     "build": "corevisor.builder",
     "Machine": "corevisor.machine",
+    "System": "corevisor.system",
     "CorevisorError": "corevisor.errors",
     "ConfigError": "corevisor.errors",
     "KvmError": "corevisor.errors",

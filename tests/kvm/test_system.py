@@ -119,11 +119,19 @@ def test_halt_system_stops_every_partition(tmp_path: Path, guests: dict[str, Pat
 
 
 def test_exit_status_is_the_first_non_zero(tmp_path: Path, guests: dict[str, Path]) -> None:
-    toml = system(tmp_path, guests, 'cmdline = "crash=1"', 'cmdline = "mode=pong msgs=1 timeout=1"')
-    r = corevisor("run", str(toml), timeout=120)
-    # rtos stops abnormally (1) first; the peer then gives up waiting (its own status)
-    assert events(r.stderr, "rtos")[0].startswith("corevisor: rtos: guest stopped: triple fault")
-    assert r.returncode == 1
+    # the "rtos" slot runs hello, which exits 3 at once; the peer runs on to its last
+    # tick and exits 0: the system's status is the first non-zero one
+    path = system(
+        tmp_path,
+        {**guests, "rtos": guests["hello"]},
+        'cmdline = "exit=3"',
+        'cmdline = "mode=counter ticks=5 period=100"',
+    )
+    r = corevisor("run", str(path), timeout=120)
+    assert events(r.stderr, "rtos") == ["corevisor: rtos: guest exited with status 3"]
+    assert "peer | peer: tick 5" in r.stdout.splitlines()
+    assert events(r.stderr, "peer") == ["corevisor: peer: guest exited with status 0"]
+    assert r.returncode == 3
 
 
 def test_single_partition_file_keeps_plain_output(tmp_path: Path, guests: dict[str, Path]) -> None:
