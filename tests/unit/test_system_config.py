@@ -142,6 +142,10 @@ def test_duplicate_channel_name_is_clear(tree: Path) -> None:  # noqa: F811
             'between = ["a", "b"]\ngpa = 0xFEE00000',
             "channels.c.gpa: 0xfee00000+4K overlaps the IOAPIC/LAPIC/firmware area",
         ),
+        (
+            'between = ["a", "b"]\ngpa = 0xC0002000',
+            "channels.c.gpa: 0xc0002000+4K overlaps the virtio-mmio device windows",
+        ),
         ('between = ["a", "b"]\ndirection = "a->c"', 'channels.c.direction: "a->c" is not "a->b"'),
         ('between = ["a", "b"]\ncolour = 1', 'channels.c: unknown key "colour"'),
     ],

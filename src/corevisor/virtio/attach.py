@@ -34,7 +34,7 @@ from corevisor.virtio.worker import IoThread
 
 __all__ = ["VirtioSlot", "VIRTIO_MMIO_BASE", "VIRTIO_GSIS", "make_devices", "attach", "cmdline"]
 
-VIRTIO_MMIO_BASE = layout.MMIO_HOLE_START
+VIRTIO_MMIO_BASE = layout.VIRTIO_MMIO_START
 VIRTIO_GSIS = (5, 6, 7, 9, 10, 11, 12, 14, 15)
 
 

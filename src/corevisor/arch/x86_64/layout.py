@@ -50,9 +50,17 @@ MMIO_HOLE_END = 0x1_0000_0000
 IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
 
-# From the IOAPIC to 4 GiB: IOAPIC, LAPIC, the VT-x real-mode TSS (builder.py), the
-# reset vector. Nothing else may be mapped there.
-FIXED_MMIO = ((IOAPIC_ADDR, MMIO_HOLE_END, "the IOAPIC/LAPIC/firmware area"),)
+# virtio-mmio devices (virtio/attach.py): one 4 KiB window each from the bottom of the
+# hole, at most 9 (one per free ISA IRQ).
+VIRTIO_MMIO_START = MMIO_HOLE_START
+VIRTIO_MMIO_END = VIRTIO_MMIO_START + 9 * 0x1000
+
+# Areas nothing else (a channel) may be mapped over: the virtio windows; from the IOAPIC
+# to 4 GiB, the IOAPIC, LAPIC, the VT-x real-mode TSS (builder.py) and the reset vector.
+FIXED_MMIO = (
+    (VIRTIO_MMIO_START, VIRTIO_MMIO_END, "the virtio-mmio device windows"),
+    (IOAPIC_ADDR, MMIO_HOLE_END, "the IOAPIC/LAPIC/firmware area"),
+)
 
 # Inter-partition channels (channel.py) are placed from here up, in the MMIO hole where
 # no partition has RAM (docs/paravirt-abi.md); a system file may place them elsewhere.
