@@ -65,8 +65,9 @@ MALFORMED = [
     b"m", b"m1", b"mxyz,4", b"m0,ffffffffffff", b"m,", b"m-1,4", b"M0,4:zz", b"M100000,2:00",
     b"M100000", b"X100000,1:}", b"X100000,2:a", b"G0", b"Gzz", b"P", b"Pffff=00", b"P0=zz",
     b"P0=00", b"p", b"pzz", b"p1000", b"p" + b"f" * 40, b"H", b"Hx", b"Hg99", b"Hgzz", b"Hq1",
-    b"T99", b"Tzz", b"Z0", b"Z0,zz", b"Z0,fffffffff000,1", b"z0,zz", b"Z9,0,1", b"Z1,101000,1",
-    b"Z2,10fce4,4", b"vCont;x", b"vCont;s:99", b"vCont;c:zz", b"vCont", b"vFoo", b"qFoo",
+    b"T99", b"Tzz", b"Z0", b"Z0,zz", b"Z0,fffffffff000,1", b"z0,zz", b"Z9,0,1", b"Z1,zz,1",
+    b"Z2,10fce5,4", b"Z2,10fce4,3", b"z3,10fce4", b"vCont;x", b"vCont;s:99", b"vCont;c:zz",
+    b"vCont", b"vFoo", b"qFoo",
     b"qXfer:features:read:foo:0,10", b"qXfer:features:read:target.xml:zz",
     b"qXfer:features:read:target.xml:0,ffffffffff", b"qXfer:features:read:target.xml:ffff,10",
     b"qThreadExtraInfo,99", b"qThreadExtraInfo,zz", b"qSupported:" + b"x" * 3000, b"\x00\xff",
@@ -105,13 +106,15 @@ def test_fuzzed_session_then_disconnect_mid_packet(guests: dict[str, Path]) -> N
         c.send(b"$m1010")
         assert c.request(b"qC") == b"QC1"
         c.alive()
-        # plant a breakpoint, then vanish in the middle of a packet
+        # plant a breakpoint and a hardware one, then vanish in the middle of a packet
         assert c.request(b"Z0,%x,1" % main) == b"OK"
+        assert c.request(b"Z1,%x,1" % _symbol(elf, "printf")) == b"OK"
         assert c.request(b"m%x,1" % main) != b"cc"  # the int3 is hidden from reads
         c.send(b"$m101000,")
         c.close()
         status = v.finish()
-    # the guest ran to its end: no int3 left (at CPL0 here it would be a fault)
+    # the guest ran to its end: no int3 and no debug register left (either would be
+    # a fault at CPL0 once the debugger is gone)
     assert "hello: exit 0" in v.stdout, v.stderr
     assert "GDB disconnected: guest continues, breakpoints removed" in v.stderr
     assert status == 0, v.stderr

@@ -132,6 +132,8 @@ def test_stop_reply() -> None:
     assert p.stop_reply(5, 1) == b"T05thread:1;"
     assert p.stop_reply(5, 2, swbreak=True) == b"T05thread:2;swbreak:;"
     assert p.stop_reply(2, 0x10) == b"T02thread:10;"
+    assert p.stop_reply(5, 1, reason=b"hwbreak:;") == b"T05thread:1;hwbreak:;"
+    assert p.stop_reply(5, 2, reason=b"watch:10fce4;") == b"T05thread:2;watch:10fce4;"
 
 
 # --- registers and the target description -------------------------------------------

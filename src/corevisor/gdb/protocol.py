@@ -191,9 +191,10 @@ def from_hex_bytes(text: bytes) -> bytes:
         raise ProtocolError("bad hex data") from None
 
 
-def stop_reply(signal: int, thread: int, swbreak: bool = False) -> bytes:
-    """A T stop reply: signal and thread (and swbreak when a planted int3 was hit)."""
+def stop_reply(signal: int, thread: int, swbreak: bool = False, reason: bytes = b"") -> bytes:
+    """A T stop reply: signal and thread (and swbreak when a planted int3 was hit, or
+    a hardware hit's reason: b"hwbreak:;", b"watch:ADDR;", b"rwatch:..", b"awatch:..")."""
     reply = b"T%02xthread:%x;" % (signal & 0xFF, thread)
     if swbreak:
         reply += b"swbreak:;"
-    return reply
+    return reply + reason

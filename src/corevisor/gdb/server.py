@@ -29,7 +29,7 @@ from corevisor.machine import Machine
 MAX_READ = 0x1000  # bytes per m reply (hex doubles it; PacketSize is 0x4000)
 POLL = 0.2  # seconds between checks for close() and the machine's end while idle
 SUPPORTED = (
-    b"PacketSize=%x;qXfer:features:read+;swbreak+;vContSupported+;QStartNoAckMode+"
+    b"PacketSize=%x;qXfer:features:read+;swbreak+;hwbreak+;vContSupported+;QStartNoAckMode+"
     % p.MAX_PACKET
 )
 _SIGNALS = {"exit": 0, "reset": 0, "stopped": 9, "fault": 11}  # X: SIGKILL, SIGSEGV
@@ -207,7 +207,7 @@ class Session:
     def _stopped(self, event: StopEvent) -> None:
         self.running = False
         self.gthread = self.cthread = event.vcpu + 1
-        self.send(p.stop_reply(event.signal, event.vcpu + 1, event.swbreak))
+        self.send(p.stop_reply(event.signal, event.vcpu + 1, event.swbreak, event.reason))
         self._flush()
 
     def _send_end(self) -> None:
@@ -246,7 +246,8 @@ class Session:
             return b""
         head, rest = pkt[:1], pkt[1:]
         if pkt == b"?":
-            return p.stop_reply(t.last_stop.signal, t.last_stop.vcpu + 1, t.last_stop.swbreak)
+            last = t.last_stop
+            return p.stop_reply(last.signal, last.vcpu + 1, last.swbreak, last.reason)
         if head == b"q" or head == b"Q":
             return self._query(pkt)
         if head == b"H":
@@ -396,11 +397,22 @@ class Session:
 
     def _breakpoint(self, insert: bool, rest: bytes) -> bytes:
         kind, _, args = rest.partition(b",")
+        addr_text, _, length_text = args.partition(b",")
+        if kind in (b"1", b"2", b"3", b"4"):
+            # Hardware breakpoints and watchpoints: the four debug registers, where KVM
+            # takes them (KVM_CAP_SET_GUEST_DEBUG2 lists USE_HW_BP); an empty reply
+            # tells GDB "unsupported", E.. (all four slots in use) "cannot insert".
+            if not self.target.hw_supported:
+                return b""
+            if kind != b"1" and not self.target.hw_watch_supported:
+                return b""
+            addr, length = p.parse_hex(addr_text), p.parse_hex(length_text.partition(b";")[0])
+            if not insert:
+                self.target.remove_hw_point(int(kind), addr, length)
+                return b"OK"
+            return b"OK" if self.target.insert_hw_point(int(kind), addr, length) else b"E28"
         if kind != b"0":
-            # Hardware breakpoints and watchpoints (Z1-Z4): not offered, see
-            # docs/debugging.md. An empty reply tells GDB "unsupported".
             return b""
-        addr_text, _, _ = args.partition(b",")
         addr = p.parse_hex(addr_text)
         if insert:
             return b"OK" if self.target.insert_breakpoint(self.gthread, addr) else b"E14"

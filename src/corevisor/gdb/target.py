@@ -8,6 +8,8 @@ only the one being single-stepped runs). GDB threads are vCPUs: thread id = inde
 Stops reach it on the vCPU threads through Vcpu.debug_handler:
   * KVM_EXIT_DEBUG, exception 1: a single-step finished (KVM_GUESTDBG_SINGLESTEP);
   * KVM_EXIT_DEBUG, exception 3: an int3 with KVM_GUESTDBG_USE_SW_BP (VT-x, AMD-V);
+  * KVM_EXIT_DEBUG, exception 1 with DR6.B0-B3: a hardware breakpoint or watchpoint
+    (KVM_GUESTDBG_USE_HW_BP; the slots are debugregs.py's, the same on every vCPU);
   * KVM_EXIT_INTERNAL_ERROR (emulation failure) whose rip is exactly a planted
     breakpoint holding 0xCC: hosts that run guest CPL0 code in the kernel's instruction
     emulator (PVM) cannot emulate int3, so that is how a breakpoint hit arrives there.
@@ -26,9 +28,10 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from corevisor.arch.x86_64 import paging
-from corevisor.gdb import x86_64
+from corevisor.gdb import debugregs, x86_64
 from corevisor.kvm import bindings as b
 from corevisor.machine import Machine
 from corevisor.vcpu import Vcpu, VcpuState
@@ -36,6 +39,7 @@ from corevisor.vcpu import Vcpu, VcpuState
 SIGINT = 2
 SIGTRAP = 5
 INT3 = 0xCC
+PVM_MODULE = Path("/sys/module/kvm_pvm")  # KVM provided by PVM (see docs/debugging.md)
 STEP_OVER_TIMEOUT = 5.0  # seconds one instruction may take when stepping off a breakpoint
 
 _MP_STATES = {
@@ -54,6 +58,7 @@ class StopEvent:
     vcpu: int
     signal: int
     swbreak: bool = False
+    reason: bytes = b""  # stop reply field of a hardware hit: b"hwbreak:;", b"watch:ADDR;"
 
 
 @dataclass
@@ -75,7 +80,20 @@ class DebugTarget:
         self._event: StopEvent | None = None
         self._stepping: int | None = None
         self._bps: dict[int, Breakpoint] = {}
-        self._control: list[int | None] = [None] * len(self.vcpus)
+        self._hw = debugregs.DebugRegisters()
+        self._hw_skip: int | None = None  # slot left out while stepping off it
+        # x86 KVM never reports KVM_CAP_GUEST_DEBUG_HW_BPS (arm64/s390 only); it always
+        # takes DR0-DR3/DR7, and SET_GUEST_DEBUG2 lists the control flags it accepts.
+        self.hw_supported = bool(
+            machine.kvm.check_extension(b.Cap.SET_GUEST_DEBUG2) & b.KVM_GUESTDBG_USE_HW_BP
+        )
+        # Data breakpoints (watchpoints) need the guest to run natively with DR0-DR3
+        # loaded. PVM emulates CPL0 code (KVM's emulator checks only execute
+        # breakpoints) and never fires them at CPL3 either (measured): a watchpoint
+        # would silently never stop, so it is refused there and GDB's software
+        # watchpoints (`set can-use-hw-watchpoints 0`, single steps) are the way.
+        self.hw_watch_supported = self.hw_supported and not PVM_MODULE.exists()
+        self._control: list[tuple[int, tuple[int, ...]] | None] = [None] * len(self.vcpus)
         # While attached, debug exits are ours; detached, they are faults as usual.
         self.attached = halted
         self.last_stop = StopEvent(0, SIGTRAP)
@@ -128,9 +146,13 @@ class DebugTarget:
         if reason == b.ExitReason.DEBUG:
             info = fd.debug_exit()
             swbreak = False
+            hw_hit = b""
             if info.exception == 3:
                 swbreak = self._rewind_to_breakpoint(vcpu, info.pc)
-            event = StopEvent(vcpu.index, SIGTRAP, swbreak)
+            elif info.exception == 1 and info.dr6 & debugregs.DR6_HITS:
+                point = self._hw.hit(info.dr6)
+                hw_hit = point.stop_reason() if point is not None else b""
+            event = StopEvent(vcpu.index, SIGTRAP, swbreak, hw_hit)
         else:
             suberror, _ = fd.internal_error()
             if suberror != b.KVM_INTERNAL_ERROR_EMULATION or not self._at_breakpoint(vcpu):
@@ -210,9 +232,12 @@ class DebugTarget:
         that step-off already was the requested step, else None: wait_stop follows."""
         step_index = self.vcpu(step).index if step is not None else None
         for v in self.vcpus if step_index is None else [self.vcpus[step_index]]:
-            if v.state is not VcpuState.STOPPED and self._at_breakpoint(v):
+            if v.state is VcpuState.STOPPED:
+                continue
+            if self._at_breakpoint(v) or self._hw_exec_slot(v) is not None:
                 event = self._step_over(v)
-                if v.index == step_index or self.ended:
+                # a watchpoint the stepped instruction hit is a stop of its own
+                if v.index == step_index or self.ended or event.reason:
                     return event
         self._go(step_index)
         return None
@@ -226,16 +251,28 @@ class DebugTarget:
             if step_index is None or v.index == step_index:
                 v.resume()
 
+    def _hw_exec_slot(self, v: Vcpu) -> int | None:
+        return self._hw.exec_slot(self._linear_pc(v)) if self._hw else None
+
     def _step_over(self, v: Vcpu) -> StopEvent:
-        bp = self._bps[self._linear_pc(v)]
-        self.machine.memory.write(bp.gpa, bytes([bp.original]))
+        """One instruction of v with the breakpoint at its pc out of the way: the int3's
+        original byte back, and/or the hardware execute slot left out of DR7 (KVM's
+        emulator ignores RFLAGS.RF for the debugger's breakpoints, measured on PVM:
+        a plain resume would hit the same one again at once)."""
+        bp = self._bps.get(self._linear_pc(v))
+        if bp is not None and self._at_breakpoint(v):
+            self.machine.memory.write(bp.gpa, bytes([bp.original]))
+        else:
+            bp = None
+        self._hw_skip = self._hw_exec_slot(v)
         try:
             self._go(v.index)
             event = self.wait_stop(STEP_OVER_TIMEOUT)
             if event is None:  # the instruction blocks (hlt, a wait for SIPI): stop anyway
                 event = self.halt(SIGTRAP, v.index + 1)
         finally:
-            if bp.addr in self._bps:
+            self._hw_skip = None
+            if bp is not None and bp.addr in self._bps:
                 self.machine.memory.write(bp.gpa, bytes([INT3]))
         return event
 
@@ -247,13 +284,17 @@ class DebugTarget:
         step does on hardware, and a step never waits for an interrupt that cannot come.
         """
         base = b.KVM_GUESTDBG_ENABLE | b.KVM_GUESTDBG_USE_SW_BP if self._bps else 0
+        if self._hw:
+            base |= b.KVM_GUESTDBG_ENABLE | b.KVM_GUESTDBG_USE_HW_BP
         for v in self.vcpus:
             control = base
             if v.index == step_index:
                 control |= b.KVM_GUESTDBG_ENABLE | b.KVM_GUESTDBG_SINGLESTEP
-            if self._control[v.index] != control and v.state is not VcpuState.STOPPED:
-                v.fd.set_guest_debug(control)
-                self._control[v.index] = control
+            skip = self._hw_skip if v.index == step_index else None
+            regs = self._hw.debugregs(skip) if self._hw else ()
+            if self._control[v.index] != (control, regs) and v.state is not VcpuState.STOPPED:
+                v.fd.set_guest_debug(control, regs)
+                self._control[v.index] = (control, regs)
 
     # --- leaving ----------------------------------------------------------------------
     def detach(self) -> None:
@@ -263,6 +304,7 @@ class DebugTarget:
             return
         self._park_all()
         self.remove_all_breakpoints()
+        self._hw.clear()
         self._apply_control(None)
         self.attached = False
         with self._cond:
@@ -280,6 +322,8 @@ class DebugTarget:
         if not self.ended:
             self._park_all()
             self.remove_all_breakpoints()
+            self._hw.clear()
+            self._apply_control(None)
         self.attached = False
         self.machine.stop("killed from GDB")
 
@@ -362,3 +406,17 @@ class DebugTarget:
     @property
     def breakpoints(self) -> list[int]:
         return sorted(self._bps)
+
+    # --- hardware breakpoints and watchpoints ----------------------------------------
+    def insert_hw_point(self, kind: int, addr: int, length: int) -> bool:
+        """Z1-Z4: take a debug register for every vCPU (applied when they resume);
+        False when all four are in use. ValueError if the registers cannot express it
+        (a watchpoint not 1/2/4/8 bytes or not aligned)."""
+        return self._hw.insert(debugregs.check(kind, addr, length))
+
+    def remove_hw_point(self, kind: int, addr: int, length: int) -> None:
+        self._hw.remove(debugregs.check(kind, addr, length))
+
+    @property
+    def hw_points(self) -> list[debugregs.HwPoint | None]:
+        return list(self._hw.slots)
