@@ -98,20 +98,25 @@ void uart_putc(char c)
     outb(COM1, (u8)c);
 }
 
-static void put_str(const char *s, int width, int left)
+/* One formatter for every destination (COM1, a buffer): it hands each character to a
+ * sink, so padding, widths and conversions exist once. */
+typedef void (*sink_fn)(void *ctx, char c);
+
+static void fmt_str(sink_fn put, void *ctx, const char *s, int width, int left)
 {
     int n = (int)strlen(s);
     if (!left)
         for (; n < width; n++)
-            uart_putc(' ');
+            put(ctx, ' ');
     while (*s)
-        uart_putc(*s++);
+        put(ctx, *s++);
     if (left)
         for (; n < width; n++)
-            uart_putc(' ');
+            put(ctx, ' ');
 }
 
-static void put_num(u64 v, unsigned base, int neg, int width, char pad, int upper)
+static void fmt_num(sink_fn put, void *ctx, u64 v, unsigned base, int neg, int width, char pad,
+                    int upper)
 {
     char buf[24];
     const char *digits = upper ? "0123456789ABCDEF" : "0123456789abcdef";
@@ -122,20 +127,20 @@ static void put_num(u64 v, unsigned base, int neg, int width, char pad, int uppe
     } while (v);
     int len = n + (neg ? 1 : 0);
     if (neg && pad == '0')
-        uart_putc('-');
+        put(ctx, '-');
     for (; len < width; len++)
-        uart_putc(pad);
+        put(ctx, pad);
     if (neg && pad != '0')
-        uart_putc('-');
+        put(ctx, '-');
     while (n)
-        uart_putc(buf[--n]);
+        put(ctx, buf[--n]);
 }
 
-static void do_vprintf(const char *fmt, va_list ap)
+static void vformat(sink_fn put, void *ctx, const char *fmt, va_list ap)
 {
     for (; *fmt; fmt++) {
         if (*fmt != '%') {
-            uart_putc(*fmt);
+            put(ctx, *fmt);
             continue;
         }
         fmt++;
@@ -159,40 +164,69 @@ static void do_vprintf(const char *fmt, va_list ap)
         case 'd':
         case 'i': {
             i64 v = lng ? va_arg(ap, i64) : va_arg(ap, int);
-            put_num(v < 0 ? -(u64)v : (u64)v, 10, v < 0, width, pad, 0);
+            fmt_num(put, ctx, v < 0 ? -(u64)v : (u64)v, 10, v < 0, width, pad, 0);
             break;
         }
         case 'u':
-            put_num(lng ? va_arg(ap, u64) : va_arg(ap, u32), 10, 0, width, pad, 0);
+            fmt_num(put, ctx, lng ? va_arg(ap, u64) : va_arg(ap, u32), 10, 0, width, pad, 0);
             break;
         case 'x':
         case 'X':
-            put_num(lng ? va_arg(ap, u64) : va_arg(ap, u32), 16, 0, width, pad, *fmt == 'X');
+            fmt_num(put, ctx, lng ? va_arg(ap, u64) : va_arg(ap, u32), 16, 0, width, pad,
+                    *fmt == 'X');
             break;
         case 'p':
-            uart_putc('0');
-            uart_putc('x');
-            put_num((u64)va_arg(ap, void *), 16, 0, width, pad, 0);
+            put(ctx, '0');
+            put(ctx, 'x');
+            fmt_num(put, ctx, (u64)va_arg(ap, void *), 16, 0, width, pad, 0);
             break;
         case 's': {
             const char *s = va_arg(ap, const char *);
-            put_str(s ? s : "(null)", width, left);
+            fmt_str(put, ctx, s ? s : "(null)", width, left);
             break;
         }
         case 'c':
-            uart_putc((char)va_arg(ap, int));
+            put(ctx, (char)va_arg(ap, int));
             break;
         case '%':
-            uart_putc('%');
+            put(ctx, '%');
             break;
         case 0:
             return;
         default:
-            uart_putc('%');
-            uart_putc(*fmt);
+            put(ctx, '%');
+            put(ctx, *fmt);
             break;
         }
     }
+}
+
+static void uart_sink(void *ctx, char c)
+{
+    (void)ctx;
+    uart_putc(c);
+}
+
+struct buf_sink {
+    char *p;
+    size_t n, len;
+};
+
+static void buf_sink(void *ctx, char c)
+{
+    struct buf_sink *b = ctx;
+    if (b->len + 1 < b->n)
+        b->p[b->len] = c;
+    b->len++;
+}
+
+int rt_vsnprintf(char *buf, size_t n, const char *fmt, va_list ap)
+{
+    struct buf_sink b = {buf, n, 0};
+    vformat(buf_sink, &b, fmt, ap);
+    if (n)
+        buf[b.len < n ? b.len : n - 1] = 0;
+    return (int)b.len;
 }
 
 /* Serialised across CPUs. Do not call from an interrupt handler that may interrupt a
@@ -200,7 +234,7 @@ static void do_vprintf(const char *fmt, va_list ap)
 int vprintf(const char *fmt, va_list ap)
 {
     spin_lock(&console_lock);
-    do_vprintf(fmt, ap);
+    vformat(uart_sink, 0, fmt, ap);
     spin_unlock(&console_lock);
     return 0;
 }

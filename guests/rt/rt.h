@@ -70,6 +70,8 @@ size_t strlen(const char *s);
 void uart_putc(char c);
 int printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int vprintf(const char *fmt, va_list ap);
+/* printf's formatting into buf (at most n bytes with the NUL); returns the full length. */
+int rt_vsnprintf(char *buf, size_t n, const char *fmt, va_list ap);
 
 /* ---- exit: isa-debug-exit style port 0xF4, else cli; hlt forever ---- */
 void rt_exit(u32 status) __attribute__((noreturn));

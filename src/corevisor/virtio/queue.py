@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from corevisor.errors import DeviceError, GuestMemoryError
@@ -127,8 +126,8 @@ class DescriptorChain:
         return ChainWriter(self.memory, self.writable)
 
 
-class ChainReader:
-    """Sequential reads over the device-readable buffers of a chain."""
+class _ChainCursor:
+    """A position in one direction's buffers of a chain: claims bytes strictly in order."""
 
     def __init__(self, memory: GuestMemory, segments: list[tuple[int, int]]) -> None:
         self._memory = memory
@@ -137,46 +136,53 @@ class ChainReader:
         self._off = 0
         self.remaining = sum(n for _, n in segments)
 
-    def read(self, size: int) -> bytes:
-        """Exactly size bytes, or QueueError if the readable part is shorter."""
-        if size > self.remaining:
-            raise QueueError(
-                f"request needs {size} more device-readable bytes, the chain has {self.remaining}"
-            )
-        out = bytearray()
-        for gpa, n in self.segments(size):
-            out += self._memory.read(gpa, n)
-        return bytes(out)
+    def _shortfall(self, size: int) -> str:
+        raise NotImplementedError
 
-    def segments(self, size: int) -> Iterator[tuple[int, int]]:
-        """Consume size bytes, yielding them as (gpa, len) pieces, without copying."""
+    def segments(self, size: int) -> list[tuple[int, int]]:
+        """Claim size bytes as (gpa, len) pieces; QueueError (before any claim) if short."""
         if size > self.remaining:
-            raise QueueError(
-                f"request needs {size} more device-readable bytes, the chain has {self.remaining}"
-            )
+            raise QueueError(self._shortfall(size))
         self.remaining -= size
+        pieces = []
         while size:
             gpa, n = self._segments[self._seg]
             take = min(n - self._off, size)
             if take:
-                yield gpa + self._off, take
+                pieces.append((gpa + self._off, take))
             size -= take
             self._off += take
             if self._off == n:
                 self._seg += 1
                 self._off = 0
+        return pieces
 
 
-class ChainWriter:
+class ChainReader(_ChainCursor):
+    """Sequential reads over the device-readable buffers of a chain."""
+
+    def _shortfall(self, size: int) -> str:
+        return f"request needs {size} more device-readable bytes, the chain has {self.remaining}"
+
+    def read(self, size: int) -> bytes:
+        """Exactly size bytes, or QueueError if the readable part is shorter."""
+        return b"".join(self._memory.read(gpa, n) for gpa, n in self.segments(size))
+
+
+class ChainWriter(_ChainCursor):
     """Sequential writes into the device-writable buffers of a chain; counts what it wrote."""
 
     def __init__(self, memory: GuestMemory, segments: list[tuple[int, int]]) -> None:
-        self._memory = memory
-        self._segments = segments
-        self._seg = 0
-        self._off = 0
-        self.remaining = sum(n for _, n in segments)
+        super().__init__(memory, segments)
         self.written = 0
+
+    def _shortfall(self, size: int) -> str:
+        return f"device must write {size} bytes, the chain has {self.remaining} device-writable"
+
+    def segments(self, size: int) -> list[tuple[int, int]]:
+        pieces = super().segments(size)
+        self.written += size
+        return pieces
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Write all of data, or raise QueueError if the writable part is too short."""
@@ -185,25 +191,6 @@ class ChainWriter:
         for gpa, n in self.segments(len(view)):
             self._memory.write(gpa, view[pos : pos + n])
             pos += n
-
-    def segments(self, size: int) -> Iterator[tuple[int, int]]:
-        """Claim size bytes, yielding them as (gpa, len) pieces the caller fills."""
-        if size > self.remaining:
-            raise QueueError(
-                f"device must write {size} bytes, the chain has {self.remaining} device-writable"
-            )
-        self.remaining -= size
-        self.written += size
-        while size:
-            gpa, n = self._segments[self._seg]
-            take = min(n - self._off, size)
-            if take:
-                yield gpa + self._off, take
-            size -= take
-            self._off += take
-            if self._off == n:
-                self._seg += 1
-                self._off = 0
 
 
 class Queue:
