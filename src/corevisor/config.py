@@ -463,13 +463,19 @@ def _check_gdb(value: object, where: str, allow_remote: bool) -> str:
     return text
 
 
-def _check_image(value: object, where: str, base: Path | None) -> Path:
+def _config_path(value: object, where: str, base: Path | None) -> tuple[Path, str]:
+    """A path from the config (relative to the config file's directory) and its text."""
     shown = _check_str(value, where)
     if not shown or "\0" in shown:
         raise ConfigError(f"{where}: {_quote(shown)} is not a valid path")
     path = Path(shown).expanduser()
     if base is not None and not path.is_absolute():
         path = base / path
+    return path, shown
+
+
+def _check_image(value: object, where: str, base: Path | None) -> Path:
+    path, shown = _config_path(value, where, base)
     try:
         if not path.exists():
             raise ConfigError(f"{where}: {shown} does not exist")
@@ -486,12 +492,7 @@ def _check_image(value: object, where: str, base: Path | None) -> Path:
 
 
 def _check_initrd(value: object, where: str, base: Path | None) -> Path:
-    shown = _check_str(value, where)
-    if not shown or "\0" in shown:
-        raise ConfigError(f"{where}: {_quote(shown)} is not a valid path")
-    path = Path(shown).expanduser()
-    if base is not None and not path.is_absolute():
-        path = base / path
+    path, shown = _config_path(value, where, base)
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
         raise ConfigError(f"{where}: {shown} {what}")
