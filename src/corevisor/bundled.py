@@ -28,6 +28,9 @@ GUESTS = {
     "pio": "count=N port writes from user mode (benchmark guest)",
     "rtos": "preemptive RTOS: pings a peer partition over a channel (msgs=N wdfail=1 crash=1)",
     "peer": "bare-metal peer partition: mode=pong|echo|sink|counter|writer|reader|rowriter",
+    "blk": "virtio-blk driver: mode=check (write, flush, verify) or mode=bench seq=1M|rand=4K",
+    "net": "virtio-net driver: answers ARP and ping on ip=A.B.C.D for count=N echo requests",
+    "rng": "virtio-rng driver: reads 64 random bytes twice, prints them, checks they differ",
 }
 
 
