@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from corevisor.arch.x86_64 import cpu, layout
 from corevisor.arch.x86_64.acpi import write_acpi_tables
@@ -50,10 +51,9 @@ from corevisor.loader import Initrd, LoadedImage, load_image, load_initrd
 from corevisor.machine import Machine
 from corevisor.memory import GuestMemory, MemoryRegion
 from corevisor.vcpu import Vcpu
-from corevisor.virtio import attach as virtio_attach
-from corevisor.virtio.attach import VirtioSlot
-from corevisor.virtio.attach import cmdline as virtio_cmdline
-from corevisor.virtio.mmio import MMIO_SIZE
+
+if TYPE_CHECKING:  # the virtio stack is imported only by partitions that have devices
+    from corevisor.virtio.attach import VirtioSlot
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
 REQUIRED_CAPS = (Cap.IRQCHIP, Cap.USER_MEMORY, Cap.IMMEDIATE_EXIT, Cap.PIT2, Cap.MP_STATE)
@@ -103,7 +103,7 @@ def build(
         image = load_image(m.memory, config.image)
         initrd = load_initrd(m.memory, config.initrd, image) if config.initrd else None
         rsdp = attach_boot_tables(m, config, virtio)
-        boot_bsp(m, image, virtio_cmdline(config.cmdline, virtio), rsdp, initrd)
+        boot_bsp(m, image, _with_virtio_devices(config.cmdline, virtio), rsdp, initrd)
         attach_channels(m, links)
         if config.gdb is not None:
             attach_debugger(m, config, links)
@@ -248,6 +248,15 @@ def attach_hypercalls(
         m.devices[name] = dev
 
 
+def _with_virtio_devices(cmdline: str, slots: list[VirtioSlot]) -> str:
+    """The command line plus Linux's virtio_mmio.device= entry for each device."""
+    if not slots:
+        return cmdline
+    from corevisor.virtio.attach import cmdline as virtio_cmdline
+
+    return virtio_cmdline(cmdline, slots)
+
+
 def attach_virtio_devices(
     m: Machine, config: PartitionConfig, links: PartitionLinks, serial: SerialBackend
 ) -> list[VirtioSlot]:
@@ -256,6 +265,8 @@ def attach_virtio_devices(
     Closed before the memory they address (closers run in reverse)."""
     if not config.virtio.count:
         return []
+    from corevisor.virtio import attach as virtio_attach
+
     devices = virtio_attach.make_devices(config.virtio, config.name, serial.write)
     slots = virtio_attach.attach(
         m.vm, m.memory, m.mmio.attach, devices, lambda msg: links.report(m.name, msg)
@@ -273,7 +284,7 @@ def attach_boot_tables(
     cpu.write_boot_gdt(m.memory)
     # KVM's default GSI routing wires the PIT (IRQ0) to IOAPIC pin 0, not pin 2 as on PCs.
     write_mptable(m.memory, config.cpus, irq0_pin=0)
-    windows = [(s.base, MMIO_SIZE, s.gsi) for s in virtio or ()]
+    windows = [(s.base, s.size, s.gsi) for s in virtio or ()]
     return write_acpi_tables(m.memory, config.cpus, windows)
 
 

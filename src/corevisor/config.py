@@ -51,10 +51,8 @@ turning a config into a machine (builder.py).
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
-import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -441,11 +439,19 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"bad port {_quote(port_text)} in {_quote(text)} (use 1-65535)")
     if host != "localhost":
+        import ipaddress  # only GDB addresses need it; start-up time is benchmarked
+
         try:
             ipaddress.ip_address(host)
         except ValueError:
             raise ValueError(f"{_quote(host)} is not an IP address or localhost") from None
     return host, int(port_text)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    return ipaddress.ip_address(host).is_loopback
 
 
 def _check_gdb(value: object, where: str, allow_remote: bool) -> str:
@@ -455,7 +461,7 @@ def _check_gdb(value: object, where: str, allow_remote: bool) -> str:
         host, _ = parse_host_port(text)
     except ValueError as e:
         raise ConfigError(f"{where}: {e} (use e.g. 127.0.0.1:1234)") from None
-    if not allow_remote and host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+    if not allow_remote and host != "localhost" and not _is_loopback(host):
         raise ConfigError(
             f"{where}: {host} is not a loopback address and whoever reaches it controls the "
             "guest; pass --gdb-allow-remote to serve GDB on the network"
@@ -507,6 +513,8 @@ def load_config(path: Path, *, gdb_allow_remote: bool = False) -> SystemConfig:
 
     gdb_allow_remote permits non-loopback gdb addresses (--gdb-allow-remote).
     """
+    import tomllib  # only system files need the TOML parser; start-up time is benchmarked
+
     path = Path(path)
     fname = str(path)
     try:

@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 
 from corevisor.errors import ConfigError
-from corevisor.loader.initramfs import build_initramfs
 
 # console=ttyS0: the kernel's console on our COM1; earlyprintk=serial: output from the
 # first instructions (and from the bzImage decompressor), before the console driver;
@@ -58,6 +57,8 @@ def _pack(directory: str) -> str:
     The fd stays open for the life of the process, which is as long as the builder
     needs it; the archive never touches the disk.
     """
+    from corevisor.loader.initramfs import build_initramfs  # only with --initramfs-dir
+
     data = build_initramfs(Path(directory))
     fd = os.memfd_create("corevisor-initramfs")
     os.write(fd, data)

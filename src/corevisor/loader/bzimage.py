@@ -21,13 +21,8 @@ initrd (initrd.py), and registers (the builder, with cpu.setup_long_mode).
 
 from __future__ import annotations
 
-import bz2
-import lzma
-import shutil
 import struct
-import subprocess
 import sys
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,6 +234,9 @@ def load_bzimage(mem: GuestMemory, path: Path, data: bytes | None = None) -> Loa
 
 def _zstd(payload: bytes, name: str) -> bytes:
     """zstd through the zstd command: Python gains compression.zstd only in 3.14."""
+    import shutil  # here, not at the top: only extraction needs them, start-up time counts
+    import subprocess
+
     tool = shutil.which("zstd")
     if tool is None:
         raise LoaderError(f"{name}: payload is zstd-compressed; install the zstd command")
@@ -250,6 +248,10 @@ def _zstd(payload: bytes, name: str) -> bytes:
 
 def _decompress(payload: bytes, name: str) -> bytes:
     """Decompress the payload by its magic; the kernel appends its size, which is ignored."""
+    import bz2  # only extraction needs the codecs; every VM start imports this module
+    import lzma
+    import zlib
+
     try:
         if payload.startswith(b"\xfd7zXZ\x00"):
             return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)

@@ -48,6 +48,11 @@ class VirtioSlot:
     transport: VirtioMmio
     worker: IoThread
 
+    @property
+    def size(self) -> int:
+        """Bytes of its MMIO window."""
+        return MMIO_SIZE
+
     def close(self) -> None:
         self.worker.close()
         self.transport.close()
