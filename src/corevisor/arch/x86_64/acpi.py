@@ -4,8 +4,8 @@ Generated for each machine (its CPU count, its interrupt controllers) and placed
 reserved BIOS area at layout.ACPI_ADDR, RSDP first, so a guest finds them through PVH's
 start_info.rsdp_paddr or by the classic 0xE0000-0xFFFFF scan. The FADT declares a
 hardware-reduced platform (no PM timer, no SCI): what a VMM without ACPI power-management
-hardware honestly has. The DSDT describes the virtio-mmio devices (AML from aml.py);
-other device objects (the UART) belong there as they are added. What lives elsewhere:
+hardware honestly has. The DSDT describes COM1 and the virtio-mmio devices (aml.py);
+other device objects belong there as they are added. What lives elsewhere:
 the MP table (mptable.py), the e820 map (bootparams.py).
 """
 
@@ -26,6 +26,7 @@ FADT_HW_REDUCED_ACPI = 1 << 20
 FADT_BOOT_ARCH_LEGACY_DEVICES = 1 << 0
 FADT_BOOT_ARCH_8042 = 1 << 1
 FADT_SIZE = 276  # revision 6
+COM1 = (0x3F8, 4)  # the UART builder.py attaches: port, ISA IRQ
 
 
 def checksum(data: bytes) -> int:
@@ -98,7 +99,7 @@ def write_acpi_tables(
         cursor = (cursor + len(table) + 15) & ~15
         return addr
 
-    dsdt_addr = place(sdt(b"DSDT", 2, aml.virtio_mmio_devices(virtio_mmio)))
+    dsdt_addr = place(sdt(b"DSDT", 2, aml.system_bus(COM1, virtio_mmio)))
     fadt_addr = place(fadt(dsdt_addr))
     madt_addr = place(madt(ncpus))
     xsdt_addr = place(sdt(b"XSDT", 1, struct.pack("<QQ", fadt_addr, madt_addr)))

@@ -1,8 +1,9 @@
 """Hand-assembled AML (ACPI 6.5, chapter 20) for the few DSDT objects corevisor emits.
 
-Only what the DSDT needs: a Scope(\\_SB) holding one Device per virtio-mmio window with
-_HID "LNRO0005" (the ID Linux's virtio_mmio driver matches), _UID and a _CRS of one
-Memory32Fixed and one Extended Interrupt descriptor. Bytes are built by small
+Only what the DSDT needs: a Scope(\\_SB) holding the COM1 UART (PNP0501, its I/O
+ports and ISA IRQ) and one Device per virtio-mmio window with _HID "LNRO0005" (the ID
+Linux's virtio_mmio driver matches), _UID and a _CRS of one Memory32Fixed and one
+Extended Interrupt descriptor. Bytes are built by small
 functions, each named after the AML term it encodes, so a reader can check them
 against the specification; tests disassemble the result with `iasl -d`.
 
@@ -27,6 +28,11 @@ __all__ = [
     "interrupt",
     "resource_template",
     "virtio_mmio_devices",
+    "eisa_id",
+    "io_port",
+    "irq_no_flags",
+    "com_port",
+    "system_bus",
 ]
 
 # Extended Interrupt descriptor flags (6.4.3.6)
@@ -110,14 +116,47 @@ def resource_template(*descriptors: bytes) -> bytes:
     return buffer(b"".join(descriptors) + b"\x79\x00")
 
 
+def eisa_id(text: str) -> int:
+    """EisaId("PNP0501"): three letters in 5 bits each, then four hex digits, as a DWord."""
+    letters = (ord(text[0]) - 0x40) << 10 | (ord(text[1]) - 0x40) << 5 | (ord(text[2]) - 0x40)
+    raw = letters.to_bytes(2, "big") + int(text[3:], 16).to_bytes(2, "big")
+    return int.from_bytes(raw, "little")
+
+
+def io_port(base: int, length: int) -> bytes:
+    """Small resource 0x47: a fixed 16-bit-decoded I/O port range."""
+    return struct.pack("<BBHHBB", 0x47, 1, base, base, 1, length)
+
+
+def irq_no_flags(irq: int) -> bytes:
+    """Small resource 0x22: one ISA IRQ (edge, active high)."""
+    return struct.pack("<BH", 0x22, 1 << irq)
+
+
+def com_port(seg: str, uid: int, port: int, irq: int) -> bytes:
+    """A 16550 UART Device: _HID PNP0501, its eight I/O ports and its ISA IRQ."""
+    return device(
+        seg,
+        name("_HID", integer(eisa_id("PNP0501")))
+        + name("_UID", integer(uid))
+        + name("_CRS", resource_template(io_port(port, 8), irq_no_flags(irq))),
+    )
+
+
+def system_bus(com1: tuple[int, int], windows: Sequence[tuple[int, int, int]]) -> bytes:
+    """Scope(\\_SB): the COM1 UART (port, irq) and the virtio-mmio devices."""
+    return scope(
+        b"\x5c" + name_seg("_SB"),
+        com_port("COM1", 1, *com1) + virtio_mmio_devices(windows),
+    )
+
+
 def virtio_mmio_devices(windows: Sequence[tuple[int, int, int]]) -> bytes:
-    """Scope(\\_SB) with a LNRO0005 Device per (base, size, gsi) window; b"" for none.
+    """A LNRO0005 Device per (base, size, gsi) window; b"" for none.
 
     The interrupt is edge-triggered: the device raises it through a KVM irqfd, which
     pulses the line; Firecracker describes its virtio-mmio devices the same way.
     """
-    if not windows:
-        return b""
     body = b""
     for i, (base, size, gsi) in enumerate(windows):
         body += device(
@@ -126,4 +165,4 @@ def virtio_mmio_devices(windows: Sequence[tuple[int, int, int]]) -> bytes:
             + name("_UID", integer(i))
             + name("_CRS", resource_template(memory32_fixed(base, size), interrupt(gsi))),
         )
-    return scope(b"\x5c" + name_seg("_SB"), body)
+    return body
