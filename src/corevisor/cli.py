@@ -77,6 +77,8 @@ def _resolve(args: argparse.Namespace) -> SystemConfig:
     target = args.target
     cpus = args.cpus
     cmdline = args.cmdline
+    if args.timeout is not None and not args.timeout > 0:
+        raise CorevisorError(f"--timeout: {args.timeout:g} s (give a positive number of seconds)")
     if target is None:
         # The demo (examples/demo.toml): build its guests if they are missing.
         for name in bundled.DEMO_GUESTS:
@@ -99,7 +101,7 @@ def _resolve(args: argparse.Namespace) -> SystemConfig:
         target = str(bundled.ensure_built(target))
     part = partition_from_args(
         target,
-        cpus=cpus or 1,
+        cpus=1 if cpus is None else cpus,
         memory=args.memory,
         pin=args.pin,
         cmdline=cmdline,

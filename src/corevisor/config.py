@@ -460,7 +460,8 @@ def _check_gdb(value: object, where: str, allow_remote: bool) -> str:
     try:
         host, _ = parse_host_port(text)
     except ValueError as e:
-        raise ConfigError(f"{where}: {e} (use e.g. 127.0.0.1:1234)") from None
+        hint = "" if "(use" in str(e) else " (use e.g. 127.0.0.1:1234)"
+        raise ConfigError(f"{where}: {e}{hint}") from None
     if not allow_remote and host != "localhost" and not _is_loopback(host):
         raise ConfigError(
             f"{where}: {host} is not a loopback address and whoever reaches it controls the "
@@ -882,7 +883,7 @@ def partition_from_args(
     image_path = _check_image(image, "image", None)
     vcpus = _check_cpus(cpus, "--cpus")
     size = _check_memory(memory, "--memory")
-    cores = _check_pin(parse_cpu_list(pin, "--pin"), vcpus, "--pin") if pin else ()
+    cores = _check_pin(parse_cpu_list(pin, "--pin"), vcpus, "--pin") if pin is not None else ()
     return PartitionConfig(
         name=part_name,
         image=image_path,

@@ -70,6 +70,15 @@ def test_bad_command_line_options(guests: dict[str, Path]) -> None:
     r = corevisor("run", str(guests["hello"]), "--cpus", "2", "--pin", "0,1,7")
     assert r.returncode == 2
     _one_line_error(r.stderr, "--pin")
+    # regressions: each of these used to be accepted silently
+    for args, culprit in (
+        (("--cpus", "0"), "--cpus"),
+        (("--pin", ""), "--pin"),
+        (("--timeout", "-1"), "--timeout"),
+    ):
+        r = corevisor("run", str(guests["hello"]), *args)
+        assert r.returncode == 2, args
+        _one_line_error(r.stderr, culprit)
 
 
 def test_config_file_runs_guest(tmp_path: Path, guests: dict[str, Path]) -> None:
