@@ -177,7 +177,7 @@ static u64 user_main(u64 arg)
     }
     printf("blk: capacity %lu sectors%s\n", blk.capacity, blk.readonly ? " (read-only)" : "");
     char mode[16] = "check", v[32];
-    vio_arg("mode", mode, sizeof(mode));
+    rt_cmdline_str("mode", mode, sizeof(mode));
     if (!memcmp(mode, "check", 6)) {
         u64 start = rt_cmdline_uint("start", 8), n = rt_cmdline_uint("sectors", 64);
         if (n == 0 || n > 2048) {
@@ -194,11 +194,11 @@ static u64 user_main(u64 arg)
     if (!memcmp(mode, "bench", 6)) {
         int rnd = 0;
         u64 bs;
-        if (vio_arg("rand", v, sizeof(v))) {
+        if (rt_cmdline_str("rand", v, sizeof(v))) {
             rnd = 1;
             bs = vio_parse_size(v, NULL);
         } else {
-            bs = vio_arg("seq", v, sizeof(v)) ? vio_parse_size(v, NULL) : 1 << 20;
+            bs = rt_cmdline_str("seq", v, sizeof(v)) ? vio_parse_size(v, NULL) : 1 << 20;
         }
         u64 qd = rt_cmdline_uint("qd", 1);
         if (bs == 0 || bs % 512 || bs > (4 << 20) || qd == 0 || qd > 64) {

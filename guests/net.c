@@ -106,7 +106,7 @@ static u64 user_main(u64 arg)
 {
     (void)arg;
     char v[32] = "10.0.0.2";
-    vio_arg("ip", v, sizeof(v));
+    rt_cmdline_str("ip", v, sizeof(v));
     if (parse_ip(v, my_ip)) {
         printf("net: ip=%s is not a dotted IPv4 address\n", v);
         return 2;

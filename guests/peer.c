@@ -235,7 +235,7 @@ static int mode_rowriter(void)
 int main(void)
 {
     char mode[16] = "pong";
-    pv_cmdline_str("mode", mode, sizeof(mode));
+    rt_cmdline_str("mode", mode, sizeof(mode));
     chan_idx = rt_cmdline_uint("chan", 0);
     lapic_enable();
     rt_tsc_khz();

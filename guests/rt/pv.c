@@ -140,34 +140,10 @@ int pv_printf(const char *fmt, ...)
 /* ------------------------------------------------------------------------------------- */
 /* command line                                                                          */
 
-int pv_cmdline_str(const char *key, char *out, size_t n)
-{
-    size_t klen = strlen(key);
-    const char *s = rt_cmdline();
-    while (*s) {
-        while (*s == ' ')
-            s++;
-        if (!memcmp(s, key, klen) && s[klen] == '=') {
-            const char *p = s + klen + 1;
-            size_t i = 0;
-            while (p[i] && p[i] != ' ' && i + 1 < n) {
-                out[i] = p[i];
-                i++;
-            }
-            if (n)
-                out[i] = 0;
-            return 1;
-        }
-        while (*s && *s != ' ')
-            s++;
-    }
-    return 0;
-}
-
 int pv_cmdline_is(const char *key, const char *value, int dflt)
 {
     char buf[64];
-    if (!pv_cmdline_str(key, buf, sizeof(buf)))
+    if (!rt_cmdline_str(key, buf, sizeof(buf)))
         return dflt;
     return strlen(buf) == strlen(value) && !memcmp(buf, value, strlen(value));
 }

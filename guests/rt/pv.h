@@ -70,7 +70,6 @@ int pv_vsnprintf(char *buf, size_t n, const char *fmt, va_list ap);
 
 /* Command line: "key=value" as a string (copied, NUL-terminated; returns 1 if found), and
  * "is key=value on the command line" (dflt: what to answer when the key is absent). */
-int pv_cmdline_str(const char *key, char *out, size_t n);
 int pv_cmdline_is(const char *key, const char *value, int dflt);
 
 /* ---- channels --------------------------------------------------------------------- */

@@ -344,41 +344,62 @@ const char *rt_cmdline(void) { return cmdline_buf; }
 u64 rt_mem_kib(void) { return mem_kib; }
 u64 rt_rsdp_paddr(void) { return rsdp_paddr; }
 
-u64 rt_cmdline_uint(const char *key, u64 dflt)
+/* The value of key=value on the command line (up to the next space), or NULL. */
+static const char *cmdline_value(const char *key)
 {
     size_t klen = strlen(key);
     const char *s = cmdline_buf;
     while (*s) {
         while (*s == ' ')
             s++;
-        if (!memcmp(s, key, klen) && s[klen] == '=') {
-            const char *p = s + klen + 1;
-            u64 v = 0;
-            unsigned base = 10;
-            if (p[0] == '0' && (p[1] == 'x' || p[1] == 'X')) {
-                base = 16;
-                p += 2;
-            }
-            const char *start = p;
-            for (;; p++) {
-                unsigned d;
-                if (*p >= '0' && *p <= '9')
-                    d = *p - '0';
-                else if (base == 16 && *p >= 'a' && *p <= 'f')
-                    d = *p - 'a' + 10;
-                else if (base == 16 && *p >= 'A' && *p <= 'F')
-                    d = *p - 'A' + 10;
-                else
-                    break;
-                v = v * base + d;
-            }
-            if (p != start)
-                return v;
-        }
+        if (!memcmp(s, key, klen) && s[klen] == '=')
+            return s + klen + 1;
         while (*s && *s != ' ')
             s++;
     }
-    return dflt;
+    return 0;
+}
+
+int rt_cmdline_str(const char *key, char *out, size_t n)
+{
+    const char *p = cmdline_value(key);
+    if (!p)
+        return 0;
+    size_t i = 0;
+    while (p[i] && p[i] != ' ' && i + 1 < n) {
+        out[i] = p[i];
+        i++;
+    }
+    if (n)
+        out[i] = 0;
+    return 1;
+}
+
+u64 rt_cmdline_uint(const char *key, u64 dflt)
+{
+    const char *p = cmdline_value(key);
+    if (!p)
+        return dflt;
+    u64 v = 0;
+    unsigned base = 10;
+    if (p[0] == '0' && (p[1] == 'x' || p[1] == 'X')) {
+        base = 16;
+        p += 2;
+    }
+    const char *start = p;
+    for (;; p++) {
+        unsigned d;
+        if (*p >= '0' && *p <= '9')
+            d = *p - '0';
+        else if (base == 16 && *p >= 'a' && *p <= 'f')
+            d = *p - 'a' + 10;
+        else if (base == 16 && *p >= 'A' && *p <= 'F')
+            d = *p - 'A' + 10;
+        else
+            break;
+        v = v * base + d;
+    }
+    return p != start ? v : dflt;
 }
 
 /* ------------------------------------------------------------------------------------- */

@@ -81,6 +81,8 @@ extern u32 boot_kind;           /* 0 unknown, 1 multiboot, 2 PVH */
 const char *rt_cmdline(void);   /* never NULL */
 /* Value of "key=N" (decimal or 0x-hex) on the command line, or dflt. */
 u64 rt_cmdline_uint(const char *key, u64 dflt);
+/* Copy key's value (up to the next space) into out (n bytes with the NUL); 0 if absent. */
+int rt_cmdline_str(const char *key, char *out, size_t n);
 u64 rt_mem_kib(void);           /* usable RAM (type 1) in KiB from the memory map */
 u64 rt_rsdp_paddr(void);        /* from PVH start_info, or 0 */
 

@@ -48,30 +48,6 @@ static inline void mb(void) { __asm__ volatile("mfence" ::: "memory"); }
 /* ------------------------------------------------------------------------------------- */
 /* command line                                                                          */
 
-int vio_arg(const char *key, char *out, size_t n)
-{
-    size_t klen = strlen(key);
-    const char *s = rt_cmdline();
-    while (*s) {
-        while (*s == ' ')
-            s++;
-        if (!memcmp(s, key, klen) && s[klen] == '=') {
-            const char *p = s + klen + 1;
-            size_t i = 0;
-            while (p[i] && p[i] != ' ' && i + 1 < n) {
-                out[i] = p[i];
-                i++;
-            }
-            if (n)
-                out[i] = 0;
-            return 1;
-        }
-        while (*s && *s != ' ')
-            s++;
-    }
-    return 0;
-}
-
 u64 vio_parse_size(const char *s, const char **end)
 {
     u64 v = 0;

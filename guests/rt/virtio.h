@@ -87,7 +87,6 @@ void *vio_ram_after_image(u64 len);
 
 /* ---- command line (the runtime's rt_cmdline) ---- */
 /* Copy the value of key=VALUE into out (NUL-terminated); 1 if found, else 0. */
-int vio_arg(const char *key, char *out, size_t n);
 /* "1M", "4K", "512", "0x1000" -> bytes; sets *end past the number (NULL allowed). */
 u64 vio_parse_size(const char *s, const char **end);
 
