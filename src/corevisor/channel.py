@@ -18,6 +18,8 @@ KVM ioctls (builder.attach_channels), the hypercalls (hypercall.py).
 from __future__ import annotations
 
 import os
+import select
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -55,6 +57,16 @@ class Channel:
         self.bells: dict[str, int] = {
             name: os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for name in receivers
         }
+        # What the ringing VM writes. On the kernel path it is the receiver's irqfd
+        # eventfd itself; with doorbell = "thread" a relay thread copies rings across.
+        self.rings = self.bells
+        self._relay: DoorbellRelay | None = None
+        if config.doorbell == "thread":
+            self.rings = {
+                name: os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for name in receivers
+            }
+            pairs = [(self.rings[n], self.bells[n]) for n in receivers]
+            self._relay = DoorbellRelay(pairs, f"doorbell-{config.name}")
 
     @property
     def name(self) -> str:
@@ -72,13 +84,49 @@ class Channel:
             peer=peer,
             readonly=self.config.reader == partition,
             memfd=self.fd,
-            ring_fd=self.bells.get(peer),
+            ring_fd=self.rings.get(peer),
             irq_fd=self.bells.get(partition),
         )
 
     def close(self) -> None:
-        for fd in (self.fd, *self.bells.values()):
+        if self._relay is not None:
+            self._relay.close()
+        fds = {self.fd, *self.bells.values(), *self.rings.values()}
+        for fd in fds:
             os.close(fd)
+
+
+class DoorbellRelay:
+    """A Python thread forwarding rings (ring eventfd -> irqfd eventfd): the slow baseline.
+
+    It exists so the kernel-only doorbell can be compared with the design it replaces
+    (bench/partitions.py); a system file selects it with doorbell = "thread".
+    """
+
+    def __init__(self, pairs: Sequence[tuple[int, int]], name: str) -> None:
+        self._targets = dict(pairs)
+        self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        for fd in (*self._targets, self._stop):
+            poller.register(fd, select.POLLIN)
+        while True:
+            for fd, _ in poller.poll():
+                if fd == self._stop:
+                    return
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue
+                os.eventfd_write(self._targets[fd], 1)
+
+    def close(self) -> None:
+        os.eventfd_write(self._stop, 1)
+        self._thread.join(5)
+        os.close(self._stop)
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,11 @@ _PARTITION_KEYS = (
     "gdb",
     *VIRTIO_KEYS,  # blk, net, rng, virtio_console: virtio/config.py
 )
-_CHANNEL_KEYS = ("between", "size", "gpa", "direction")
+_CHANNEL_KEYS = ("between", "size", "gpa", "direction", "doorbell")
+# How a ring reaches the peer: "kernel" (ioeventfd -> irqfd, no userspace) or "thread"
+# (the same eventfds relayed by a Python thread: the baseline the kernel path is measured
+# against, kept usable so the comparison can be rerun on any host).
+DOORBELL_PATHS = ("kernel", "thread")
 _SYSTEM_KEYS = ("log_dir",)
 _TOP_LEVEL_KEYS = ("partitions", "channels", "system")
 _DUPLICATE_RE = re.compile(r"Cannot declare \(([^)]*)\) twice \(at line (\d+)")
@@ -173,6 +177,7 @@ class ChannelConfig:
     gpa: int
     writer: str | None = None
     reader: str | None = None
+    doorbell: str = "kernel"
 
 
 @dataclass(frozen=True)
@@ -717,7 +722,7 @@ def _channels_from_doc(
     if not isinstance(tables, dict):
         raise ConfigError(f"{fname}: channels: expected a table, got {_type_name(tables)}")
     by_name = {p.name: p for p in partitions}
-    parsed: list[tuple[str, tuple[str, str], int, int | None, tuple[str, str] | None]] = []
+    parsed: list[tuple[str, tuple[str, str], int, int | None, tuple[str, str] | None, str]] = []
     count: dict[str, int] = dict.fromkeys(by_name, 0)
     for name, table in tables.items():
         shown = name if _NAME_RE.fullmatch(name) else _quote(name)
@@ -748,6 +753,11 @@ def _channels_from_doc(
         direction = None
         if "direction" in table:
             direction = _check_direction(table["direction"], between, f"{where}.direction")
+        doorbell = table.get("doorbell", "kernel")
+        if doorbell not in DOORBELL_PATHS:
+            raise ConfigError(
+                f"{where}.doorbell: {_quote(doorbell)} is not one of {', '.join(DOORBELL_PATHS)}"
+            )
         for end in between:
             count[end] += 1
             if count[end] > MAX_CHANNELS:
@@ -755,17 +765,17 @@ def _channels_from_doc(
                     f"{where}: partition {end} has more than {MAX_CHANNELS} channels "
                     f"(their doorbells use GSIs 16..{15 + MAX_CHANNELS})"
                 )
-        parsed.append((name, between, size, gpa, direction))
+        parsed.append((name, between, size, gpa, direction, doorbell))
 
     taken: list[tuple[int, int, str]] = []  # (start, end, what) already claimed
-    for name, between, size, gpa, _ in parsed:
+    for name, between, size, gpa, _, _ in parsed:
         if gpa is not None:
             _check_channel_place(
                 gpa, size, between, by_name, taken, f"{fname}: channels.{name}.gpa"
             )
             taken.append((gpa, gpa + size, f"channel {name}"))
     channels = []
-    for name, between, size, gpa, direction in parsed:
+    for name, between, size, gpa, direction, doorbell in parsed:
         if gpa is None:
             gpa = _place_channel(size, between, by_name, taken)
             if gpa is None:
@@ -775,7 +785,7 @@ def _channels_from_doc(
                 )
             taken.append((gpa, gpa + size, f"channel {name}"))
         writer, reader = direction if direction is not None else (None, None)
-        channels.append(ChannelConfig(name, between, size, gpa, writer, reader))
+        channels.append(ChannelConfig(name, between, size, gpa, writer, reader, doorbell))
     return tuple(channels)
 
 

@@ -84,6 +84,25 @@ def test_demo_exchange_with_a_restartable_rtos(tmp_path: Path, guests: dict[str,
     assert 'rtos: received "pong 3"' in (tmp_path / "logs" / "rtos.log").read_text()
 
 
+def test_doorbells_relayed_by_a_python_thread_still_deliver(
+    tmp_path: Path, guests: dict[str, Path]
+) -> None:
+    """doorbell = "thread": the benchmark's baseline path must work like the kernel one."""
+    toml = system(
+        tmp_path,
+        guests,
+        'cmdline = "msgs=3"',
+        'cmdline = "mode=pong msgs=3"',
+        '[channels.link]\nbetween = ["rtos", "peer"]\ndoorbell = "thread"\n',
+    )
+    r = corevisor("run", str(toml), timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert 'peer | peer: received "ping 3"' in out
+    assert 'rtos | rtos: received "pong 3"' in out
+    assert "rtos | rtos: channel 0: 3 doorbell interrupts" in out
+
+
 def test_watchdog_expiry_applies_the_policy(tmp_path: Path, guests: dict[str, Path]) -> None:
     toml = system(
         tmp_path,

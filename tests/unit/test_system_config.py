@@ -148,6 +148,10 @@ def test_duplicate_channel_name_is_clear(tree: Path) -> None:  # noqa: F811
         ),
         ('between = ["a", "b"]\ndirection = "a->c"', 'channels.c.direction: "a->c" is not "a->b"'),
         ('between = ["a", "b"]\ncolour = 1', 'channels.c: unknown key "colour"'),
+        (
+            'between = ["a", "b"]\ndoorbell = "python"',
+            'channels.c.doorbell: "python" is not one of kernel, thread',
+        ),
     ],
 )
 def test_bad_channel(tree: Path, channel: str, expected: str) -> None:  # noqa: F811
