@@ -55,7 +55,6 @@ from corevisor.vcpu import Vcpu
 if TYPE_CHECKING:  # the virtio stack is imported only by partitions that have devices
     from corevisor.virtio.attach import VirtioSlot
 
-COM1_PORT, COM1_IRQ = 0x3F8, 4
 REQUIRED_CAPS = (Cap.IRQCHIP, Cap.USER_MEMORY, Cap.IMMEDIATE_EXIT, Cap.PIT2, Cap.MP_STATE)
 # KVM memory slots: RAM takes 0 and 1 (below and above the MMIO hole), channels 16 + index.
 CHANNEL_SLOT_BASE = 16
@@ -88,8 +87,12 @@ def build(
     """Assemble a Machine for config; the caller starts it with run()."""
     links = links if links is not None else PartitionLinks()
     kvm = Kvm(kvm_path)
-    _check_host(kvm, config)
-    vm = kvm.create_vm()
+    try:
+        _check_host(kvm, config)
+        vm = kvm.create_vm()
+    except BaseException:
+        kvm.close()
+        raise
     memory = GuestMemory.anonymous(layout.ram_layout(config.memory), name=f"{config.name}-ram")
     m = Machine(config.name, kvm, vm, memory, Bus("pio", dense=True), Bus("mmio", dense=False))
     try:
@@ -127,7 +130,9 @@ def attach_debugger(m: Machine, config: PartitionConfig, links: PartitionLinks) 
 def _check_host(kvm: Kvm, config: PartitionConfig) -> None:
     for cap in REQUIRED_CAPS:
         if not kvm.check_extension(cap):
-            raise KvmError("KVM_CHECK_EXTENSION", 95, f"this host's KVM lacks KVM_CAP_{cap.name}")
+            raise KvmError(
+                "KVM_CHECK_EXTENSION", errno.EOPNOTSUPP, f"this host's KVM lacks KVM_CAP_{cap.name}"
+            )
     limit = kvm.max_vcpus()
     if config.cpus > limit:
         raise ConfigError(f"{config.name}: {config.cpus} vCPUs, but this host's KVM allows {limit}")
@@ -206,12 +211,12 @@ def attach_legacy_devices(
     vm = m.vm
 
     def com1_irq(level: bool) -> None:
-        vm.irq_line(COM1_IRQ, 1 if level else 0)
+        vm.irq_line(layout.COM1_IRQ, 1 if level else 0)
 
     uart = Uart16550(serial.write, com1_irq)
     serial.start_input(uart.enqueue_input)
     devices: dict[str, tuple[int, int, Device]] = {
-        "com1": (COM1_PORT, 8, uart),
+        "com1": (layout.COM1_PORT, 8, uart),
         "i8042": (0x60, 5, I8042(m.guest_reset)),
         "rtc": (0x70, 2, Rtc()),
         "postcode": (0x80, 1, PostCode()),

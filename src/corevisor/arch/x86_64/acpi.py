@@ -26,7 +26,6 @@ FADT_HW_REDUCED_ACPI = 1 << 20
 FADT_BOOT_ARCH_LEGACY_DEVICES = 1 << 0
 FADT_BOOT_ARCH_8042 = 1 << 1
 FADT_SIZE = 276  # revision 6
-COM1 = (0x3F8, 4)  # the UART builder.py attaches: port, ISA IRQ
 
 
 def checksum(data: bytes) -> int:
@@ -99,7 +98,8 @@ def write_acpi_tables(
         cursor = (cursor + len(table) + 15) & ~15
         return addr
 
-    dsdt_addr = place(sdt(b"DSDT", 2, aml.system_bus(COM1, virtio_mmio)))
+    com1 = (layout.COM1_PORT, layout.COM1_IRQ)
+    dsdt_addr = place(sdt(b"DSDT", 2, aml.system_bus(com1, virtio_mmio)))
     fadt_addr = place(fadt(dsdt_addr))
     madt_addr = place(madt(ncpus))
     xsdt_addr = place(sdt(b"XSDT", 1, struct.pack("<QQ", fadt_addr, madt_addr)))

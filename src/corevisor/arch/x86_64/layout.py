@@ -47,6 +47,10 @@ HIGH_MEMORY_START = 0x100000
 MMIO_HOLE_START = 0xC000_0000
 MMIO_HOLE_END = 0x1_0000_0000
 
+# The PC's first serial port: I/O base and ISA IRQ (builder attaches it, the DSDT describes it)
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+
 IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
 
