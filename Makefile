@@ -5,9 +5,9 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test setup sysdeps guests lint bench clean
+.PHONY: demo test setup sysdeps sysdeps-demo guests lint bench clean
 
-demo: setup
+demo: sysdeps-demo $(STAMP) guests
 	$(VENV)/bin/corevisor run
 
 test: setup
@@ -15,10 +15,14 @@ test: setup
 
 setup: sysdeps $(STAMP) guests
 
-# System packages: a compiler and binutils for the guests, QEMU for the side-by-side
-# reference runs, gdb for the debugging tests. Installed only when missing.
+# System packages, installed only when missing: a compiler and binutils for the guests
+# (all the demo needs); for the tests and benchmarks also QEMU, gdb, ACPICA, cpio,
+# busybox, a Linux kernel, iproute2 and ping (scripts/install-system-deps says which).
 sysdeps:
-	@./scripts/install-system-deps
+	@./scripts/install-system-deps test
+
+sysdeps-demo:
+	@./scripts/install-system-deps demo
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
