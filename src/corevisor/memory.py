@@ -60,6 +60,12 @@ class GuestMemory:
                 raise GuestMemoryError(
                     f"memory regions overlap: {a.gpa:#x}-{a.end:#x} and {b.gpa:#x}-{b.end:#x}"
                 )
+        self._index()
+
+    def _index(self) -> None:
+        """Flatten the regions for lookups: every device access (a virtio request makes
+        dozens) pays for this loop, so it touches only tuples of plain values."""
+        self._spans = tuple((r.gpa, r.end, r.mm, r.readonly, r) for r in self.regions)
 
     @classmethod
     def anonymous(cls, layout: list[tuple[int, int]], name: str = "guest-ram") -> GuestMemory:
@@ -83,20 +89,27 @@ class GuestMemory:
                     f"{region.gpa:#x}-{region.end:#x}"
                 )
         self.regions = sorted([*self.regions, region], key=lambda r: r.gpa)
+        self._index()
 
     @property
     def size(self) -> int:
         """Total bytes of RAM over all regions."""
         return sum(r.size for r in self.regions)
 
-    def _find(self, gpa: int, size: int) -> tuple[MemoryRegion, int]:
-        """Return the region wholly holding [gpa, gpa+size) and the offset into it."""
+    def _locate(self, gpa: int, size: int) -> tuple[mmap.mmap, int, bool, MemoryRegion]:
+        """(mapping, offset, readonly, region) wholly holding [gpa, gpa+size), or raise."""
         if gpa < 0 or size < 0:
             raise GuestMemoryError(f"invalid guest access {gpa:#x}+{size:#x}")
-        for r in self.regions:
-            if r.gpa <= gpa and gpa + size <= r.end:
-                return r, gpa - r.gpa
+        end = gpa + size
+        for start, stop, mm, readonly, region in self._spans:
+            if start <= gpa and end <= stop:
+                return mm, gpa - start, readonly, region
         raise GuestMemoryError(f"guest access {gpa:#x}+{size:#x} is outside guest RAM")
+
+    def _find(self, gpa: int, size: int) -> tuple[MemoryRegion, int]:
+        """Return the region wholly holding [gpa, gpa+size) and the offset into it."""
+        _, off, _, region = self._locate(gpa, size)
+        return region, off
 
     def contains(self, gpa: int, size: int = 1) -> bool:
         """True if [gpa, gpa+size) lies wholly inside one RAM region."""
@@ -116,13 +129,16 @@ class GuestMemory:
 
     def read(self, gpa: int, size: int) -> bytes:
         """Copy size bytes out of guest RAM."""
-        r, off = self._find(gpa, size)
-        return r.mm[off : off + size]
+        mm, off, _, _ = self._locate(gpa, size)
+        return mm[off : off + size]
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Copy data into guest RAM (never into a region the guest maps read-only)."""
-        r, off = self._find_writable(gpa, len(data))
-        r.mm[off : off + len(data)] = data
+        size = len(data)
+        mm, off, readonly, _ = self._locate(gpa, size)
+        if readonly:
+            raise GuestMemoryError(f"guest access {gpa:#x}+{size:#x} writes read-only memory")
+        mm[off : off + size] = data
 
     def fill(self, gpa: int, size: int, byte: int = 0) -> None:
         """Set size bytes of guest RAM to one value (zeroing a .bss, for instance)."""
