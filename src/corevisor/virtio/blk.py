@@ -112,16 +112,7 @@ class Blk(VirtioDevice):
         return struct.pack("<QIIHBBI", self.size // SECTOR, 0, QUEUE_SIZE - 2, 0, 0, 0, SECTOR)
 
     def process_queue(self, index: int) -> None:
-        ctx = self.ctx
-        if ctx is None:
-            return
-        q = ctx.queues[0]
-        done = False
-        while (chain := q.pop()) is not None:
-            q.add_used(chain.head, self._request(chain))
-            done = True
-        if done:
-            ctx.notify_used(q)
+        self.serve(0, self._request)
 
     def _request(self, chain: DescriptorChain) -> int:
         """Serve one request; return the bytes written into the chain (status included)."""

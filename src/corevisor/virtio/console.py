@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 
 from corevisor.virtio.device import VirtioDevice
-from corevisor.virtio.queue import QueueError
+from corevisor.virtio.queue import DescriptorChain, QueueError
 
 __all__ = ["Console", "VIRTIO_ID_CONSOLE", "INPUT_LIMIT"]
 
@@ -68,19 +68,13 @@ class Console(VirtioDevice):
             self._receive()
 
     def _transmit(self) -> None:
-        ctx = self.ctx
-        if ctx is None:
-            return
-        q = ctx.queues[TX]
-        done = False
-        while (chain := q.pop()) is not None:
-            reader = chain.reader()
-            while reader.remaining:
-                self.output(reader.read(min(reader.remaining, _OUT_CHUNK)))
-            q.add_used(chain.head, 0)
-            done = True
-        if done:
-            ctx.notify_used(q)
+        self.serve(TX, self._send)
+
+    def _send(self, chain: DescriptorChain) -> int:
+        reader = chain.reader()
+        while reader.remaining:
+            self.output(reader.read(min(reader.remaining, _OUT_CHUNK)))
+        return 0
 
     def _receive(self) -> None:
         ctx = self.ctx

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from corevisor.memory import GuestMemory
-from corevisor.virtio.queue import Queue
+from corevisor.virtio.queue import DescriptorChain, Queue
 
 __all__ = [
     "VirtioDevice",
@@ -138,6 +138,20 @@ class VirtioDevice:
     # --- work, on the I/O thread --------------------------------------------------------
     def process_queue(self, index: int) -> None:
         """The driver kicked queue index. May raise QueueError (device needs reset)."""
+
+    def serve(self, index: int, request: Callable[[DescriptorChain], int]) -> None:
+        """Answer every available chain of queue index with request(chain), which returns
+        the bytes it wrote into the chain, then interrupt the driver once if it wants it."""
+        ctx = self.ctx
+        if ctx is None:
+            return
+        q = ctx.queues[index]
+        served = False
+        while (chain := q.pop()) is not None:
+            q.add_used(chain.head, request(chain))
+            served = True
+        if served:
+            ctx.notify_used(q)
 
     def fds(self) -> tuple[int, ...]:
         """Host fds the I/O thread should poll for this device right now."""

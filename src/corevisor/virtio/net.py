@@ -28,7 +28,7 @@ import zlib
 
 from corevisor.errors import ConfigError
 from corevisor.virtio.device import DeviceContext, VirtioDevice
-from corevisor.virtio.queue import QueueError
+from corevisor.virtio.queue import DescriptorChain, QueueError
 
 __all__ = [
     "Net",
@@ -167,32 +167,25 @@ class Net(VirtioDevice):
             ctx.notify_used(q)
 
     def _transmit(self) -> None:
-        ctx = self.ctx
-        if ctx is None:
-            return
-        q = ctx.queues[TX]
-        done = False
-        while (chain := q.pop()) is not None:
-            reader = chain.reader()
-            if reader.remaining < VNET_HDR_SIZE:
-                raise QueueError(
-                    f"net transmit chain {chain.head} is shorter than the "
-                    f"{VNET_HDR_SIZE}-byte header"
-                )
-            reader.read(VNET_HDR_SIZE)
-            if reader.remaining > MAX_FRAME or reader.remaining == 0:
-                self.tx_dropped += 1
-            else:
-                frame = bytes(VNET_HDR_SIZE) + reader.read(reader.remaining)
-                try:
-                    os.write(self.tap_fd, frame)
-                    self.tx_frames += 1
-                except OSError:
-                    self.tx_dropped += 1
-            q.add_used(chain.head, 0)
-            done = True
-        if done:
-            ctx.notify_used(q)
+        self.serve(TX, self._send)
+
+    def _send(self, chain: DescriptorChain) -> int:
+        reader = chain.reader()
+        if reader.remaining < VNET_HDR_SIZE:
+            raise QueueError(
+                f"net transmit chain {chain.head} is shorter than the {VNET_HDR_SIZE}-byte header"
+            )
+        reader.read(VNET_HDR_SIZE)
+        if reader.remaining > MAX_FRAME or reader.remaining == 0:
+            self.tx_dropped += 1
+            return 0
+        frame = bytes(VNET_HDR_SIZE) + reader.read(reader.remaining)
+        try:
+            os.write(self.tap_fd, frame)
+            self.tx_frames += 1
+        except OSError:
+            self.tx_dropped += 1
+        return 0
 
     def close(self) -> None:
         if self.tap_fd >= 0:

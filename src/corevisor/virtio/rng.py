@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from corevisor.virtio.device import VirtioDevice
-from corevisor.virtio.queue import QueueError
+from corevisor.virtio.queue import DescriptorChain, QueueError
 
 __all__ = ["Rng", "VIRTIO_ID_RNG"]
 
@@ -30,17 +30,11 @@ class Rng(VirtioDevice):
     name = "virtio-rng"
 
     def process_queue(self, index: int) -> None:
-        ctx = self.ctx
-        if ctx is None:
-            return
-        q = ctx.queues[0]
-        used = False
-        while (chain := q.pop()) is not None:
-            if not chain.writable:
-                raise QueueError(f"rng request {chain.head} has no device-writable buffer")
-            writer = chain.writer()
-            writer.write(os.urandom(min(writer.remaining, MAX_PER_REQUEST)))
-            q.add_used(chain.head, writer.written)
-            used = True
-        if used:
-            ctx.notify_used(q)
+        self.serve(0, self._fill)
+
+    def _fill(self, chain: DescriptorChain) -> int:
+        if not chain.writable:
+            raise QueueError(f"rng request {chain.head} has no device-writable buffer")
+        writer = chain.writer()
+        writer.write(os.urandom(min(writer.remaining, MAX_PER_REQUEST)))
+        return writer.written
