@@ -17,11 +17,11 @@ sectors; anything else is refused when the device is built, with a ConfigError.
 from __future__ import annotations
 
 import os
-import stat
 import struct
 from pathlib import Path
 
 from corevisor.errors import ConfigError
+from corevisor.virtio.config import SECTOR, check_image
 from corevisor.virtio.device import VirtioDevice
 from corevisor.virtio.queue import ChainReader, ChainWriter, DescriptorChain, QueueError
 
@@ -58,27 +58,10 @@ VIRTIO_BLK_S_OK = 0
 VIRTIO_BLK_S_IOERR = 1
 VIRTIO_BLK_S_UNSUPP = 2
 
-SECTOR = 512
 ID_BYTES = 20  # VIRTIO_BLK_ID_BYTES
 QUEUE_SIZE = 256
 CHUNK = 1 << 20
 _HEADER = struct.Struct("<IIQ")
-
-
-def check_image(path: Path, where: str) -> int:
-    """Return the size of a usable raw image, or raise a one-line ConfigError naming where."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot use {path}: {e.strerror or e}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{where}: {path} is not a regular file")
-    if st.st_size % SECTOR:
-        raise ConfigError(
-            f"{where}: {path} is {st.st_size} bytes, not a multiple of {SECTOR} "
-            "(a disk image holds whole sectors)"
-        )
-    return st.st_size
 
 
 class Blk(VirtioDevice):

@@ -65,12 +65,12 @@ class VirtioConfig:
         return len(self.blk) + len(self.net) + int(self.rng) + int(self.console)
 
 
-def _check_image(shown: str, where: str, base: Path | None) -> Path:
-    if not shown or "\0" in shown:
-        raise ConfigError(f"{where}: {shown!r} is not a valid path")
-    path = Path(shown).expanduser()
-    if base is not None and not path.is_absolute():
-        path = base / path
+def check_image(path: Path, where: str, shown: str | None = None) -> int:
+    """Return the size of a usable raw disk image, or raise a one-line ConfigError.
+
+    Both the config check and the device when it opens the file use it, so a file that
+    changed in between is judged by the same rules."""
+    shown = str(path) if shown is None else shown
     try:
         st = os.stat(path)
     except OSError as e:
@@ -82,6 +82,16 @@ def _check_image(shown: str, where: str, base: Path | None) -> Path:
             f"{where}: {shown} is {st.st_size} bytes, not a multiple of {SECTOR} "
             "(a disk image holds whole sectors)"
         )
+    return st.st_size
+
+
+def _check_image(shown: str, where: str, base: Path | None) -> Path:
+    if not shown or "\0" in shown:
+        raise ConfigError(f"{where}: {shown!r} is not a valid path")
+    path = Path(shown).expanduser()
+    if base is not None and not path.is_absolute():
+        path = base / path
+    check_image(path, where, shown)
     return path
 
 
