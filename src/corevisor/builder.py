@@ -4,7 +4,10 @@ Read it top to bottom: create VM -> memory -> irqchip -> exit policy -> vCPUs ->
 devices -> hypercalls -> virtio devices -> load the image -> boot tables -> boot
 registers -> channels.
 Each step is an attach_* function, so a later restore path (and a system restarting a
-partition) can reuse the same steps. What a partition gets from the system around it
+partition) can reuse the same steps. Each step hands what it creates to the machine at
+once (Machine.own / at_close) and registers its threads with Machine.at_start: a
+build that fails at any point leaves no fd and no thread behind, and a built machine
+runs nothing until start(). What a partition gets from the system around it
 (its channel ends, a serial backend that outlives restarts, its watchdog) comes in as
 PartitionLinks; a lone machine gets the defaults.
 """
@@ -12,9 +15,9 @@ PartitionLinks; a lone machine gets the defaults.
 from __future__ import annotations
 
 import errno
-import os
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,7 +30,6 @@ from corevisor.arch.x86_64.bootparams import (
     write_zero_page,
 )
 from corevisor.arch.x86_64.mptable import write_mptable
-from corevisor.bus import Bus
 from corevisor.channel import DOORBELL_PORT, ChannelEnd, DoorbellPort, ReadOnlyGuard
 from corevisor.config import PartitionConfig
 from corevisor.console import SerialBackend, open_serial
@@ -50,7 +52,6 @@ from corevisor.kvm.ioctls import Kvm
 from corevisor.loader import Initrd, LoadedImage, load_image, load_initrd
 from corevisor.machine import Machine
 from corevisor.memory import GuestMemory, MemoryRegion
-from corevisor.vcpu import Vcpu
 
 if TYPE_CHECKING:  # the virtio stack is imported only by partitions that have devices
     from corevisor.virtio.attach import VirtioSlot
@@ -84,17 +85,23 @@ class PartitionLinks:
 def build(
     config: PartitionConfig, kvm_path: str = "/dev/kvm", links: PartitionLinks | None = None
 ) -> Machine:
-    """Assemble a Machine for config; the caller starts it with run()."""
+    """Assemble a Machine for config; the caller starts it with start() or run().
+
+    Every resource is owned by the machine (or, before it exists, by the ExitStack that
+    becomes its own) from the moment it is created, so a failure at any step releases
+    every fd and mapping made so far. No thread starts here: each step registers what
+    start() must start.
+    """
     links = links if links is not None else PartitionLinks()
-    kvm = Kvm(kvm_path)
-    try:
+    with ExitStack() as owned:
+        kvm = Kvm(kvm_path)
+        owned.callback(kvm.close)
         _check_host(kvm, config)
         vm = kvm.create_vm()
-    except BaseException:
-        kvm.close()
-        raise
-    memory = GuestMemory.anonymous(layout.ram_layout(config.memory), name=f"{config.name}-ram")
-    m = Machine(config.name, kvm, vm, memory, Bus("pio", dense=True), Bus("mmio", dense=False))
+        owned.callback(vm.close)
+        memory = GuestMemory.anonymous(layout.ram_layout(config.memory), name=f"{config.name}-ram")
+        owned.callback(memory.close)
+        m = Machine(config.name, kvm, vm, memory, owned.pop_all())
     try:
         attach_memory(m)
         attach_irqchip(m)
@@ -187,14 +194,13 @@ def attach_vcpus(m: Machine, config: PartitionConfig) -> None:
     """Create the vCPUs with CPUID, MSRs and FPU state; pin each to its host core."""
     supported = m.kvm.supported_cpuid()
     for i in range(config.cpus):
-        fd = m.vm.create_vcpu(i)
-        fd.set_cpuid2(cpu.vcpu_cpuid(supported, i, config.cpus, fd.get_tsc_khz()))
-        fd.set_msrs(cpu.boot_msrs())
-        cpu.setup_fpu(fd)
         core = None
         if config.pin:
             core = config.pin[i] if len(config.pin) > 1 else config.pin[0]
-        m.vcpus.append(Vcpu(fd, m.pio, m.mmio, m.finish, host_core=core, memory=m.memory))
+        fd = m.add_vcpu(m.vm.create_vcpu(i), host_core=core).fd
+        fd.set_cpuid2(cpu.vcpu_cpuid(supported, i, config.cpus, fd.get_tsc_khz()))
+        fd.set_msrs(cpu.boot_msrs())
+        cpu.setup_fpu(fd)
 
 
 def attach_legacy_devices(
@@ -203,18 +209,18 @@ def attach_legacy_devices(
     """The PC devices every bundled guest (and Linux) expects at their usual ports.
 
     Returns the serial backend (the hypercall console writes there too); one passed in
-    belongs to the caller and is not closed with the machine.
+    belongs to the caller and is not closed with the machine. Host input starts with
+    the machine (a terminal goes raw only then).
     """
     if serial is None:
-        serial = open_serial(config.serial, config.name)
-        m.closers.append(serial.close)
+        serial = m.own(open_serial(config.serial, config.name))
     vm = m.vm
 
     def com1_irq(level: bool) -> None:
         vm.irq_line(layout.COM1_IRQ, 1 if level else 0)
 
     uart = Uart16550(serial.write, com1_irq)
-    serial.start_input(uart.enqueue_input)
+    m.at_start(lambda: serial.start_input(uart.enqueue_input))
     devices: dict[str, tuple[int, int, Device]] = {
         "com1": (layout.COM1_PORT, 8, uart),
         "i8042": (0x60, 5, I8042(m.guest_reset)),
@@ -266,19 +272,19 @@ def attach_virtio_devices(
     m: Machine, config: PartitionConfig, links: PartitionLinks, serial: SerialBackend
 ) -> list[VirtioSlot]:
     """virtio-mmio devices (virtio/attach.py): windows from 0xC000_0000, GSIs 5, 6, 7, ...,
-    kicks by ioeventfd and interrupts by irqfd, each device served by its own I/O thread.
-    Closed before the memory they address (closers run in reverse)."""
+    kicks by ioeventfd and interrupts by irqfd, each device served by its own I/O thread
+    (started with the machine). Owned by the machine as each is made, so they close
+    before the memory they address (newest first)."""
     if not config.virtio.count:
         return []
     from corevisor.virtio import attach as virtio_attach
 
-    devices = virtio_attach.make_devices(config.virtio, config.name, serial.write)
+    devices = virtio_attach.make_devices(config.virtio, config.name, serial.write, m)
     slots = virtio_attach.attach(
-        m.vm, m.memory, m.mmio.attach, devices, lambda msg: links.report(m.name, msg)
+        m.vm, m.memory, m.mmio.attach, devices, lambda msg: links.report(m.name, msg), m
     )
     for slot in slots:
         m.devices[slot.name] = slot.transport
-        m.closers.append(slot.close)
     return slots
 
 
@@ -333,8 +339,8 @@ def attach_channels(m: Machine, links: PartitionLinks) -> None:
             "one-way channels need KVM_CAP_READONLY_MEM, which this host's KVM lacks",
         )
     for end in links.channels:
-        region = MemoryRegion(end.gpa, end.size, fd=os.dup(end.memfd), readonly=end.readonly)
-        m.memory.add_region(region)
+        region = MemoryRegion.shared(end.gpa, end.size, end.memfd, end.readonly)
+        m.memory.add_region(region)  # owned by the memory from here on
         flags = KVM_MEM_READONLY if end.readonly else 0
         slot = CHANNEL_SLOT_BASE + end.index
         m.vm.set_user_memory_region(slot, end.gpa, end.size, region.host_address, flags)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from corevisor.config import MAX_CHANNELS, ChannelConfig
+from corevisor.signals import start_thread
 
 __all__ = [
     "DOORBELL_PORT",
@@ -49,24 +50,38 @@ class Channel:
 
     def __init__(self, config: ChannelConfig) -> None:
         self.config = config
+        self.fd = -1
+        self.bells: dict[str, int] = {}
+        self.rings = self.bells
+        self._relay: DoorbellRelay | None = None
+        try:
+            self._open(config)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, config: ChannelConfig) -> None:
         self.fd = os.memfd_create(f"channel-{config.name}", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, config.size)
         # Receiving partition -> the eventfd its peer rings. A one-way channel only
         # interrupts its reader: the reader has nothing to announce.
         receivers = (config.reader,) if config.reader is not None else config.between
-        self.bells: dict[str, int] = {
-            name: os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for name in receivers
-        }
+        for name in receivers:
+            self.bells[name] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         # What the ringing VM writes. On the kernel path it is the receiver's irqfd
-        # eventfd itself; with doorbell = "thread" a relay thread copies rings across.
-        self.rings = self.bells
-        self._relay: DoorbellRelay | None = None
+        # eventfd itself; with doorbell = "thread" a relay thread (started by start)
+        # copies rings across.
         if config.doorbell == "thread":
-            self.rings = {
-                name: os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for name in receivers
-            }
+            self.rings = {}
+            for name in receivers:
+                self.rings[name] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             pairs = [(self.rings[n], self.bells[n]) for n in receivers]
             self._relay = DoorbellRelay(pairs, f"doorbell-{config.name}")
+
+    def start(self) -> None:
+        """Start the relay thread of a doorbell = "thread" channel (once; idempotent)."""
+        if self._relay is not None:
+            self._relay.start()
 
     @property
     def name(self) -> str:
@@ -89,9 +104,14 @@ class Channel:
         )
 
     def close(self) -> None:
+        """Stop the relay and close the memfd and eventfds; idempotent."""
         if self._relay is not None:
             self._relay.close()
-        fds = {self.fd, *self.bells.values(), *self.rings.values()}
+            self._relay = None
+        fds = {self.fd, *self.bells.values(), *self.rings.values()} - {-1}
+        self.fd = -1
+        self.bells.clear()
+        self.rings.clear()
         for fd in fds:
             os.close(fd)
 
@@ -105,9 +125,13 @@ class DoorbellRelay:
 
     def __init__(self, pairs: Sequence[tuple[int, int]], name: str) -> None:
         self._targets = dict(pairs)
+        self._name = name
         self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = start_thread(self._run, self._name)
 
     def _run(self) -> None:
         poller = select.poll()
@@ -124,8 +148,9 @@ class DoorbellRelay:
                 os.eventfd_write(self._targets[fd], 1)
 
     def close(self) -> None:
-        os.eventfd_write(self._stop, 1)
-        self._thread.join(5)
+        if self._thread is not None:
+            os.eventfd_write(self._stop, 1)
+            self._thread.join(5)
         os.close(self._stop)
 
 

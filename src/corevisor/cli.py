@@ -1,10 +1,12 @@
 """The `corevisor` command: run a guest, a system file or the bundled demo; list guests.
 
 User errors (bad config, bad image, missing /dev/kvm) print one line prefixed with
-"corevisor:" and exit 2; a guest that stops abnormally prints a report with its
-registers and exits 1; a guest that writes its status to the exit port makes corevisor
-exit with that status. With several partitions: 0 if all of them ended with 0, else the
-first non-zero status (system.py). Only bugs keep their traceback.
+"corevisor:" and exit 2; a guest that stops abnormally (including one halted with
+interrupts off) prints a report with its registers and exits 1; a guest that writes its
+status to the exit port makes corevisor exit with that status. With several partitions:
+0 if all of them ended with 0, else the first non-zero status (system.py). SIGINT
+(Ctrl-C), SIGTERM and SIGHUP stop the run cleanly and exit 128 + the signal number:
+130, 143, 129 (signals.py). Only bugs keep their traceback.
 """
 
 from __future__ import annotations
@@ -117,11 +119,18 @@ def _resolve(args: argparse.Namespace) -> SystemConfig:
     return SystemConfig(partitions=(part,))
 
 
-def _run_system(system: SystemConfig, timeout: float | None) -> int:
-    """Run every partition under the health monitor; see system.py for the exit status."""
-    from corevisor.system import System  # KVM imports only when running
+def _run_system(config: SystemConfig, timeout: float | None) -> int:
+    """Run every partition under the health monitor; see system.py for the exit status.
 
-    return System(system).run(timeout)
+    SIGINT, SIGTERM and SIGHUP stop every partition cleanly (terminal restored, unix:
+    sockets removed) and the run exits with 128 + the signal's number.
+    """
+    from corevisor.signals import stop_signals  # KVM imports only when running
+    from corevisor.system import System
+
+    system = System(config)
+    with stop_signals(system.request_stop):
+        return system.run(timeout)
 
 
 def _list_guests(build: bool) -> int:

@@ -24,7 +24,8 @@ it would be unclear which guest a keystroke is for.
 
 ``write`` runs on a vCPU thread once per guest byte, so it does the least it can. Input
 arrives on a daemon thread per backend that calls ``feed`` (the UART's
-``enqueue_input``).
+``enqueue_input``); that thread starts in ``start_input``, which the machine calls
+from its start(), never while it is being built.
 
 What does not live here: parsing and validating the spec (config.py) and the UART
 itself (devices/uart16550.py).
@@ -45,6 +46,7 @@ from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
 
 from corevisor.errors import ConfigError
+from corevisor.signals import start_thread
 
 __all__ = [
     "SerialBackend",
@@ -93,8 +95,12 @@ class _InputPump:
         self._fd = fd
         self._feed = feed
         self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, name=f"serial-in-{name}", daemon=True)
-        self._thread.start()
+        try:
+            self._thread = start_thread(self._run, f"serial-in-{name}")
+        except BaseException:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            raise
 
     def _run(self) -> None:
         with selectors.DefaultSelector() as sel:
@@ -231,10 +237,14 @@ class UnixSocketSerial:
         self._backlog = bytearray()
         self._feed: Feed | None = None
         self._closed = False
+        self._thread: threading.Thread | None = None  # accepts clients; start_input starts it
         self._listener = self._listen()
-        self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, name=f"serial-{name}", daemon=True)
-        self._thread.start()
+        try:
+            self._wake_r, self._wake_w = os.pipe()
+        except BaseException:
+            self._listener.close()
+            self._unlink()
+            raise
 
     def _error(self, reason: str) -> ConfigError:
         return ConfigError(f'{self._name}: serial "unix:{self.path}": {reason}')
@@ -290,8 +300,14 @@ class UnixSocketSerial:
                     client.shutdown(socket.SHUT_RDWR)
 
     def start_input(self, feed: Feed) -> None:
-        """Deliver what clients send to ``feed`` (bytes arriving earlier were dropped)."""
+        """Start accepting clients and deliver what they send to ``feed``.
+
+        Until then (a machine built but not started) a client's connection waits in
+        the listen backlog, and output is kept for it as for any absent client.
+        """
         self._feed = feed
+        if self._thread is None and not self._closed:
+            self._thread = start_thread(self._run, f"serial-{self._name}")
 
     @property
     def connected(self) -> bool:
@@ -305,14 +321,19 @@ class UnixSocketSerial:
         self._closed = True
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
-        self._thread.join(_JOIN_TIMEOUT)
+        thread = self._thread
+        if thread is not None:
+            thread.join(_JOIN_TIMEOUT)
         self._listener.close()
+        self._unlink()
+        if thread is None or not thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _unlink(self) -> None:
         with contextlib.suppress(OSError):
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 os.unlink(self.path)
-        if not self._thread.is_alive():
-            os.close(self._wake_r)
-            os.close(self._wake_w)
 
     def _run(self) -> None:
         current: socket.socket | None = None

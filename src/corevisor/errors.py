@@ -30,6 +30,15 @@ class KvmError(CorevisorError):
         super().__init__(f"{msg}: {detail}" if detail else msg)
 
 
+class StateError(CorevisorError):
+    """An operation the target's lifecycle state does not allow, e.g.
+    ``cannot pause partition rtos: it is stopped`` (an API answers 409 Conflict)."""
+
+
+class NotFoundError(CorevisorError):
+    """No partition (or other named object) by that name (an API answers 404)."""
+
+
 class GuestMemoryError(CorevisorError):
     """A guest-physical access fell outside guest RAM (the software IOMMU said no)."""
 

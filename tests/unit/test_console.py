@@ -118,6 +118,7 @@ def test_unix_output_and_input(sock_path: str) -> None:
 
 def test_unix_output_before_connect_is_kept(sock_path: str) -> None:
     backend = UnixSocketSerial(sock_path, "demo")
+    backend.start_input(Inbox())  # its accept thread starts here, as in Machine.start
     try:
         backend.write(b"x" * 10)
         backend.write(b"boot log\n")
@@ -133,6 +134,7 @@ def test_unix_output_before_connect_is_kept(sock_path: str) -> None:
 
 def test_unix_backlog_keeps_newest(sock_path: str) -> None:
     backend = UnixSocketSerial(sock_path, "demo")
+    backend.start_input(Inbox())  # its accept thread starts here, as in Machine.start
     try:
         backend.write(b"a" * UNIX_BACKLOG_LIMIT)
         backend.write(b"tail")
@@ -173,6 +175,7 @@ def test_unix_client_disconnect_and_new_client(sock_path: str) -> None:
 
 def test_unix_client_that_does_not_read_does_not_stall_writes(sock_path: str) -> None:
     backend = UnixSocketSerial(sock_path, "demo")
+    backend.start_input(Inbox())  # its accept thread starts here, as in Machine.start
     client = connect(sock_path)
     try:
         wait_for(lambda: backend.connected)
