@@ -5,9 +5,9 @@ attach_gdb(machine, ...) is the builder's step: it wraps the machine in a DebugT
 and registers the server thread, which starts with the machine. A session speaks the
 remote serial protocol (all-stop, threads = vCPUs) until GDB detaches (the guest runs
 on, breakpoints removed), kills (the machine ends), disconnects (treated as a detach)
-or the machine ends (GDB gets W/X). Any malformed input gets an error reply or drops the connection; neither the
-guest nor the VMM is affected. Nothing here touches KVM or guest memory directly:
-that is target.py.
+or the machine ends (GDB gets W/X). Any malformed input gets an error reply or drops
+the connection; neither the guest nor the VMM is affected. Nothing here touches KVM or
+guest memory directly: that is target.py.
 """
 
 from __future__ import annotations

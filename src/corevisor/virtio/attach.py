@@ -93,13 +93,13 @@ def make_devices(
         raise ConfigError(f"{where}: more than {len(VIRTIO_GSIS)} virtio devices")
     devices: list[tuple[str, VirtioDevice]] = []
     for i, blk in enumerate(config.blk):
-        device = owner.own(Blk(blk.path, blk.readonly, f"{where}.blk[{i}]"))
-        devices.append((f"virtio-blk{i}", device))
+        disk = owner.own(Blk(blk.path, blk.readonly, f"{where}.blk[{i}]"))
+        devices.append((f"virtio-blk{i}", disk))
     for i, net in enumerate(config.net):
         tap = owner.own(_Fd(open_tap(net.tap, f"{where}.net[{i}]")))
         mac = default_mac(f"{partition}/{net.tap}")
-        device = owner.own(Net(tap.take(), mac, f"virtio-net({net.tap})"))
-        devices.append((f"virtio-net{i}", device))
+        nic = owner.own(Net(tap.take(), mac, f"virtio-net({net.tap})"))
+        devices.append((f"virtio-net{i}", nic))
     if config.rng:
         devices.append(("virtio-rng", owner.own(Rng())))
     if config.console:
