@@ -140,7 +140,7 @@ def run_mode(
     # (a) idle with a 1 kHz timer
     with build(cfg) as m:
         stats = VcpuStats(m.vcpus[0].fd.fd, HALT_STATS)
-        m.closers.append(stats.close)
+        m.at_close(stats.close)
         m.start()
         time.sleep(0.3)  # boot (CPL0 set-up is emulated)
         tid = m.vcpus[0].native_id

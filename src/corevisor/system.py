@@ -265,8 +265,12 @@ class System:
         """A "message" event about name (any thread; delivered later from a safe one)."""
         self._events.append(Event(name, "message", message, registers=registers))
 
-    def _publish(self, p: _Partition, kind: str, message: str = "", **extra: object) -> None:
-        self._events.append(Event(p.name, kind, message, p.state, **extra))  # type: ignore[arg-type]
+    def _publish(
+        self, p: _Partition, kind: str, message: str = "", status: int | None = None,
+        registers: str = "",
+    ) -> None:
+        """Queue an event about p (delivered by _deliver, outside every partition lock)."""
+        self._events.append(Event(p.name, kind, message, p.state, status, registers))
 
     def _deliver(self) -> None:
         """Hand queued events to the subscribers, in order, one deliverer at a time."""
@@ -496,8 +500,8 @@ class System:
         p.watchdog.kick(p.config.watchdog_ms)
         try:
             m.start()
-        except BaseException:
-            self._end(p, EXIT_GUEST_FAULT, "error", "failed to start")
+        except BaseException as e:
+            self._end(p, EXIT_GUEST_FAULT, "error", f"failed to start: {e}")
             raise
         self._set_state(p, _S.RUNNING)
 
