@@ -16,6 +16,8 @@ _API = {
     "build": "corevisor.builder",
     "Machine": "corevisor.machine",
     "System": "corevisor.system",
+    "PartitionState": "corevisor.system",
+    "MachineState": "corevisor.machine",
     "CorevisorError": "corevisor.errors",
     "ConfigError": "corevisor.errors",
     "KvmError": "corevisor.errors",
@@ -23,6 +25,8 @@ _API = {
     "LoaderError": "corevisor.errors",
     "DeviceError": "corevisor.errors",
     "GuestStopped": "corevisor.errors",
+    "StateError": "corevisor.errors",
+    "NotFoundError": "corevisor.errors",
     "SnapshotError": "corevisor.errors",
 }
 __all__ = sorted(_API)
