@@ -648,6 +648,8 @@ class System:
         try:
             self.open()
             for name in list(self._parts):
+                if self._stop_request is not None:
+                    break  # a signal came during the build: the monitor stops the rest
                 self.start(name)
             self._monitor_until_stopped(timeout)
         finally:

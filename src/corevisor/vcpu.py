@@ -78,7 +78,7 @@ class Vcpu:
         self.mmio = mmio
         self.on_stop = on_stop
         self.host_core = host_core
-        self.state = VcpuState.CREATED  # written by the vCPU thread (and close)
+        self.state = VcpuState.CREATED  # written by the vCPU thread, under _cond
         self.exits = 0
         # Installed by a debugger (gdb/target.py): called on this thread for KVM_EXIT_DEBUG
         # and KVM_EXIT_INTERNAL_ERROR; True means "mine, handled" (the handler has posted
