@@ -20,7 +20,7 @@ partition (in time) that did not. A partition stopped by the host (timeout, halt
 counts as 1, Ctrl-C as 130.
 
 What does not live here: building one machine (builder.py), channel resources
-(channel.py), hypercalls (hypercall.py), validating the file (config.py).
+(channel.py), hypercalls (hypercall.py), validating the file (config/).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from typing import TextIO
 from corevisor.arch.x86_64.cpu import format_registers
 from corevisor.builder import PartitionLinks, build
 from corevisor.channel import Channel, ends_for, open_channels
-from corevisor.config import PartitionConfig, SystemConfig
 from corevisor.console import ConsoleMux, PrefixedSerial
 from corevisor.errors import CorevisorError
 from corevisor.machine import Machine
+from corevisor.spec import PartitionSpec, RestartPolicy, SerialKind, SystemSpec
 from corevisor.vcpu import StopReport
 
 __all__ = ["System", "Watchdog", "MAX_RESTARTS", "RESTART_WINDOW", "EXIT_GUEST_FAULT"]
@@ -80,7 +80,7 @@ class _Partition:
     """One partition's config, its current machine, and what happened to it."""
 
     index: int
-    config: PartitionConfig
+    config: PartitionSpec
     links: PartitionLinks
     watchdog: Watchdog
     machine: Machine | None = None
@@ -93,10 +93,10 @@ class _Partition:
 
 
 class System:
-    """Partitions from one SystemConfig, run together under a health monitor."""
+    """Partitions from one SystemSpec, run together under a health monitor."""
 
     def __init__(
-        self, config: SystemConfig, kvm_path: str = "/dev/kvm", err: TextIO | None = None
+        self, config: SystemSpec, kvm_path: str = "/dev/kvm", err: TextIO | None = None
     ) -> None:
         self.config = config
         self.kvm_path = kvm_path
@@ -166,7 +166,7 @@ class System:
         width = max(len(p.name) for p in parts)
         serials = {}
         for part in parts:
-            if part.serial == "stdout":
+            if part.serial.kind is SerialKind.STDOUT:
                 serial = mux.backend(part.name, str(log_dir / f"{part.name}.log"), width)
                 self._consoles.append(serial)
                 serials[part.name] = serial
@@ -237,13 +237,13 @@ class System:
         now = time.monotonic()
         while p.restarts and now - p.restarts[0] > RESTART_WINDOW:
             p.restarts.popleft()
-        restart = policy == "restart" and len(p.restarts) < MAX_RESTARTS
+        restart = policy is RestartPolicy.RESTART and len(p.restarts) < MAX_RESTARTS
         if restart:
             p.restarts.append(now)
             action = f"restarting ({len(p.restarts)}/{MAX_RESTARTS} in {RESTART_WINDOW:g} s)"
-        elif policy == "restart":
+        elif policy is RestartPolicy.RESTART:
             action = f"crash loop ({MAX_RESTARTS} restarts in {RESTART_WINDOW:g} s): stays down"
-        elif policy == "halt-system":
+        elif policy is RestartPolicy.HALT_SYSTEM:
             action = "halting the system"
         else:
             action = "stays down; the other partitions continue"
@@ -253,7 +253,7 @@ class System:
             self._restart(p)
             return
         self._end(p, EXIT_GUEST_FAULT)
-        if policy == "halt-system":
+        if policy is RestartPolicy.HALT_SYSTEM:
             self._stop_all(f"system halted: partition {p.name} stopped abnormally")
 
     def _restart(self, p: _Partition) -> None:

@@ -1,10 +1,11 @@
 """Putting a partition's virtio devices into its VM: windows, GSIs, eventfds, I/O threads.
 
-Placement is fixed so a guest (and a restored snapshot) sees the same machine every
-time: device i gets the 4 KiB MMIO window at 0xC000_0000 + i * 0x1000 (the bottom of
-the hole below 4 GiB; channels start at 0xD000_0000) and the i-th GSI of 5, 6, 7, 9,
-10, 11, 12, 14, 15 (ISA lines no legacy device of ours uses; 16..23 are the channels').
-Order: blk devices, net devices, rng, console, each in config order.
+Placement comes from the machine's resource map (resources.py) and is the same every
+time, so a guest (and a restored snapshot) sees the same machine: device i gets the
+lowest free 4 KiB window of the virtio-mmio pool (from 0xC000_0000, the bottom of the
+hole below 4 GiB) and the first free GSI of resources.VIRTIO_GSIS (ISA lines no legacy
+device of ours uses; 16..23 are the channels'). Order: blk devices, net devices, rng,
+console, each in config order.
 
 Per device: a VirtioMmio on the MMIO bus, one KVM ioeventfd per queue on QueueNotify
 (datamatch = queue index), one irqfd on its GSI, and an IoThread. The guest learns about
@@ -19,12 +20,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from corevisor.arch.x86_64 import layout
 from corevisor.errors import ConfigError
 from corevisor.kvm.ioctls import VmFd
 from corevisor.memory import GuestMemory
+from corevisor.resources import (
+    VIRTIO_GSIS,
+    VIRTIO_WINDOW_SIZE,
+    VIRTIO_WINDOWS,
+    Resources,
+    Space,
+)
+from corevisor.spec import VirtioSpec
 from corevisor.virtio.blk import Blk
-from corevisor.virtio.config import VirtioConfig
 from corevisor.virtio.console import Console
 from corevisor.virtio.device import VirtioDevice
 from corevisor.virtio.mmio import MMIO_SIZE, REG, VirtioMmio
@@ -32,10 +39,9 @@ from corevisor.virtio.net import Net, default_mac, open_tap
 from corevisor.virtio.rng import Rng
 from corevisor.virtio.worker import IoThread
 
-__all__ = ["VirtioSlot", "VIRTIO_MMIO_BASE", "VIRTIO_GSIS", "make_devices", "attach", "cmdline"]
+__all__ = ["VirtioSlot", "make_devices", "attach", "cmdline"]
 
-VIRTIO_MMIO_BASE = layout.VIRTIO_MMIO_START
-VIRTIO_GSIS = (5, 6, 7, 9, 10, 11, 12, 14, 15)
+assert MMIO_SIZE == VIRTIO_WINDOW_SIZE, "resources.py sizes the windows of this transport"
 
 
 @dataclass
@@ -59,7 +65,7 @@ class VirtioSlot:
 
 
 def make_devices(
-    config: VirtioConfig, partition: str, console_out: Callable[[bytes], None]
+    config: VirtioSpec, partition: str, console_out: Callable[[bytes], None]
 ) -> list[tuple[str, VirtioDevice]]:
     """Open every backend (images, TAPs) and build the device models, in slot order."""
     devices: list[tuple[str, VirtioDevice]] = []
@@ -93,16 +99,20 @@ def attach(
     attach_mmio: Callable[[int, int, VirtioMmio, str], None],
     devices: list[tuple[str, VirtioDevice]],
     report: Callable[[str], None],
+    res: Resources,
 ) -> list[VirtioSlot]:
     """Wire each device into the VM and start its I/O thread; returns the slots.
 
-    attach_mmio(base, size, device, name) is the machine's MMIO bus attach. The caller
+    attach_mmio(base, size, device, name) is the machine's MMIO bus attach; res the
+    machine's resource map, which gives each device its window and GSI. The caller
     closes the slots (after the vCPUs stopped) through VirtioSlot.close.
     """
     slots: list[VirtioSlot] = []
-    for i, (name, device) in enumerate(devices):
-        base = VIRTIO_MMIO_BASE + i * MMIO_SIZE
-        gsi = VIRTIO_GSIS[i]
+    for name, device in devices:
+        base = res.allocate(Space.GPA, MMIO_SIZE, name, pool=VIRTIO_WINDOWS, align=MMIO_SIZE)
+        gsi = res.allocate_from(Space.GSI, VIRTIO_GSIS, name)
+        if base is None or gsi is None:
+            raise ConfigError(f"{res.name}: no free virtio-mmio window or GSI for {name}")
         transport = VirtioMmio(device, memory, report)
         worker = IoThread(transport, name)
         slot = VirtioSlot(name, base, gsi, transport, worker)
