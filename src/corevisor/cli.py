@@ -57,7 +57,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _err(msg: str) -> None:
-    print(f"corevisor: {show(msg)}", file=sys.stderr, flush=True)
+    print(f"corevisor: {show(msg, limit=None)}", file=sys.stderr, flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:

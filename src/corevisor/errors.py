@@ -49,12 +49,13 @@ def _unsafe(ch: str) -> bool:
     return code < 0x20 or 0x7F <= code < 0xA0 or 0xD800 <= code < 0xE000 or ch in "\u2028\u2029"
 
 
-def show(value: object, limit: int = SHOW_LIMIT) -> str:
+def show(value: object, limit: int | None = SHOW_LIMIT) -> str:
     """A user's text (a path, a name) as it may appear in a message: control characters,
     newlines and undecodable bytes escaped (\\n, \\e, \\x00, \\xff), the rest as is;
-    longer than limit characters, its middle is elided (a 5000-byte path stays readable)."""
+    longer than limit characters, its middle is elided (a 5000-byte path stays readable;
+    limit None: a whole message, whose values were shown already)."""
     text = os.fsdecode(value) if isinstance(value, bytes) else str(value)
-    if len(text) > limit:
+    if limit is not None and len(text) > limit:
         keep = limit // 2
         text = f"{text[:keep]}...({len(text)} characters)...{text[-keep // 2:]}"
     if not any(_unsafe(ch) for ch in text):

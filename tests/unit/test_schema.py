@@ -16,7 +16,8 @@ from corevisor.config.toml import CHANNEL_KEYS, PARTITION_KEYS
 from corevisor.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-REAL_FILES = sorted([ROOT / "examples" / "demo.toml", *(ROOT / "guests" / "systems").glob("*.toml")])
+SYSTEMS = sorted((ROOT / "guests" / "systems").glob("*.toml"))
+REAL_FILES = [ROOT / "examples" / "demo.toml", *SYSTEMS]
 
 FULL = """
 [partitions.rtos]

@@ -31,10 +31,10 @@ __all__ = [
     "SERIAL_HINT",
 ]
 
-_SIZE_RE = re.compile(r"(\d+)\s*([KMG]?)", re.IGNORECASE)
+_SIZE_RE = re.compile(r"([0-9]+)\s*([KMG]?)", re.IGNORECASE | re.ASCII)
 _SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _SIZE_HINT = "use a number of bytes or a suffix K, M, G: 64M"
-_CPU_ITEM_RE = re.compile(r"(\d+)(?:-(\d+))?")
+_CPU_ITEM_RE = re.compile(r"([0-9]+)(?:-([0-9]+))?", re.ASCII)
 # Beyond this a CPU list is a typo, and expanding "0-999999999" would eat the host.
 _MAX_CPU_NUMBER = 1 << 16
 SERIAL_HINT = "use stdout, null, file:PATH or unix:PATH"

@@ -21,6 +21,7 @@ nothing (its import took ~13 ms beyond what `run` already imports, measured with
 from __future__ import annotations
 
 import dataclasses
+import enum
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +118,6 @@ def _spec_classes(roots: tuple[type, ...]) -> dict[str, type]:
 
 
 def _is_enum(t: type) -> bool:
-    import enum
-
     return issubclass(t, enum.Enum)
 
 
@@ -168,8 +167,10 @@ def _document_default(f: dataclasses.Field[Any]) -> Any:
         return str(value)
     if isinstance(value, tuple):
         return list(value) if not value or not dataclasses.is_dataclass(value[0]) else []
+    if isinstance(value, enum.Enum):
+        return value.value
     if isinstance(value, bool | int | str):
-        return value.value if _is_enum(type(value)) else value  # type: ignore[attr-defined]
+        return value
     return dataclasses.MISSING
 
 

@@ -185,7 +185,14 @@ def _check_pin(p: PartitionSpec, keys: Keys, host: HostFacts) -> None:
 def _check_cmdline(cmdline: str, where: str) -> None:
     if "\0" in cmdline:
         raise ConfigError(f"{where}: contains a NUL character")
-    length = len(cmdline.encode("utf-8", "surrogateescape"))
+    try:
+        length = len(cmdline.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        # A command-line argument that was not UTF-8 (Python keeps such bytes as lone
+        # surrogates): the guest's command line is text, and so is the spec.
+        raise ConfigError(
+            f"{where}: not valid UTF-8 (at character {e.start}: {show(cmdline[e.start])})"
+        ) from None
     if length > MAX_CMDLINE:
         raise ConfigError(f"{where}: {length} bytes long (at most {MAX_CMDLINE})")
 

@@ -41,7 +41,15 @@ def check_image(path: Path, where: str, shown: str | None = None) -> int:
 
 
 def check_tap(name: object, where: str) -> str:
-    """A host network interface name: 1..15 bytes, no slash."""
-    if not isinstance(name, str) or not name or "/" in name or len(name.encode()) >= IFNAMSIZ:
+    """A host network interface name: 1..15 bytes of UTF-8, no slash."""
+    if not isinstance(name, str) or not name or "/" in name or len(_utf8(name)) >= IFNAMSIZ:
         raise ConfigError(f"{where}: {quote(name)} is not a network interface name (1-15 bytes)")
     return name
+
+
+def _utf8(text: str) -> bytes:
+    """text as UTF-8; bytes that were not UTF-8 on the command line make it too long."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return bytes(IFNAMSIZ)
