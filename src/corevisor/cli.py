@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import NoReturn
 
 from corevisor import bundled, linuxboot
-from corevisor.config import load_config, partition_from_args
 from corevisor.errors import CorevisorError, show
 from corevisor.spec import SystemSpec
 
@@ -133,6 +132,8 @@ def _resolve(args: argparse.Namespace) -> SystemSpec:
                 f"--{flag} cannot be combined with a system file ({show(target)}): give "
                 f"each partition a {PARTITION_OPTIONS[flag]} key instead"
             )
+        from corevisor.config.toml import load_config  # the readers only when needed
+
         system = load_config(Path(target), gdb_allow_remote=args.gdb_allow_remote)
         if args.gdb_attach:
             parts = tuple(replace(p, gdb_attach=p.gdb is not None) for p in system.partitions)
@@ -142,6 +143,8 @@ def _resolve(args: argparse.Namespace) -> SystemSpec:
         raise CorevisorError("--gdb-attach needs --gdb HOST:PORT")
     if target in bundled.GUESTS and not Path(target).exists():
         target = str(bundled.ensure_built(target))
+    from corevisor.config.args import partition_from_args
+
     part = partition_from_args(
         target,
         cpus=1 if cpus is None else cpus,

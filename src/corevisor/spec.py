@@ -21,9 +21,9 @@ pays for it at every start.
 from __future__ import annotations
 
 import enum
-from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "PartitionSpec",
@@ -105,8 +105,7 @@ def doc(
     }
 
 
-@dataclass(frozen=True)
-class DocField:
+class DocField(NamedTuple):  # not a dataclass: `corevisor run` builds none it need not
     """One key of a document table and the spec field that holds it."""
 
     key: str
@@ -127,7 +126,7 @@ def document_fields(cls: type) -> tuple[DocField, ...]:
             inner = f.default if f.default is not MISSING else None
             assert inner is not None, f"{cls.__name__}.{f.name}: flatten needs a default"
             for sub in document_fields(type(inner)):
-                out.append(replace(sub, path=(f.name, *sub.path)))
+                out.append(sub._replace(path=(f.name, *sub.path)))
             continue
         out.append(
             DocField(

@@ -17,8 +17,14 @@ from pathlib import Path
 
 from corevisor.config import files
 from corevisor.config.host import HostFacts, gather
-from corevisor.config.parse import parse_cpu_list, parse_gdb, parse_path, parse_serial, parse_size
-from corevisor.config.toml import NAME_RE
+from corevisor.config.parse import (
+    NAME_RE,
+    parse_cpu_list,
+    parse_gdb,
+    parse_path,
+    parse_serial,
+    parse_size,
+)
 from corevisor.config.validate import CLI_KEYS, validate_partition
 from corevisor.errors import ConfigError, quote, show
 from corevisor.spec import NAME_PATTERN, BlkSpec, NetSpec, PartitionSpec, VirtioSpec

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from corevisor.errors import ConfigError, quote
-from corevisor.spec import HostPort, SerialKind, SerialSpec
+from corevisor.spec import NAME_PATTERN, HostPort, SerialKind, SerialSpec
 
 __all__ = [
     "parse_size",
@@ -29,8 +29,10 @@ __all__ = [
     "format_cpu_list",
     "type_name",
     "SERIAL_HINT",
+    "NAME_RE",
 ]
 
+NAME_RE = re.compile(NAME_PATTERN)  # partition and channel names
 _SIZE_RE = re.compile(r"([0-9]+)\s*([KMG]?)", re.IGNORECASE | re.ASCII)
 _SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _SIZE_HINT = "use a number of bytes or a suffix K, M, G: 64M"

@@ -57,6 +57,7 @@ from typing import Any, TypeVar
 from corevisor.config import files
 from corevisor.config.host import HostFacts, gather
 from corevisor.config.parse import (
+    NAME_RE,
     parse_cpu_list,
     parse_gdb,
     parse_path,
@@ -92,7 +93,6 @@ __all__ = [
     "MAX_SYSTEM_FILE",
 ]
 
-NAME_RE = re.compile(NAME_PATTERN)
 TOP_LEVEL_KEYS = ("partitions", "channels", "system")
 SYSTEM_KEYS = ("log_dir",)
 PARTITION_KEYS = document_keys(PartitionSpec)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from corevisor.arch.x86_64 import layout
 from corevisor.config.host import HostFacts
@@ -49,7 +49,7 @@ from corevisor.spec import (
     SystemSpec,
 )
 
-__all__ = ["Keys", "FILE_KEYS", "CLI_KEYS", "API_KEYS", "validate_partition",
+__all__ = ["Keys", "CLI_KEYS", "API_KEYS", "validate_partition",
            "validate_system", "validate_addition"]
 
 # What the `run` options are called, by spec key (args.py reads them).
@@ -69,13 +69,15 @@ _OPTIONS = {
 }
 
 
-@dataclass(frozen=True)
 class Keys:
     """How messages name a key: ``prefix`` (the file) plus its path in the document, or
     the command-line option that set it."""
 
-    prefix: str = ""  # "system.toml: " for a file
-    options: Mapping[str, str] | None = field(default=None)  # spec key -> CLI option
+    __slots__ = ("prefix", "options")
+
+    def __init__(self, prefix: str = "", options: Mapping[str, str] | None = None) -> None:
+        self.prefix = prefix  # "system.toml: " for a file
+        self.options = options  # spec key -> CLI option
 
     def of(self, partition: str, key: str | None = None) -> str:
         """A partition's key (or the partition itself): "FILE: partitions.NAME.KEY"."""
@@ -87,11 +89,8 @@ class Keys:
         """A key outside the partitions ("channels.c.gpa", "partitions", "system.log_dir")."""
         return f"{self.prefix}{path}"
 
-    def file(self, fname: str) -> Keys:
-        return Keys(prefix=f"{fname}: ")
 
 
-FILE_KEYS = Keys()  # use .file(fname)
 CLI_KEYS = Keys(options=_OPTIONS)
 API_KEYS = Keys()
 
