@@ -36,7 +36,7 @@ from corevisor.devices.i8042 import I8042
 from corevisor.devices.postcode import PostCode
 from corevisor.devices.rtc import Rtc
 from corevisor.devices.uart16550 import Uart16550
-from corevisor.errors import ConfigError, KvmError
+from corevisor.errors import ConfigError, KvmError, show
 from corevisor.hypercall import HypercallHost, Hypercalls, handler_table
 from corevisor.kvm.bindings import (
     KVM_MEM_READONLY,
@@ -49,7 +49,7 @@ from corevisor.kvm.ioctls import Kvm
 from corevisor.loader import Initrd, LoadedImage, load_image, load_initrd
 from corevisor.machine import Machine
 from corevisor.memory import GuestMemory, MemoryRegion
-from corevisor.resources import CHANNEL_SLOTS, Resources, Space, machine_map
+from corevisor.resources import CHANNEL_SLOTS, FIXED_GSIS, Resources, Space, machine_map
 from corevisor.spec import ExitMode, PartitionSpec
 from corevisor.vcpu import Vcpu
 
@@ -60,7 +60,7 @@ REQUIRED_CAPS = (Cap.IRQCHIP, Cap.USER_MEMORY, Cap.IMMEDIATE_EXIT, Cap.PIT2, Cap
 
 
 def _report_to_stderr(name: str, message: str) -> None:
-    print(f"corevisor: {name}: {message}", file=sys.stderr, flush=True)
+    print(f"corevisor: {name}: {show(message, limit=None)}", file=sys.stderr, flush=True)
 
 
 def _no_watchdog(ms: int) -> None:
@@ -305,7 +305,7 @@ def attach_boot_tables(
     """Tables a guest reads to find its CPUs: boot GDT, MP table, ACPI; returns the RSDP."""
     cpu.write_boot_gdt(m.memory)
     # KVM's default GSI routing wires the PIT (IRQ0) to IOAPIC pin 0, not pin 2 as on PCs.
-    write_mptable(m.memory, config.cpus, irq0_pin=0)
+    write_mptable(m.memory, config.cpus, irq0_pin=FIXED_GSIS["the PIT"])
     windows = [(s.base, s.size, s.gsi) for s in virtio or ()]
     return write_acpi_tables(m.memory, config.cpus, windows)
 

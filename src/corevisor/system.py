@@ -39,7 +39,7 @@ from corevisor.arch.x86_64.cpu import format_registers
 from corevisor.builder import PartitionLinks, build
 from corevisor.channel import Channel, ends_for, open_channels
 from corevisor.console import ConsoleMux, PrefixedSerial
-from corevisor.errors import CorevisorError
+from corevisor.errors import CorevisorError, show
 from corevisor.machine import Machine
 from corevisor.spec import PartitionSpec, RestartPolicy, SerialKind, SystemSpec
 from corevisor.vcpu import StopReport
@@ -112,7 +112,7 @@ class System:
     def event(self, name: str, message: str, registers: str = "") -> None:
         """One line on stderr, plus a register dump when there is one."""
         with self._err_lock:
-            print(f"corevisor: {name}: {message}", file=self._err, flush=True)
+            print(f"corevisor: {name}: {show(message, limit=None)}", file=self._err, flush=True)
             if registers:
                 print(registers, file=self._err, flush=True)
 

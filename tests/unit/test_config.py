@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 
 from corevisor.config import (
-    PartitionSpec,
-    SystemSpec,
     format_cpu_list,
     load_config,
     parse_cpu_list,
@@ -17,7 +15,7 @@ from corevisor.config import (
     partition_from_args,
 )
 from corevisor.errors import ConfigError
-from corevisor.spec import SerialKind, SerialSpec
+from corevisor.spec import PartitionSpec, SerialKind, SerialSpec, SystemSpec
 
 ALLOWED = sorted(os.sched_getaffinity(0))
 NCPUS = os.cpu_count() or 1

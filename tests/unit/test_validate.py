@@ -205,3 +205,13 @@ def test_a_shared_allocation_fits_both_maps() -> None:
     b.claim(Space.GPA, 0x2000, 0x2000, "b's thing")
     assert a.allocate(Space.GPA, 0x1000, "shared", within=(0x1000, 0x10000), also=(b,)) == 0x4000
     assert b.conflict(Space.GPA, 0x4000, 1) is not None  # claimed in both
+
+
+def test_the_names_other_code_imports_still_resolve() -> None:
+    import corevisor
+    from corevisor import config
+
+    for name in config.__all__:
+        assert getattr(config, name) is not None, name
+    assert config.PartitionConfig is PartitionSpec and corevisor.SystemSpec is SystemSpec
+    assert corevisor.load_config is config.load_config

@@ -80,7 +80,7 @@ def partition_from_args(
     if name is not None and NAME_RE.fullmatch(name) is None:
         raise ConfigError(f"--name: bad partition name {quote(name)} (use {NAME_PATTERN})")
     image_path = parse_path(image, "image", None)
-    files.check_image(image_path, "image", image)
+    files.check_guest_image(image_path, "image", image)
     initrd_path = None
     if initrd is not None:
         initrd_path = parse_path(initrd, "--initrd", None)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from corevisor.errors import ConfigError, show
 
-__all__ = ["stat_or_none", "check_image", "check_initrd", "check_log_dir", "check_directory"]
+__all__ = ["stat_or_none", "check_guest_image", "check_initrd", "check_log_dir", "check_directory"]
 
 _ELF_MAGIC = b"\x7fELF"
 
@@ -45,7 +45,7 @@ def _regular_file(path: Path, where: str, shown: str) -> None:
         raise ConfigError(f"{where}: {show(shown)} is not a regular file")
 
 
-def check_image(path: Path, where: str, shown: str) -> None:
+def check_guest_image(path: Path, where: str, shown: str) -> None:
     """A guest image: a regular file starting with ELF magic, or a Linux bzImage."""
     _regular_file(path, where, shown)
     try:

@@ -263,7 +263,7 @@ def _file_path(
     return read
 
 
-read_image = _file_path(files.check_image)
+read_image = _file_path(files.check_guest_image)
 read_initrd = _file_path(files.check_initrd)
 
 
