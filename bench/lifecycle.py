@@ -48,7 +48,7 @@ def _stats(samples: list[float]) -> dict[str, float]:
 def measure(kind: str, rounds: int, in_thread: bool) -> dict[str, Any]:
     """Time rounds pause/resume pairs on a fresh machine running guest kind."""
     from corevisor.builder import build
-    from corevisor.config import PartitionConfig
+    from corevisor.spec import PartitionSpec, SerialKind, SerialSpec
     from tests.kvm.images import pvh_elf
 
     out = ROOT / "bench" / "results"
@@ -56,7 +56,9 @@ def measure(kind: str, rounds: int, in_thread: bool) -> dict[str, Any]:
     image = out / f"lifecycle-{kind}.elf"
     image.write_bytes(pvh_elf(GUESTS[kind]))
     core = sorted(os.sched_getaffinity(0))[-1]
-    cfg = PartitionConfig(name=kind, image=image, memory=16 << 20, pin=(core,), serial="null")
+    cfg = PartitionSpec(
+        name=kind, image=image, memory=16 << 20, pin=(core,), serial=SerialSpec(SerialKind.NULL)
+    )
     pauses: list[float] = []
     resumes: list[float] = []
 

@@ -10,9 +10,16 @@ import importlib
 from typing import Any
 
 _API = {
+    "PartitionSpec": "corevisor.spec",
+    "ChannelSpec": "corevisor.spec",
+    "SystemSpec": "corevisor.spec",
     "PartitionConfig": "corevisor.config",
     "SystemConfig": "corevisor.config",
     "load_config": "corevisor.config",
+    "partition_from_args": "corevisor.config",
+    "validate_system": "corevisor.config",
+    "validate_addition": "corevisor.config",
+    "HostFacts": "corevisor.config",
     "build": "corevisor.builder",
     "Machine": "corevisor.machine",
     "System": "corevisor.system",

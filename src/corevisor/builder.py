@@ -1,4 +1,4 @@
-"""build(config): the recipe that turns a PartitionConfig into a ready, unstarted Machine.
+"""build(config): the recipe that turns a PartitionSpec into a ready, unstarted Machine.
 
 Read it top to bottom: create VM -> memory -> irqchip -> exit policy -> vCPUs ->
 devices -> hypercalls -> virtio devices -> load the image -> boot tables -> boot
@@ -31,7 +31,6 @@ from corevisor.arch.x86_64.bootparams import (
 )
 from corevisor.arch.x86_64.mptable import write_mptable
 from corevisor.channel import DOORBELL_PORT, ChannelEnd, DoorbellPort, ReadOnlyGuard
-from corevisor.config import PartitionConfig
 from corevisor.console import SerialBackend, open_serial
 from corevisor.devices import Device
 from corevisor.devices.debug_exit import DebugExit
@@ -39,8 +38,8 @@ from corevisor.devices.i8042 import I8042
 from corevisor.devices.postcode import PostCode
 from corevisor.devices.rtc import Rtc
 from corevisor.devices.uart16550 import Uart16550
-from corevisor.errors import ConfigError, KvmError
-from corevisor.hypercall import HYPERCALL_PORT, HypercallHost, Hypercalls, handler_table
+from corevisor.errors import ConfigError, KvmError, show
+from corevisor.hypercall import HypercallHost, Hypercalls, handler_table
 from corevisor.kvm.bindings import (
     KVM_MEM_READONLY,
     KVM_PIT_SPEAKER_DUMMY,
@@ -52,17 +51,17 @@ from corevisor.kvm.ioctls import Kvm
 from corevisor.loader import Initrd, LoadedImage, load_image, load_initrd
 from corevisor.machine import Machine
 from corevisor.memory import GuestMemory, MemoryRegion
+from corevisor.resources import CHANNEL_SLOTS, FIXED_GSIS, Resources, Space, machine_map
+from corevisor.spec import ExitMode, PartitionSpec
 
 if TYPE_CHECKING:  # the virtio stack is imported only by partitions that have devices
     from corevisor.virtio.attach import VirtioSlot
 
 REQUIRED_CAPS = (Cap.IRQCHIP, Cap.USER_MEMORY, Cap.IMMEDIATE_EXIT, Cap.PIT2, Cap.MP_STATE)
-# KVM memory slots: RAM takes 0 and 1 (below and above the MMIO hole), channels 16 + index.
-CHANNEL_SLOT_BASE = 16
 
 
 def _report_to_stderr(name: str, message: str) -> None:
-    print(f"corevisor: {name}: {message}", file=sys.stderr, flush=True)
+    print(f"corevisor: {name}: {show(message, limit=None)}", file=sys.stderr, flush=True)
 
 
 def _no_watchdog(ms: int) -> None:
@@ -83,7 +82,7 @@ class PartitionLinks:
 
 
 def build(
-    config: PartitionConfig, kvm_path: str = "/dev/kvm", links: PartitionLinks | None = None
+    config: PartitionSpec, kvm_path: str = "/dev/kvm", links: PartitionLinks | None = None
 ) -> Machine:
     """Assemble a Machine for config; the caller starts it with start() or run().
 
@@ -102,19 +101,20 @@ def build(
         memory = GuestMemory.anonymous(layout.ram_layout(config.memory), name=f"{config.name}-ram")
         owned.callback(memory.close)
         m = Machine(config.name, kvm, vm, memory, owned.pop_all())
+    res = machine_map(config.name, config.memory)  # every GSI, window, port and slot
     try:
-        attach_memory(m)
+        attach_memory(m, res)
         attach_irqchip(m)
         attach_exit_policy(m, config)
         attach_vcpus(m, config)
-        serial = attach_legacy_devices(m, config, links.serial)
-        attach_hypercalls(m, config, links, serial)
-        virtio = attach_virtio_devices(m, config, links, serial)
+        serial = attach_legacy_devices(m, config, links.serial, res)
+        attach_hypercalls(m, config, links, serial, res)
+        virtio = attach_virtio_devices(m, config, links, serial, res)
         image = load_image(m.memory, config.image)
         initrd = load_initrd(m.memory, config.initrd, image) if config.initrd else None
         rsdp = attach_boot_tables(m, config, virtio)
         boot_bsp(m, image, _with_virtio_devices(config.cmdline, virtio), rsdp, initrd)
-        attach_channels(m, links)
+        attach_channels(m, links, res)
         if config.gdb is not None:
             attach_debugger(m, config, links)
     except BaseException:
@@ -123,7 +123,7 @@ def build(
     return m
 
 
-def attach_debugger(m: Machine, config: PartitionConfig, links: PartitionLinks) -> None:
+def attach_debugger(m: Machine, config: PartitionSpec, links: PartitionLinks) -> None:
     """Last step: a GDB stub on config.gdb; the vCPUs stay parked until GDB continues
     (or, with gdb_attach, run until GDB connects). docs/debugging.md shows a session."""
     from corevisor.gdb.server import attach_gdb  # only partitions that ask pay for it
@@ -134,7 +134,7 @@ def attach_debugger(m: Machine, config: PartitionConfig, links: PartitionLinks) 
     )
 
 
-def _check_host(kvm: Kvm, config: PartitionConfig) -> None:
+def _check_host(kvm: Kvm, config: PartitionSpec) -> None:
     for cap in REQUIRED_CAPS:
         if not kvm.check_extension(cap):
             raise KvmError(
@@ -145,9 +145,11 @@ def _check_host(kvm: Kvm, config: PartitionConfig) -> None:
         raise ConfigError(f"{config.name}: {config.cpus} vCPUs, but this host's KVM allows {limit}")
 
 
-def attach_memory(m: Machine) -> None:
-    """Register every RAM region as a KVM memory slot."""
-    for slot, region in enumerate(m.memory.regions):
+def attach_memory(m: Machine, res: Resources) -> None:
+    """Register every RAM region as a KVM memory slot (the lowest free ones)."""
+    for region in m.memory.regions:
+        slot = res.allocate_from(Space.SLOT, range(CHANNEL_SLOTS[0]), f"RAM at {region.gpa:#x}")
+        assert slot is not None, "more RAM regions than memory slots below the channels'"
         m.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
 
 
@@ -161,7 +163,7 @@ def attach_irqchip(m: Machine) -> None:
     m.vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
 
 
-def attach_exit_policy(m: Machine, config: PartitionConfig) -> None:
+def attach_exit_policy(m: Machine, config: PartitionSpec) -> None:
     """HLT/PAUSE handling of a dedicated partition; KVM takes it only before any vCPU exists.
 
     "disabled": HLT and PAUSE stay in the guest (the vCPU keeps its core busy, wakes
@@ -169,7 +171,7 @@ def attach_exit_policy(m: Machine, config: PartitionConfig) -> None:
     before its thread sleeps. docs/partitioning.md measures both.
     """
     where = f"partitions.{config.name}.exits"
-    if config.exits == "disabled":
+    if config.exits is ExitMode.DISABLED:
         want = KVM_X86_DISABLE_EXITS_HLT | KVM_X86_DISABLE_EXITS_PAUSE
         have = m.vm.check_extension(Cap.X86_DISABLE_EXITS)
         if have & want != want:
@@ -180,7 +182,7 @@ def attach_exit_policy(m: Machine, config: PartitionConfig) -> None:
                 f"guest (KVM_CAP_X86_DISABLE_EXITS = {have:#x})",
             )
         m.vm.enable_cap(Cap.X86_DISABLE_EXITS, want)
-    elif config.exits == "halt-poll":
+    elif config.exits is ExitMode.HALT_POLL:
         if not m.vm.check_extension(Cap.HALT_POLL):
             raise KvmError(
                 "KVM_ENABLE_CAP",
@@ -190,7 +192,7 @@ def attach_exit_policy(m: Machine, config: PartitionConfig) -> None:
         m.vm.enable_cap(Cap.HALT_POLL, config.halt_poll_ns)
 
 
-def attach_vcpus(m: Machine, config: PartitionConfig) -> None:
+def attach_vcpus(m: Machine, config: PartitionSpec) -> None:
     """Create the vCPUs with CPUID, MSRs and FPU state; pin each to its host core."""
     supported = m.kvm.supported_cpuid()
     for i in range(config.cpus):
@@ -204,7 +206,10 @@ def attach_vcpus(m: Machine, config: PartitionConfig) -> None:
 
 
 def attach_legacy_devices(
-    m: Machine, config: PartitionConfig, serial: SerialBackend | None = None
+    m: Machine,
+    config: PartitionSpec,
+    serial: SerialBackend | None,
+    res: Resources,
 ) -> SerialBackend:
     """The PC devices every bundled guest (and Linux) expects at their usual ports.
 
@@ -221,21 +226,31 @@ def attach_legacy_devices(
 
     uart = Uart16550(serial.write, com1_irq)
     m.at_start(lambda: serial.start_input(uart.enqueue_input))
-    devices: dict[str, tuple[int, int, Device]] = {
-        "com1": (layout.COM1_PORT, 8, uart),
-        "i8042": (0x60, 5, I8042(m.guest_reset)),
-        "rtc": (0x70, 2, Rtc()),
-        "postcode": (0x80, 1, PostCode()),
-        "debug-exit": (0xF4, 4, DebugExit(m.guest_exit)),
+    devices: dict[str, Device] = {
+        "com1": uart,
+        "i8042": I8042(m.guest_reset),
+        "rtc": Rtc(),
+        "postcode": PostCode(),
+        "debug-exit": DebugExit(m.guest_exit),
     }
-    for name, (port, size, dev) in devices.items():
-        m.pio.attach(port, size, dev, name)
-        m.devices[name] = dev
+    _attach_ports(m, devices, res)
     return serial
 
 
+def _attach_ports(m: Machine, devices: dict[str, Device], res: Resources) -> None:
+    """Put devices on the PIO bus at the ports the machine's map gives them."""
+    for name, dev in devices.items():
+        claim = res.owner_of(Space.PIO, name)
+        m.pio.attach(claim.start, claim.end - claim.start, dev, name)
+        m.devices[name] = dev
+
+
 def attach_hypercalls(
-    m: Machine, config: PartitionConfig, links: PartitionLinks, serial: SerialBackend
+    m: Machine,
+    config: PartitionSpec,
+    links: PartitionLinks,
+    serial: SerialBackend,
+    res: Resources,
 ) -> None:
     """The paravirtual ports (docs/paravirt-abi.md): hypercalls at 0x500, doorbells at 0x504.
 
@@ -250,13 +265,11 @@ def attach_hypercalls(
         channels=links.channels,
         watchdog=links.watchdog,
     )
-    paravirt: dict[str, tuple[int, Device]] = {
-        "hypercall": (HYPERCALL_PORT, Hypercalls(m.memory, handler_table(host))),
-        "doorbell": (DOORBELL_PORT, DoorbellPort()),
+    paravirt: dict[str, Device] = {
+        "hypercall": Hypercalls(m.memory, handler_table(host)),
+        "doorbell": DoorbellPort(),
     }
-    for name, (port, dev) in paravirt.items():
-        m.pio.attach(port, 4, dev, name)
-        m.devices[name] = dev
+    _attach_ports(m, paravirt, res)
 
 
 def _with_virtio_devices(cmdline: str, slots: list[VirtioSlot]) -> str:
@@ -269,19 +282,23 @@ def _with_virtio_devices(cmdline: str, slots: list[VirtioSlot]) -> str:
 
 
 def attach_virtio_devices(
-    m: Machine, config: PartitionConfig, links: PartitionLinks, serial: SerialBackend
+    m: Machine,
+    config: PartitionSpec,
+    links: PartitionLinks,
+    serial: SerialBackend,
+    res: Resources,
 ) -> list[VirtioSlot]:
-    """virtio-mmio devices (virtio/attach.py): windows from 0xC000_0000, GSIs 5, 6, 7, ...,
-    kicks by ioeventfd and interrupts by irqfd, each device served by its own I/O thread
-    (started with the machine). Owned by the machine as each is made, so they close
-    before the memory they address (newest first)."""
+    """virtio-mmio devices (virtio/attach.py): windows and GSIs from the machine's map
+    (resources.py), kicks by ioeventfd and interrupts by irqfd, each device served by its
+    own I/O thread (started with the machine). Owned by the machine as each is made, so
+    they close before the memory they address (newest first)."""
     if not config.virtio.count:
         return []
     from corevisor.virtio import attach as virtio_attach
 
     devices = virtio_attach.make_devices(config.virtio, config.name, serial.write, m)
     slots = virtio_attach.attach(
-        m.vm, m.memory, m.mmio.attach, devices, lambda msg: links.report(m.name, msg), m
+        m.vm, m.memory, m.mmio.attach, devices, lambda msg: links.report(m.name, msg), m, res
     )
     for slot in slots:
         m.devices[slot.name] = slot.transport
@@ -289,12 +306,12 @@ def attach_virtio_devices(
 
 
 def attach_boot_tables(
-    m: Machine, config: PartitionConfig, virtio: list[VirtioSlot] | None = None
+    m: Machine, config: PartitionSpec, virtio: list[VirtioSlot] | None = None
 ) -> int:
     """Tables a guest reads to find its CPUs: boot GDT, MP table, ACPI; returns the RSDP."""
     cpu.write_boot_gdt(m.memory)
     # KVM's default GSI routing wires the PIT (IRQ0) to IOAPIC pin 0, not pin 2 as on PCs.
-    write_mptable(m.memory, config.cpus, irq0_pin=0)
+    write_mptable(m.memory, config.cpus, irq0_pin=FIXED_GSIS["the PIT"])
     windows = [(s.base, s.size, s.gsi) for s in virtio or ()]
     return write_acpi_tables(m.memory, config.cpus, windows)
 
@@ -323,7 +340,7 @@ def boot_bsp(
         )
 
 
-def attach_channels(m: Machine, links: PartitionLinks) -> None:
+def attach_channels(m: Machine, links: PartitionLinks, res: Resources) -> None:
     """Map each channel as an extra memory slot and wire its doorbells in the kernel.
 
     Runs after the boot tables on purpose: a channel is not RAM, so it must not be in
@@ -339,10 +356,14 @@ def attach_channels(m: Machine, links: PartitionLinks) -> None:
             "one-way channels need KVM_CAP_READONLY_MEM, which this host's KVM lacks",
         )
     for end in links.channels:
+        owner = f"channel {end.name}"
+        res.claim(Space.GPA, end.gpa, end.size, owner)
+        res.claim(Space.GSI, end.gsi, 1, owner)
+        slot = res.allocate_from(Space.SLOT, CHANNEL_SLOTS, owner)
+        assert slot is not None, "validation caps the channels of a partition"
         region = MemoryRegion.shared(end.gpa, end.size, end.memfd, end.readonly)
         m.memory.add_region(region)  # owned by the memory from here on
         flags = KVM_MEM_READONLY if end.readonly else 0
-        slot = CHANNEL_SLOT_BASE + end.index
         m.vm.set_user_memory_region(slot, end.gpa, end.size, region.host_address, flags)
         if end.readonly:
             guard = ReadOnlyGuard(end.name, lambda msg: links.report(m.name, msg))

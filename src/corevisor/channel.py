@@ -11,7 +11,7 @@ The doorbell path runs entirely in the host kernel: the ringing VM has an ioeven
 port 0x504 matching the channel index, the receiving VM an irqfd on GSI 16 + its index,
 both on the same eventfd. The two small devices here only see what the kernel did not
 take: writes to a read-only channel (ReadOnlyGuard) and rings no ioeventfd matched
-(DoorbellPort). What does not live here: parsing and placing channels (config.py), the
+(DoorbellPort). What does not live here: parsing and placing channels (config/), the
 KVM ioctls (builder.attach_channels), the hypercalls (hypercall.py).
 """
 
@@ -23,8 +23,10 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from corevisor.config import MAX_CHANNELS, ChannelConfig
+from corevisor.arch.x86_64.layout import DOORBELL_PORT
+from corevisor.resources import CHANNEL_GSIS
 from corevisor.signals import start_thread
+from corevisor.spec import MAX_CHANNELS, ChannelSpec, Doorbell
 
 __all__ = [
     "DOORBELL_PORT",
@@ -39,8 +41,7 @@ __all__ = [
     "ends_for",
 ]
 
-DOORBELL_PORT = 0x504
-FIRST_GSI = 16  # IOAPIC pins 16..23: above the ISA interrupts, in KVM's default routing
+FIRST_GSI = CHANNEL_GSIS[0]  # IOAPIC pins 16..23: above the ISA interrupts (resources.py)
 FLAG_READONLY = 1 << 0
 FLAG_CAN_RING = 1 << 1
 
@@ -48,7 +49,7 @@ FLAG_CAN_RING = 1 << 1
 class Channel:
     """A channel's shared memory and doorbell eventfds (closed only when the system ends)."""
 
-    def __init__(self, config: ChannelConfig) -> None:
+    def __init__(self, config: ChannelSpec) -> None:
         self.config = config
         self.fd = -1
         self.bells: dict[str, int] = {}
@@ -60,7 +61,7 @@ class Channel:
             self.close()
             raise
 
-    def _open(self, config: ChannelConfig) -> None:
+    def _open(self, config: ChannelSpec) -> None:
         self.fd = os.memfd_create(f"channel-{config.name}", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, config.size)
         # Receiving partition -> the eventfd its peer rings. A one-way channel only
@@ -71,7 +72,7 @@ class Channel:
         # What the ringing VM writes. On the kernel path it is the receiver's irqfd
         # eventfd itself; with doorbell = "thread" a relay thread (started by start)
         # copies rings across.
-        if config.doorbell == "thread":
+        if config.doorbell is Doorbell.THREAD:
             self.rings = {}
             for name in receivers:
                 self.rings[name] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -94,7 +95,7 @@ class Channel:
         return ChannelEnd(
             name=self.name,
             index=index,
-            gpa=self.config.gpa,
+            gpa=self.config.placed_gpa,
             size=self.config.size,
             peer=peer,
             readonly=self.config.reader == partition,
@@ -187,7 +188,7 @@ class ChannelEnd:
         return True
 
 
-def open_channels(configs: Sequence[ChannelConfig]) -> list[Channel]:
+def open_channels(configs: Sequence[ChannelSpec]) -> list[Channel]:
     """Create every channel's memfd and eventfds; on failure nothing is left open."""
     channels: list[Channel] = []
     try:
@@ -203,7 +204,7 @@ def open_channels(configs: Sequence[ChannelConfig]) -> list[Channel]:
 def ends_for(partition: str, channels: Sequence[Channel]) -> tuple[ChannelEnd, ...]:
     """The partition's channel list: its channels in config order, indexed from 0."""
     mine = [ch for ch in channels if partition in ch.config.between]
-    assert len(mine) <= MAX_CHANNELS, "config.py caps channels per partition"
+    assert len(mine) <= MAX_CHANNELS, "config/validate.py caps channels per partition"
     return tuple(ch.end(partition, i) for i, ch in enumerate(mine))
 
 

@@ -1,6 +1,7 @@
 """Serial backends: the host end of a guest's UART (stdout, a file, a Unix socket, nothing).
 
-``open_serial(spec, name)`` turns a validated ``serial`` setting into a backend:
+``open_serial(spec, name)`` turns a validated serial setting (a spec.SerialSpec) into a
+backend:
 
 - ``stdout``: output to ``sys.stdout.buffer``, flushed on every write. Input is read from
   stdin only if stdin is a terminal; the terminal is then put in no-echo, no-line-buffer
@@ -27,7 +28,7 @@ arrives on a daemon thread per backend that calls ``feed`` (the UART's
 ``enqueue_input``); that thread starts in ``start_input``, which the machine calls
 from its start(), never while it is being built.
 
-What does not live here: parsing and validating the spec (config.py) and the UART
+What does not live here: parsing and validating the setting (config/) and the UART
 itself (devices/uart16550.py).
 """
 
@@ -45,8 +46,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
 
-from corevisor.errors import ConfigError
+from corevisor.errors import ConfigError, show
 from corevisor.signals import start_thread
+from corevisor.spec import SerialKind, SerialSpec
 
 __all__ = [
     "SerialBackend",
@@ -149,7 +151,7 @@ class FileSerial:
             self._file: BinaryIO = open(path, "ab", buffering=0)
         except OSError as e:
             raise ConfigError(
-                f'{name}: serial "file:{path}": cannot open: {e.strerror or e}'
+                f'{name}: serial "file:{show(path)}": cannot open: {e.strerror or e}'
             ) from None
         self.path = path
 
@@ -247,7 +249,7 @@ class UnixSocketSerial:
             raise
 
     def _error(self, reason: str) -> ConfigError:
-        return ConfigError(f'{self._name}: serial "unix:{self.path}": {reason}')
+        return ConfigError(f'{self._name}: serial "unix:{show(self.path)}": {reason}')
 
     def _listen(self) -> socket.socket:
         path = self.path
@@ -451,7 +453,7 @@ class PrefixedSerial:
                 # Truncated per run; unbuffered so the log is current while guests run.
                 self._log = open(log_path, "wb", buffering=0)
             except OSError as e:
-                raise ConfigError(f"{name}: log file {log_path}: {e.strerror or e}") from None
+                raise ConfigError(f"{name}: log file {show(log_path)}: {e.strerror or e}") from None
 
     def write(self, data: bytes) -> None:
         """Log the bytes; pass every completed line to the terminal with the prefix."""
@@ -494,15 +496,13 @@ class PrefixedSerial:
             self._log = None
 
 
-def open_serial(spec: str, name: str) -> SerialBackend:
+def open_serial(spec: SerialSpec, name: str) -> SerialBackend:
     """Open the backend a ``serial`` setting names; ``name`` labels threads and errors."""
-    if spec == "stdout":
+    if spec.kind is SerialKind.STDOUT:
         return StdoutSerial(name)
-    if spec == "null":
+    if spec.kind is SerialKind.NULL:
         return NullSerial()
-    kind, sep, path = spec.partition(":")
-    if sep and path and kind == "file":
-        return FileSerial(path, name)
-    if sep and path and kind == "unix":
-        return UnixSocketSerial(path, name)
-    raise ConfigError(f'{name}: bad serial "{spec}" (use stdout, null, file:PATH or unix:PATH)')
+    assert spec.path is not None  # SerialSpec guarantees a path for file: and unix:
+    if spec.kind is SerialKind.FILE:
+        return FileSerial(str(spec.path), name)
+    return UnixSocketSerial(str(spec.path), name)

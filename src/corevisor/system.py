@@ -1,6 +1,6 @@
 """System: a controller of partitions (one Machine each), their health monitor and events.
 
-A System holds the partitions of a SystemConfig plus any added while it runs, the
+A System holds the partitions of a SystemSpec plus any added while it runs, the
 channels between them and the shared console. Each partition is a state machine::
 
     created --start--> running --pause--> paused --resume--> running
@@ -49,7 +49,7 @@ when a signal N stopped the run (``request_stop``: 130 Ctrl-C, 143 SIGTERM, 129 
 
 What does not live here: building one machine (builder.py), the machine's own
 lifecycle (machine.py), channel resources (channel.py), hypercalls (hypercall.py),
-validating the file (config.py), signal handlers (signals.py).
+validating the file (config/), signal handlers (signals.py).
 """
 
 from __future__ import annotations
@@ -71,11 +71,11 @@ from typing import TextIO
 from corevisor.arch.x86_64.cpu import format_registers
 from corevisor.builder import PartitionLinks, build
 from corevisor.channel import Channel, ChannelEnd, ends_for, open_channels
-from corevisor.config import PartitionConfig, SystemConfig
 from corevisor.console import ConsoleMux, PrefixedSerial
-from corevisor.errors import CorevisorError, NotFoundError, StateError
+from corevisor.errors import CorevisorError, NotFoundError, StateError, show
 from corevisor.machine import Machine
 from corevisor.signals import describe, exit_status, start_thread
+from corevisor.spec import PartitionSpec, RestartPolicy, SerialKind, SystemSpec
 from corevisor.vcpu import StopReport
 
 __all__ = [
@@ -143,7 +143,7 @@ class PartitionInfo:
     status: int | None  # how it last ended, once stopped
     restarts: int  # restarts so far (by the policy or restart())
     last: str  # why it last stopped ("" until then)
-    config: PartitionConfig
+    config: PartitionSpec
 
 
 class Watchdog:
@@ -179,7 +179,7 @@ class _Partition:
     def __init__(
         self,
         index: int,
-        config: PartitionConfig,
+        config: PartitionSpec,
         links: PartitionLinks,
         watchdog: Watchdog,
         console: PrefixedSerial | None,
@@ -214,7 +214,7 @@ class System:
 
     def __init__(
         self,
-        config: SystemConfig,
+        config: SystemSpec,
         kvm_path: str = "/dev/kvm",
         err: TextIO | None = None,
         echo: bool = True,
@@ -293,7 +293,7 @@ class System:
         """The default subscriber: one line on stderr, plus a register dump if any."""
         if event.kind in _QUIET_KINDS:
             return
-        text = f"corevisor: {event.partition}: {event.message}\n"
+        text = f"corevisor: {event.partition}: {show(event.message, limit=None)}\n"
         self._write(text + (event.registers + "\n" if event.registers else ""))
 
     def _write(self, text: str) -> None:
@@ -377,16 +377,16 @@ class System:
         self.report("system", f"{n} partition{'s' if n != 1 else ''}; serial logs in {log_dir}")
         self._deliver()
 
-    def _console(self, config: PartitionConfig) -> PrefixedSerial | None:
+    def _console(self, config: PartitionSpec) -> PrefixedSerial | None:
         """A shared-terminal console for a "stdout" partition (None: the machine opens
         its own backend, and owns it)."""
-        if self._mux is None or self.log_dir is None or config.serial != "stdout":
+        if self._mux is None or self.log_dir is None or config.serial.kind is not SerialKind.STDOUT:
             return None
         width = max(self._width, len(config.name))
         return self._mux.backend(config.name, str(self.log_dir / f"{config.name}.log"), width)
 
     # --- operations -----------------------------------------------------------------------
-    def add(self, config: PartitionConfig) -> PartitionInfo:
+    def add(self, config: PartitionSpec) -> PartitionInfo:
         """Build a new partition (state created) while the others run; not started."""
         name = config.name
         with self._lock:
@@ -410,7 +410,7 @@ class System:
             self._deliver()
 
     def _new_partition(
-        self, index: int, config: PartitionConfig, channels: tuple[ChannelEnd, ...]
+        self, index: int, config: PartitionSpec, channels: tuple[ChannelEnd, ...]
     ) -> _Partition:
         console = self._console(config)
         try:
@@ -531,13 +531,13 @@ class System:
         now = time.monotonic()
         while p.window and now - p.window[0] > RESTART_WINDOW:
             p.window.popleft()
-        restart = policy == "restart" and len(p.window) < MAX_RESTARTS
+        restart = policy is RestartPolicy.RESTART and len(p.window) < MAX_RESTARTS
         if restart:
             p.window.append(now)
             action = f"restarting ({len(p.window)}/{MAX_RESTARTS} in {RESTART_WINDOW:g} s)"
-        elif policy == "restart":
+        elif policy is RestartPolicy.RESTART:
             action = f"crash loop ({MAX_RESTARTS} restarts in {RESTART_WINDOW:g} s): stays down"
-        elif policy == "halt-system":
+        elif policy is RestartPolicy.HALT_SYSTEM:
             action = "halting the system"
         else:
             action = "stays down; the other partitions continue"
@@ -549,7 +549,7 @@ class System:
             self._restart(p, action, raise_errors=False)
             return
         self._end(p, EXIT_GUEST_FAULT, kind, message, report.registers)
-        if policy == "halt-system":
+        if policy is RestartPolicy.HALT_SYSTEM:
             self._stop_all(f"system halted: partition {p.name} stopped abnormally")
 
     def _restart(self, p: _Partition, why: str, raise_errors: bool) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tests.kvm.images import LOAD_ADDR, pvh_elf
 
-CHANNEL0 = 0xD000_0000  # where config.py places the first channel
+CHANNEL0 = 0xD000_0000  # where config/validate.py places the first channel
 
 PRELUDE = r"""
 .code32

@@ -24,10 +24,18 @@ import pytest
 from corevisor import builder
 from corevisor.builder import PartitionLinks, build
 from corevisor.channel import Channel, ends_for
-from corevisor.config import ChannelConfig, PartitionConfig
 from corevisor.errors import KvmError
 from corevisor.kvm import ioctls
-from corevisor.virtio.config import BlkConfig, NetConfig, VirtioConfig
+from corevisor.spec import (
+    BlkSpec,
+    ChannelSpec,
+    HostPort,
+    NetSpec,
+    PartitionSpec,
+    SerialKind,
+    SerialSpec,
+    VirtioSpec,
+)
 from tests.kvm.images import pvh_elf
 
 SPIN_ON_PORT_80 = bytes([0xE6, 0x80, 0xEB, 0xFC])
@@ -59,7 +67,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[PartitionConfig, PartitionLinks, Path]]:
+def setup(tmp_path: Path) -> Iterator[tuple[PartitionSpec, PartitionLinks, Path]]:
     img = tmp_path / "t.elf"
     img.write_bytes(pvh_elf(SPIN_ON_PORT_80))
     disk = tmp_path / "disk.img"
@@ -67,20 +75,20 @@ def setup(tmp_path: Path) -> Iterator[tuple[PartitionConfig, PartitionLinks, Pat
     initrd = tmp_path / "initrd"
     initrd.write_bytes(b"07070100" * 64)
     sock = tmp_path / "serial.sock"
-    cfg = PartitionConfig(
+    cfg = PartitionSpec(
         name="t",
         image=img,
         cpus=2,
         memory=32 << 20,
-        serial=f"unix:{sock}",
+        serial=SerialSpec(SerialKind.UNIX, sock),
         initrd=initrd,
-        gdb=f"127.0.0.1:{_free_port()}",
+        gdb=HostPort("127.0.0.1", _free_port()),
         gdb_attach=True,
-        virtio=VirtioConfig(
-            blk=(BlkConfig(disk),), net=(NetConfig("cvlife0"),), rng=True, console=True
+        virtio=VirtioSpec(
+            blk=(BlkSpec(disk),), net=(NetSpec("cvlife0"),), rng=True, console=True
         ),
     )
-    channel = Channel(ChannelConfig("link", ("t", "peer"), 4096, 0xD000_0000))
+    channel = Channel(ChannelSpec("link", ("t", "peer"), 4096, 0xD000_0000))
     try:
         yield cfg, PartitionLinks(channels=ends_for("t", [channel])), sock
     finally:
@@ -121,7 +129,7 @@ def _fail_nth(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, n: int,
 
 
 def test_a_full_build_starts_nothing_and_closes_everything(
-    setup: tuple[PartitionConfig, PartitionLinks, Path],
+    setup: tuple[PartitionSpec, PartitionLinks, Path],
 ) -> None:
     cfg, links, sock = setup
     before = _snapshot()
@@ -139,7 +147,7 @@ def test_a_full_build_starts_nothing_and_closes_everything(
 @pytest.mark.parametrize("step", STEPS)
 def test_failure_after_each_step_releases_everything(
     step: str,
-    setup: tuple[PartitionConfig, PartitionLinks, Path],
+    setup: tuple[PartitionSpec, PartitionLinks, Path],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cfg, links, sock = setup
@@ -157,7 +165,7 @@ def test_failure_after_each_step_releases_everything(
 
 
 def _count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str,
-                 setup: tuple[PartitionConfig, PartitionLinks, Path]) -> int:
+                 setup: tuple[PartitionSpec, PartitionLinks, Path]) -> int:
     calls = _fail_nth(monkeypatch, module, name, -1, lambda: Injected())
     build(setup[0], links=setup[1]).close()
     monkeypatch.undo()
@@ -165,7 +173,7 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str,
 
 
 def test_failure_at_each_kvm_ioctl_releases_everything(
-    setup: tuple[PartitionConfig, PartitionLinks, Path], monkeypatch: pytest.MonkeyPatch
+    setup: tuple[PartitionSpec, PartitionLinks, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every ioctl of the build refused in turn, as KVM refuses them (KvmError)."""
     cfg, links, sock = setup
@@ -181,7 +189,7 @@ def test_failure_at_each_kvm_ioctl_releases_everything(
 
 
 def test_failure_at_each_eventfd_releases_everything(
-    setup: tuple[PartitionConfig, PartitionLinks, Path], monkeypatch: pytest.MonkeyPatch
+    setup: tuple[PartitionSpec, PartitionLinks, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every eventfd the build makes (queues, interrupts, wake-ups) fails in turn (EMFILE)."""
     cfg, links, sock = setup

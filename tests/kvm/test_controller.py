@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from corevisor.config import PartitionConfig, SystemConfig
 from corevisor.errors import NotFoundError, StateError
+from corevisor.spec import PartitionSpec, SerialKind, SerialSpec, SystemSpec
 from corevisor.system import Event, PartitionState, System
 
 
@@ -34,10 +34,10 @@ def _until(what: Callable[[], bool], message: str) -> None:
 
 
 def _peer(tmp_path: Path, guests: dict[str, Path], name: str, cmdline: str,
-          **kw: object) -> PartitionConfig:
-    return PartitionConfig(  # type: ignore[arg-type]
+          **kw: object) -> PartitionSpec:
+    return PartitionSpec(  # type: ignore[arg-type]
         name=name, image=guests["peer"], memory=16 << 20, cmdline=cmdline,
-        serial=f"file:{tmp_path / (name + '.log')}", **kw,
+        serial=SerialSpec(SerialKind.FILE, tmp_path / (name + ".log")), **kw,
     )
 
 
@@ -45,7 +45,7 @@ def _peer(tmp_path: Path, guests: dict[str, Path], name: str, cmdline: str,
 def running(tmp_path: Path, guests: dict[str, Path]) -> Iterator[tuple[System, list[Event]]]:
     """Partitions a and b counting forever (10 ms ticks), monitored by a thread."""
     forever = "mode=counter ticks=100000 period=10"
-    config = SystemConfig(partitions=(
+    config = SystemSpec(partitions=(
         _peer(tmp_path, guests, "a", forever), _peer(tmp_path, guests, "b", forever),
     ))
     system = System(config, echo=False, shared_console=False)
@@ -142,11 +142,11 @@ def test_a_paused_partition_misses_no_watchdog_kick(
     tmp_path: Path, guests: dict[str, Path]
 ) -> None:
     """The watchdog does not run while paused; resume re-arms a full period."""
-    rtos = PartitionConfig(
-        name="rtos", image=guests["rtos"], memory=32 << 20, cmdline="msgs=50",
-        serial=f"file:{tmp_path / 'rtos.log'}", watchdog_ms=300,
+    rtos = PartitionSpec(
+        name="rtos", image=guests["rtos"], memory=32 << 20, cmdline="msgs=50 wdms=1500",
+        serial=SerialSpec(SerialKind.FILE, tmp_path / "rtos.log"), watchdog_ms=300,
     )
-    with System(SystemConfig(partitions=(rtos,)), echo=False) as system:
+    with System(SystemSpec(partitions=(rtos,)), echo=False) as system:
         events: list[Event] = []
         system.subscribe(events.append)
         system.open()
@@ -154,7 +154,9 @@ def test_a_paused_partition_misses_no_watchdog_kick(
         system.start("rtos")
         _until(lambda: "watchdog armed" in (tmp_path / "rtos.log").read_text(), "rtos boots")
         system.pause("rtos")
-        threading.Event().wait(1.0)  # three watchdog periods without a kick
+        # Over two of the guest's 1.5 s watchdog periods without a kick (a period that long
+        # keeps a loaded host from expiring it after the resume).
+        threading.Event().wait(3.5)
         system.resume("rtos")
         _until(lambda: system.partition("rtos").state is PartitionState.STOPPED, "rtos ends")
     assert system.partition("rtos").status == 0, [e.message for e in events]

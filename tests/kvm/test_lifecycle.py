@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from corevisor.builder import build
-from corevisor.config import PartitionConfig
 from corevisor.errors import StateError
 from corevisor.machine import MachineState
+from corevisor.spec import PartitionSpec, SerialKind, SerialSpec
 from tests.kvm.asm import guest, string
 from tests.kvm.conftest import corevisor
 from tests.kvm.images import pvh_elf
@@ -33,12 +33,13 @@ CLI_HLT = bytes([0xFA, 0xF4, 0xEB, 0xFC])  # cli; 1: hlt; jmp 1b
 STI_HLT = bytes([0xFB, 0xF4, 0xEB, 0xFC])  # sti; 1: hlt; jmp 1b (nothing ever interrupts)
 
 
-def _config(tmp_path: Path, code: bytes, **kw: object) -> PartitionConfig:
+def _config(tmp_path: Path, code: bytes, **kw: object) -> PartitionSpec:
     img = tmp_path / "t.elf"
     img.write_bytes(pvh_elf(code))
-    args: dict[str, object] = {"name": "t", "image": img, "memory": 16 << 20, "serial": "null"}
+    args: dict[str, object] = {"name": "t", "image": img, "memory": 16 << 20,
+                             "serial": SerialSpec(SerialKind.NULL)}
     args.update(kw)
-    return PartitionConfig(**args)  # type: ignore[arg-type]
+    return PartitionSpec(**args)  # type: ignore[arg-type]
 
 
 def _wait_writes(post: object, at_least: int) -> None:
@@ -60,9 +61,9 @@ def test_pause_resume_and_stop_from_a_thread_that_is_not_main(tmp_path: Path) ->
         import sys, threading, time
         from pathlib import Path
         from corevisor.builder import build
-        from corevisor.config import PartitionConfig
-        cfg = PartitionConfig(name="t", image=Path({str(cfg.image)!r}), memory=16 << 20,
-                              serial="null")
+        from corevisor.spec import PartitionSpec, SerialKind, SerialSpec
+        cfg = PartitionSpec(name="t", image=Path({str(cfg.image)!r}), memory=16 << 20,
+                              serial=SerialSpec(SerialKind.NULL))
         def work():
             with build(cfg) as m:
                 post = m.devices["postcode"]
@@ -159,9 +160,11 @@ def test_a_built_machine_runs_no_thread_until_started(tmp_path: Path) -> None:
     sock = tmp_path / "s.sock"
     code = SPIN_ON_PORT_80
     before = set(threading.enumerate())
-    from corevisor.virtio.config import VirtioConfig
+    from corevisor.spec import VirtioSpec
 
-    cfg = _config(tmp_path, code, serial=f"unix:{sock}", virtio=VirtioConfig(rng=True))
+    cfg = _config(
+        tmp_path, code, serial=SerialSpec(SerialKind.UNIX, sock), virtio=VirtioSpec(rng=True)
+    )
     m = build(cfg)
     try:
         assert set(threading.enumerate()) == before
@@ -214,7 +217,7 @@ main:
     jmp 1b
 """
     img = guest(tmp_path / "nmi.elf", nmi_pin)
-    cfg = PartitionConfig(name="t", image=img, memory=16 << 20, serial="null")
+    cfg = PartitionSpec(name="t", image=img, memory=16 << 20, serial=SerialSpec(SerialKind.NULL))
     with build(cfg) as m:
         report = m.run(timeout=2)
     assert report.message == "timed out after 2 s"

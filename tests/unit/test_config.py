@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 
 from corevisor.config import (
-    PartitionConfig,
-    SystemConfig,
     format_cpu_list,
     load_config,
     parse_cpu_list,
@@ -17,6 +15,7 @@ from corevisor.config import (
     partition_from_args,
 )
 from corevisor.errors import ConfigError
+from corevisor.spec import PartitionSpec, SerialKind, SerialSpec, SystemSpec
 
 ALLOWED = sorted(os.sched_getaffinity(0))
 NCPUS = os.cpu_count() or 1
@@ -63,9 +62,9 @@ DEMO = '[partitions.demo]\nimage = "guests/hello.elf"\n'
 
 def test_minimal_file_gets_defaults(tree: Path) -> None:
     cfg = load_config(write(tree, DEMO))
-    assert cfg == SystemConfig(
+    assert cfg == SystemSpec(
         partitions=(
-            PartitionConfig(name="demo", image=(tree / "guests" / "hello.elf").resolve()),
+            PartitionSpec(name="demo", image=(tree / "guests" / "hello.elf").resolve()),
         ),
         source=tree / "system.toml",
     )
@@ -75,7 +74,7 @@ def test_minimal_file_gets_defaults(tree: Path) -> None:
         64 << 20,
         (),
         "",
-        "stdout",
+        SerialSpec(SerialKind.STDOUT),
     )
 
 
@@ -104,9 +103,13 @@ serial = "unix:/tmp/x.sock"
     rtos, linux = cfg.partitions
     assert rtos.name == "rtos"
     assert (rtos.cpus, rtos.memory, rtos.pin, rtos.cmdline) == (2, 32 << 20, (core,), "exit=0")
-    assert rtos.serial == f"file:{tree.resolve() / 'logs' / 'rtos.log'}"
+    assert rtos.serial == SerialSpec.file(tree.resolve() / "logs" / "rtos.log")
     assert linux.name == "linux-2"
-    assert (linux.memory, linux.pin, linux.serial) == (8 << 20, (core,), "unix:/tmp/x.sock")
+    assert (linux.memory, linux.pin, linux.serial) == (
+        8 << 20,
+        (core,),
+        SerialSpec.unix(Path("/tmp/x.sock")),
+    )
 
 
 def test_one_core_per_vcpu(tree: Path) -> None:
@@ -164,7 +167,7 @@ def test_partition_not_a_table(tree: Path) -> None:
 
 def test_unknown_partition_key(tree: Path) -> None:
     assert error(tree, DEMO + "cpu = 2\n") == (
-        'partitions.demo: unknown key "cpu" (known: cpus, image, memory, pin, cmdline, serial, '
+        'partitions.demo: unknown key "cpu" (known: image, cpus, memory, pin, cmdline, serial, '
         "dedicated, exits, halt_poll_ns, restart, watchdog_ms, initrd, gdb, blk, net, rng, "
             "virtio_console)"
     )
@@ -365,7 +368,7 @@ def test_unix_socket_path_too_long(tree: Path) -> None:
 def test_partition_from_args(tree: Path) -> None:
     image = str(tree / "guests" / "hello.elf")
     part = partition_from_args(image, cpus=2, memory="16M", pin=str(ALLOWED[0]), cmdline="x=1")
-    assert part == PartitionConfig(
+    assert part == PartitionSpec(
         name="hello",
         image=Path(image),
         cpus=2,

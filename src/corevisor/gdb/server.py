@@ -19,13 +19,13 @@ import threading
 import traceback
 from collections.abc import Callable
 
-from corevisor.config import parse_host_port
 from corevisor.errors import CorevisorError
 from corevisor.gdb import protocol as p
 from corevisor.gdb import x86_64
 from corevisor.gdb.target import SIGINT, SIGTRAP, DebugTarget, StopEvent
 from corevisor.machine import Machine
 from corevisor.signals import start_thread
+from corevisor.spec import HostPort
 
 MAX_READ = 0x1000  # bytes per m reply (hex doubles it; PacketSize is 0x4000)
 POLL = 0.2  # seconds between checks for close() and the machine's end while idle
@@ -42,13 +42,13 @@ class GdbServer:
     def __init__(
         self,
         target: DebugTarget,
-        address: str,
+        address: HostPort,
         report: Callable[[str], None] = lambda msg: None,
     ) -> None:
         self.target = target
         self.report = report
-        host, port = parse_host_port(address)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        host, port = address.host, address.port
+        family = socket.AF_INET6 if address.is_ipv6 else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -434,7 +434,7 @@ class Session:
 
 def attach_gdb(
     machine: Machine,
-    address: str,
+    address: HostPort,
     wait: bool = True,
     report: Callable[[str], None] = lambda msg: None,
 ) -> GdbServer:

@@ -7,7 +7,7 @@ bzimage.py, the initrd in initrd.py and the cpio (initramfs) writer in initramfs
 
 from pathlib import Path
 
-from corevisor.errors import LoaderError
+from corevisor.errors import LoaderError, show
 from corevisor.loader import bzimage, elf
 from corevisor.loader.elf import ImageKind, LoadedImage
 from corevisor.loader.initrd import Initrd, load_initrd
@@ -30,7 +30,7 @@ def load_image(mem: GuestMemory, path: Path) -> LoadedImage:
         with path.open("rb") as f:
             head = f.read(0x206)
     except OSError as e:
-        raise LoaderError(f"{path}: cannot read image: {e.strerror or e}") from e
+        raise LoaderError(f"{show(path)}: cannot read image: {e.strerror or e}") from e
     if bzimage.is_bzimage(head):
         return bzimage.load_bzimage(mem, path)
     return elf.load_image(mem, path)

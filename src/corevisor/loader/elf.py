@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 from corevisor.arch.x86_64.layout import HIGH_MEMORY_START
-from corevisor.errors import GuestMemoryError, LoaderError
+from corevisor.errors import GuestMemoryError, LoaderError, show
 from corevisor.memory import GuestMemory
 
 ImageKind = Literal["pvh", "multiboot", "bzimage"]
@@ -479,7 +479,7 @@ def load_image(mem: GuestMemory, path: Path) -> LoadedImage:
 
     Nothing is written unless every segment fits, so a failed load leaves RAM as it was.
     """
-    name = str(path)
+    name = show(path)  # safe to print, whatever bytes the path holds
     try:
         data = path.read_bytes()
     except OSError as e:

@@ -1,10 +1,11 @@
 """Putting a partition's virtio devices into its VM: windows, GSIs, eventfds, I/O threads.
 
-Placement is fixed so a guest (and a restored snapshot) sees the same machine every
-time: device i gets the 4 KiB MMIO window at 0xC000_0000 + i * 0x1000 (the bottom of
-the hole below 4 GiB; channels start at 0xD000_0000) and the i-th GSI of 5, 6, 7, 9,
-10, 11, 12, 14, 15 (ISA lines no legacy device of ours uses; 16..23 are the channels').
-Order: blk devices, net devices, rng, console, each in config order.
+Placement comes from the machine's resource map (resources.py) and is the same every
+time, so a guest (and a restored snapshot) sees the same machine: device i gets the
+lowest free 4 KiB window of the virtio-mmio pool (from 0xC000_0000, the bottom of the
+hole below 4 GiB) and the first free GSI of resources.VIRTIO_GSIS (ISA lines no legacy
+device of ours uses; 16..23 are the channels'). Order: blk devices, net devices, rng,
+console, each in config order.
 
 Per device: a VirtioMmio on the MMIO bus, one KVM ioeventfd per queue on QueueNotify
 (datamatch = queue index), one irqfd on its GSI, and an IoThread that starts with the
@@ -23,12 +24,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from corevisor.arch.x86_64 import layout
 from corevisor.errors import ConfigError
 from corevisor.kvm.ioctls import VmFd
 from corevisor.memory import GuestMemory
+from corevisor.resources import (
+    VIRTIO_GSIS,
+    VIRTIO_WINDOW_SIZE,
+    VIRTIO_WINDOWS,
+    Resources,
+    Space,
+)
+from corevisor.spec import VirtioSpec
 from corevisor.virtio.blk import Blk
-from corevisor.virtio.config import VirtioConfig
 from corevisor.virtio.console import Console
 from corevisor.virtio.device import VirtioDevice
 from corevisor.virtio.mmio import MMIO_SIZE, REG, VirtioMmio
@@ -36,18 +43,9 @@ from corevisor.virtio.net import Net, default_mac, open_tap
 from corevisor.virtio.rng import Rng
 from corevisor.virtio.worker import IoThread
 
-__all__ = [
-    "Owner",
-    "VirtioSlot",
-    "VIRTIO_MMIO_BASE",
-    "VIRTIO_GSIS",
-    "make_devices",
-    "attach",
-    "cmdline",
-]
+__all__ = ["Owner", "VirtioSlot", "make_devices", "attach", "cmdline"]
 
-VIRTIO_MMIO_BASE = layout.VIRTIO_MMIO_START
-VIRTIO_GSIS = (5, 6, 7, 9, 10, 11, 12, 14, 15)
+assert MMIO_SIZE == VIRTIO_WINDOW_SIZE, "resources.py sizes the windows of this transport"
 
 
 class _Closeable(Protocol):
@@ -82,7 +80,7 @@ class VirtioSlot:
 
 
 def make_devices(
-    config: VirtioConfig, partition: str, console_out: Callable[[bytes], None], owner: Owner
+    config: VirtioSpec, partition: str, console_out: Callable[[bytes], None], owner: Owner
 ) -> list[tuple[str, VirtioDevice]]:
     """Open every backend (images, TAPs) and build the device models, in slot order.
 
@@ -130,17 +128,21 @@ def attach(
     devices: list[tuple[str, VirtioDevice]],
     report: Callable[[str], None],
     owner: Owner,
+    res: Resources,
 ) -> list[VirtioSlot]:
     """Wire each device into the VM; its I/O thread starts with the owner (at_start).
 
-    attach_mmio(base, size, device, name) is the machine's MMIO bus attach. Transports
-    and workers are owned by owner as they are made; closing the owner stops each
-    worker before its transport (newest first).
+    attach_mmio(base, size, device, name) is the machine's MMIO bus attach; res the
+    machine's resource map, which gives each device its window and GSI. Transports and
+    workers are owned by owner as they are made; closing the owner stops each worker
+    before its transport (newest first).
     """
     slots: list[VirtioSlot] = []
-    for i, (name, device) in enumerate(devices):
-        base = VIRTIO_MMIO_BASE + i * MMIO_SIZE
-        gsi = VIRTIO_GSIS[i]
+    for name, device in devices:
+        base = res.allocate(Space.GPA, MMIO_SIZE, name, pool=VIRTIO_WINDOWS, align=MMIO_SIZE)
+        gsi = res.allocate_from(Space.GSI, VIRTIO_GSIS, name)
+        if base is None or gsi is None:
+            raise ConfigError(f"{res.name}: no free virtio-mmio window or GSI for {name}")
         transport = owner.own(VirtioMmio(device, memory, report))
         worker = owner.own(IoThread(transport, name))
         slots.append(VirtioSlot(name, base, gsi, transport, worker))

@@ -1,4 +1,4 @@
-"""Guest-physical memory map of an x86-64 corevisor guest: address constants only.
+"""Guest-physical memory map (and fixed I/O ports) of an x86-64 corevisor guest: constants only.
 
 Everything the VMM places in guest RAM before boot has its address here, so the
 pieces written by different modules (GDT, page tables, boot info, command line,
@@ -50,6 +50,10 @@ MMIO_HOLE_END = 0x1_0000_0000
 # The PC's first serial port: I/O base and ISA IRQ (builder attaches it, the DSDT describes it)
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
+# The paravirtual ports of docs/paravirt-abi.md: hypercalls (hypercall.py) and channel
+# doorbells (channel.py).
+HYPERCALL_PORT = 0x500
+DOORBELL_PORT = 0x504
 
 IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
