@@ -1,8 +1,8 @@
 """build(config): the recipe that turns a PartitionConfig into a ready, unstarted Machine.
 
 Read it top to bottom: create VM -> memory -> irqchip -> exit policy -> vCPUs ->
-devices -> hypercalls -> virtio devices -> load the image -> boot tables -> boot
-registers -> channels.
+devices -> ACPI PM devices -> hypercalls -> virtio devices -> load the image (and its
+initrd or multiboot modules) -> boot tables -> boot registers -> fw_cfg -> channels.
 Each step is an attach_* function, so a later restore path (and a system restarting a
 partition) can reuse the same steps. What a partition gets from the system around it
 (its channel ends, a serial backend that outlives restarts, its watchdog) comes in as
@@ -33,7 +33,10 @@ from corevisor.config import PartitionConfig
 from corevisor.console import SerialBackend, open_serial
 from corevisor.devices import Device
 from corevisor.devices.debug_exit import DebugExit
+from corevisor.devices.fw_cfg import FwCfg
 from corevisor.devices.i8042 import I8042
+from corevisor.devices.pm1 import PM1_SIZE, Pm1
+from corevisor.devices.pm_timer import PmTimer
 from corevisor.devices.postcode import PostCode
 from corevisor.devices.rtc import Rtc
 from corevisor.devices.uart16550 import Uart16550
@@ -47,10 +50,17 @@ from corevisor.kvm.bindings import (
     Cap,
 )
 from corevisor.kvm.ioctls import Kvm
-from corevisor.loader import Initrd, LoadedImage, load_image, load_initrd
+from corevisor.loader import (
+    Initrd,
+    LoadedImage,
+    LoadedModule,
+    load_image,
+    load_initrd,
+    load_modules,
+)
 from corevisor.machine import Machine
 from corevisor.memory import GuestMemory, MemoryRegion
-from corevisor.vcpu import Vcpu
+from corevisor.vcpu import StopReport, Vcpu
 
 if TYPE_CHECKING:  # the virtio stack is imported only by partitions that have devices
     from corevisor.virtio.attach import VirtioSlot
@@ -101,12 +111,16 @@ def build(
         attach_exit_policy(m, config)
         attach_vcpus(m, config)
         serial = attach_legacy_devices(m, config, links.serial)
+        attach_acpi_pm(m)
         attach_hypercalls(m, config, links, serial)
         virtio = attach_virtio_devices(m, config, links, serial)
         image = load_image(m.memory, config.image)
         initrd = load_initrd(m.memory, config.initrd, image) if config.initrd else None
+        modules = load_modules(m.memory, config.modules, image)
         rsdp = attach_boot_tables(m, config, virtio)
-        boot_bsp(m, image, _with_virtio_devices(config.cmdline, virtio), rsdp, initrd)
+        cmdline = _guest_cmdline(image, _with_virtio_devices(config.cmdline, virtio))
+        boot_bsp(m, image, cmdline, rsdp, initrd, modules)
+        attach_fw_cfg(m, config, image, cmdline, initrd)
         attach_channels(m, links)
         if config.gdb is not None:
             attach_debugger(m, config, links)
@@ -228,6 +242,43 @@ def attach_legacy_devices(
     return serial
 
 
+def attach_acpi_pm(m: Machine) -> None:
+    """The ACPI fixed hardware the FADT declares (acpi.py): PM1a event and control blocks
+    (SCI_EN set; S5 powers the machine off, exit status 0) and the 3.58 MHz PM timer."""
+
+    def poweroff() -> None:
+        m.finish(StopReport("exit", "guest powered off (ACPI S5)", code=0))
+
+    devices: dict[str, tuple[int, int, Device]] = {
+        "pm1": (layout.PM1A_EVT_PORT, PM1_SIZE, Pm1(poweroff)),
+        "pm-timer": (layout.PM_TMR_PORT, 4, PmTimer()),
+    }
+    for name, (port, size, dev) in devices.items():
+        m.pio.attach(port, size, dev, name)
+        m.devices[name] = dev
+
+
+def attach_fw_cfg(
+    m: Machine, config: PartitionConfig, image: LoadedImage, cmdline: str, initrd: Initrd | None
+) -> None:
+    """QEMU's fw_cfg at 0x510 (devices/fw_cfg.py), with the items of firmware/fw_cfg.py:
+    CPUs, RAM, e820, boot order, and the kernel/command-line/initrd the guest was given.
+    After the boot tables, so the items describe what was actually placed."""
+    from corevisor.firmware import fw_cfg as items
+
+    ramdisk = (initrd, config.initrd) if initrd is not None and config.initrd else None
+    boot, opened = items.boot_items(image, cmdline.encode(), ramdisk)
+    for f in opened:
+        m.closers.append(f.close)
+    dev = FwCfg(
+        m.memory,
+        {**items.machine_items(config.cpus, m.memory), **boot},
+        items.machine_files(m.memory),
+    )
+    m.pio.attach(layout.FW_CFG_PORT, layout.FW_CFG_PORT_SIZE, dev, "fw-cfg")
+    m.devices["fw-cfg"] = dev
+
+
 def attach_hypercalls(
     m: Machine, config: PartitionConfig, links: PartitionLinks, serial: SerialBackend
 ) -> None:
@@ -293,13 +344,27 @@ def attach_boot_tables(
     return write_acpi_tables(m.memory, config.cpus, windows)
 
 
+def _guest_cmdline(image: LoadedImage, cmdline: str) -> str:
+    """The command line as the guest gets it: a multiboot kernel's starts with the
+    kernel's own name, as GRUB and QEMU pass it (programs take it as argv[0])."""
+    if image.kind != "multiboot":
+        return cmdline
+    return " ".join(part for part in (str(image.path), cmdline) if part)
+
+
 def boot_bsp(
-    m: Machine, image: LoadedImage, cmdline: str, rsdp: int, initrd: Initrd | None = None
+    m: Machine,
+    image: LoadedImage,
+    cmdline: str,
+    rsdp: int,
+    initrd: Initrd | None = None,
+    modules: list[LoadedModule] | None = None,
 ) -> None:
     """Write the boot-information block for the image's protocol and set vCPU 0's entry.
 
     A bzImage enters at startup_64 in long mode with rsi = zero page (boot.rst's 64-bit
-    protocol); PVH gets the initrd as its first module, which is where Linux looks.
+    protocol); PVH gets the initrd as its first module, which is where Linux looks; a
+    multiboot image gets its modules in the multiboot information.
     """
     bsp = m.vcpus[0].fd
     if image.kind == "bzimage":
@@ -311,7 +376,8 @@ def boot_bsp(
         ebx = write_pvh_boot_info(m.memory, cmdline.encode(), rsdp=rsdp, modules=modules)
         cpu.setup_protected_mode(bsp, m.memory, image.entry, eax=0, ebx=ebx)
     else:
-        ebx = write_multiboot_info(m.memory, cmdline.encode())
+        mods = [(mod.gpa, mod.size, mod.string) for mod in modules or ()]
+        ebx = write_multiboot_info(m.memory, cmdline.encode(), mods)
         cpu.setup_protected_mode(
             bsp, m.memory, image.entry, eax=MULTIBOOT_BOOTLOADER_MAGIC, ebx=ebx
         )

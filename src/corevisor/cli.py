@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--net", action="append", metavar="TAP", help="a virtio-net on a host TAP")
     run.add_argument("--rng", action="store_true", help="a virtio-rng entropy device")
+    run.add_argument(
+        "--module",
+        action="append",
+        metavar="FILE[,STRING]",
+        help="a multiboot module, with its string (default FILE); repeatable",
+    )
     linuxboot.add_arguments(run)
     guests = sub.add_parser("guests", help="list the bundled guests and their image paths")
     guests.add_argument("--build", action="store_true", help="(re)build them first")
@@ -85,7 +91,9 @@ def _resolve(args: argparse.Namespace) -> SystemConfig:
             bundled.ensure_built(name)
         target = str(bundled.DEMO_SYSTEM)
     if target.endswith(".toml"):
-        flags = [f for f in ("cpus", "pin", "gdb", "disk", "net") if getattr(args, f) is not None]
+        flags = [
+            f for f in ("cpus", "pin", "gdb", "disk", "net", "module") if getattr(args, f) is not None
+        ]
         flags += ["rng"] if args.rng else []
         if flags:
             hint = " (give each partition a gdb key instead)" if flags[0] == "gdb" else ""
@@ -113,6 +121,7 @@ def _resolve(args: argparse.Namespace) -> SystemConfig:
         disks=args.disk,
         nets=args.net,
         rng=args.rng,
+        modules=args.module,
     )
     return SystemConfig(partitions=(part,))
 

@@ -13,7 +13,9 @@ The format::
     memory = "64M"                      # or bytes; >= 2M, 4 KiB multiple, <= 64G and host RAM
     pin = [0, 1]                        # optional: one host core, or one per vCPU ("0-1" works too)
     cmdline = "exit=0"                  # optional, <= 4096 bytes, no NUL
-    initrd = "initramfs.cpio"           # optional: for a Linux image (bzImage or vmlinux)
+    initrd = "initramfs.cpio"           # optional: for a Linux image (bzImage or vmlinux);
+                                        # for a multiboot image, its modules as QEMU's -initrd
+    modules = ["mod.bin,mod.bin arg"]   # multiboot modules: FILE[,STRING] (loader/modules.py)
     serial = "stdout"                   # "stdout" | "file:PATH" | "unix:PATH" | "null"
     dedicated = false                   # true: owns its pinned cores (no other partition on them)
     exits = "normal"                    # dedicated only: "halt-poll" | "disabled" (HLT/PAUSE)
@@ -44,8 +46,9 @@ Relative ``file:`` and ``unix:`` serial paths in a file are resolved against the
 directory, like ``image``, so a configuration means the same from any working directory;
 on the command line they stay relative to the working directory.
 
-The image check is shallow on purpose (exists, regular file, ELF or bzImage magic):
-parsing it is the loader's job. What does not live here: opening serial backends (console.py) and
+The image check asks the loader what the image is (loader.identify_image, the one home
+for that question), so whatever the loader can boot is accepted, and the answer decides
+what ``initrd`` means (a multiboot image's modules, or a Linux initramfs). What does not live here: opening serial backends (console.py) and
 turning a config into a machine (builder.py).
 """
 
@@ -58,7 +61,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corevisor.arch.x86_64 import layout
-from corevisor.errors import ConfigError
+from corevisor.errors import ConfigError, LoaderError
+from corevisor.loader.modules import Module, split_module, split_qemu_initrd
 from corevisor.virtio.config import VIRTIO_KEYS, VirtioConfig, virtio_from_args, virtio_from_table
 
 __all__ = [
@@ -91,7 +95,6 @@ MAX_UNIX_PATH = 107
 # Beyond this a CPU list is a typo, and expanding "0-999999999" would eat the host.
 _MAX_CPU_NUMBER = 1 << 16
 
-_ELF_MAGIC = b"\x7fELF"
 _NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _SIZE_RE = re.compile(r"(\d+)\s*([KMG]?)", re.IGNORECASE)
 _SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -121,6 +124,7 @@ _PARTITION_KEYS = (
     "watchdog_ms",
     "initrd",
     "gdb",
+    "modules",
     *VIRTIO_KEYS,  # blk, net, rng, virtio_console: virtio/config.py
 )
 _CHANNEL_KEYS = ("between", "size", "gpa", "direction", "doorbell")
@@ -155,6 +159,7 @@ class PartitionConfig:
     gdb: str | None = None  # HOST:PORT of a GDB stub for this partition (gdb/server.py)
     gdb_attach: bool = False  # run at once, stop when GDB connects (else halted at start)
     virtio: VirtioConfig = VirtioConfig()  # paravirtual devices (virtio/config.py)
+    modules: tuple[Module, ...] = ()  # multiboot modules (loader/modules.py)
 
     def vcpu_cores(self) -> tuple[int, ...]:
         """The host core of each vCPU, in vCPU order (empty if the partition is not pinned)."""
@@ -486,21 +491,24 @@ def _config_path(value: object, where: str, base: Path | None) -> tuple[Path, st
     return path, shown
 
 
-def _check_image(value: object, where: str, base: Path | None) -> Path:
+def _check_image(value: object, where: str, base: Path | None) -> tuple[Path, str]:
+    """The image's path and boot protocol ("pvh", "multiboot", "bzimage"): the loader's
+    answer, so anything it can boot (a raw a.out-kludge multiboot image too) passes."""
     path, shown = _config_path(value, where, base)
     try:
         if not path.exists():
             raise ConfigError(f"{where}: {shown} does not exist")
         if not path.is_file():
             raise ConfigError(f"{where}: {shown} is not a regular file")
-        with path.open("rb") as f:
-            head = f.read(0x206)
+        data = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"{where}: cannot read {shown}: {e.strerror or e}") from None
-    # A Linux bzImage has no ELF magic: its setup header's "HdrS" is at 0x202.
-    if head[: len(_ELF_MAGIC)] != _ELF_MAGIC and head[0x202:0x206] != b"HdrS":
-        raise ConfigError(f"{where}: {shown} is not an ELF image or a Linux bzImage")
-    return path
+    from corevisor.loader import identify_image
+
+    try:
+        return path, identify_image(data, shown)
+    except LoaderError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _check_initrd(value: object, where: str, base: Path | None) -> Path:
@@ -509,6 +517,39 @@ def _check_initrd(value: object, where: str, base: Path | None) -> Path:
         what = "is not a regular file" if path.exists() else "does not exist"
         raise ConfigError(f"{where}: {shown} {what}")
     return path
+
+
+# --- multiboot modules (loader/modules.py has the syntax) -------------------------------
+
+
+def _check_module(file: str, string: str, where: str, base: Path | None) -> Module:
+    if "\0" in string:
+        raise ConfigError(f"{where}: the string of module {file} contains a NUL character")
+    return Module(_check_initrd(file, where, base), string)
+
+
+def _boot_files(
+    kind: str,
+    initrd: object,
+    modules: object,
+    where: tuple[str, str],
+    base: Path | None,
+) -> tuple[Path | None, tuple[Module, ...]]:
+    """(initrd, modules) for an image of this kind. where names the initrd and modules
+    keys (or options). A multiboot image's initrd is its module list, as in QEMU."""
+    if modules is not None and not isinstance(modules, list):
+        raise ConfigError(f"{where[1]}: expected an array of FILE[,STRING] strings")
+    items = [split_module(_check_str(m, f"{where[1]}")) for m in modules or []]
+    if kind != "multiboot":
+        if items:
+            raise ConfigError(
+                f"{where[1]}: modules need a multiboot image (this one boots as {kind}; "
+                "give a Linux kernel an initrd)"
+            )
+        return (_check_initrd(initrd, where[0], base) if initrd is not None else None), ()
+    if initrd is not None:
+        items += split_qemu_initrd(_check_str(initrd, where[0]))
+    return None, tuple(_check_module(f, string, where[1], base) for f, string in items)
 
 
 # ---------------------------------------------------------------------- entry points
@@ -588,10 +629,9 @@ def _partition_from_table(
             )
     if "image" not in table:
         raise ConfigError(f'{where}: missing key "image" (the guest ELF to boot)')
-    image = _check_image(table["image"], f"{where}.image", base)
-    initrd = None
-    if "initrd" in table:
-        initrd = _check_initrd(table["initrd"], f"{where}.initrd", base)
+    image, kind = _check_image(table["image"], f"{where}.image", base)
+    keys = (f"{where}.initrd", f"{where}.modules")
+    initrd, modules = _boot_files(kind, table.get("initrd"), table.get("modules"), keys, base)
     cpus = _check_cpus(table.get("cpus", 1), f"{where}.cpus")
     memory = _check_memory(table.get("memory", 64 << 20), f"{where}.memory")
     pin: tuple[int, ...] = ()
@@ -633,6 +673,7 @@ def _partition_from_table(
         initrd=initrd,
         gdb=_check_gdb(table["gdb"], f"{where}.gdb", gdb_allow_remote) if "gdb" in table else None,
         virtio=virtio_from_table(table, where, base),
+        modules=modules,
     )
 
 
@@ -887,10 +928,12 @@ def partition_from_args(
     disks: list[str] | None = None,
     nets: list[str] | None = None,
     rng: bool = False,
+    modules: list[str] | None = None,
 ) -> PartitionConfig:
     """Build one partition from `corevisor run` options; errors name the option (--memory)."""
     part_name = _check_name(name, "--name") if name is not None else _name_from_image(image)
-    image_path = _check_image(image, "image", None)
+    image_path, kind = _check_image(image, "image", None)
+    initrd_path, module_list = _boot_files(kind, initrd, modules, ("--initrd", "--module"), None)
     vcpus = _check_cpus(cpus, "--cpus")
     size = _check_memory(memory, "--memory")
     cores = _check_pin(parse_cpu_list(pin, "--pin"), vcpus, "--pin") if pin is not None else ()
@@ -902,7 +945,8 @@ def partition_from_args(
         pin=cores,
         cmdline=_check_cmdline(cmdline, "--cmdline"),
         serial=_check_serial(serial, "--serial", None),
-        initrd=_check_initrd(initrd, "--initrd", None) if initrd is not None else None,
+        initrd=initrd_path,
+        modules=module_list,
         gdb=_check_gdb(gdb, "--gdb", gdb_allow_remote) if gdb is not None else None,
         gdb_attach=gdb_attach,
         virtio=virtio_from_args(disks, nets, rng),
