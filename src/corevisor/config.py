@@ -539,7 +539,7 @@ def _boot_files(
     keys (or options). A multiboot image's initrd is its module list, as in QEMU."""
     if modules is not None and not isinstance(modules, list):
         raise ConfigError(f"{where[1]}: expected an array of FILE[,STRING] strings")
-    items = [split_module(_check_str(m, f"{where[1]}")) for m in modules or []]
+    items = [(*split_module(_check_str(m, where[1])), where[1]) for m in modules or []]
     if kind != "multiboot":
         if items:
             raise ConfigError(
@@ -548,8 +548,8 @@ def _boot_files(
             )
         return (_check_initrd(initrd, where[0], base) if initrd is not None else None), ()
     if initrd is not None:
-        items += split_qemu_initrd(_check_str(initrd, where[0]))
-    return None, tuple(_check_module(f, string, where[1], base) for f, string in items)
+        items += [(*m, where[0]) for m in split_qemu_initrd(_check_str(initrd, where[0]))]
+    return None, tuple(_check_module(f, string, key, base) for f, string, key in items)
 
 
 # ---------------------------------------------------------------------- entry points
