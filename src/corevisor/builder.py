@@ -372,8 +372,8 @@ def boot_bsp(
         rsi = write_zero_page(m.memory, image.boot_header, cmdline.encode(), rsdp, ramdisk)
         cpu.setup_long_mode(bsp, m.memory, image.entry, rsi=rsi)
     elif image.kind == "pvh":
-        modules = [(initrd.gpa, initrd.size, b"")] if initrd else []
-        ebx = write_pvh_boot_info(m.memory, cmdline.encode(), rsdp=rsdp, modules=modules)
+        ramdisk_module = [(initrd.gpa, initrd.size, b"")] if initrd else []
+        ebx = write_pvh_boot_info(m.memory, cmdline.encode(), rsdp=rsdp, modules=ramdisk_module)
         cpu.setup_protected_mode(bsp, m.memory, image.entry, eax=0, ebx=ebx)
     else:
         mods = [(mod.gpa, mod.size, mod.string) for mod in modules or ()]

@@ -91,9 +91,8 @@ def _resolve(args: argparse.Namespace) -> SystemConfig:
             bundled.ensure_built(name)
         target = str(bundled.DEMO_SYSTEM)
     if target.endswith(".toml"):
-        flags = [
-            f for f in ("cpus", "pin", "gdb", "disk", "net", "module") if getattr(args, f) is not None
-        ]
+        options = ("cpus", "pin", "gdb", "disk", "net", "module")
+        flags = [f for f in options if getattr(args, f) is not None]
         flags += ["rng"] if args.rng else []
         if flags:
             hint = " (give each partition a gdb key instead)" if flags[0] == "gdb" else ""

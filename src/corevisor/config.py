@@ -48,8 +48,9 @@ on the command line they stay relative to the working directory.
 
 The image check asks the loader what the image is (loader.identify_image, the one home
 for that question), so whatever the loader can boot is accepted, and the answer decides
-what ``initrd`` means (a multiboot image's modules, or a Linux initramfs). What does not live here: opening serial backends (console.py) and
-turning a config into a machine (builder.py).
+what ``initrd`` means (a multiboot image's modules, or a Linux initramfs). What does
+not live here: opening serial backends (console.py) and turning a config into a
+machine (builder.py).
 """
 
 from __future__ import annotations

@@ -57,8 +57,9 @@ def test_multiboot_image_finds_its_cpus_in_fw_cfg(guests: dict[str, Path]) -> No
 
 
 LOW = 0x10000
-# A legacy guest (asm.PRELUDE gives _start, a stack, PRINT and print_hex) in the manner of kvm-unit-tests' real-mode image: a flat binary whose
-# multiboot header carries its load addresses (flag 16), linked at 64 KiB. It prints its
+# A legacy guest (asm.PRELUDE gives _start, a stack, PRINT and print_hex) in the manner
+# of kvm-unit-tests' real-mode image: a flat binary whose multiboot header carries its
+# load addresses (flag 16), linked at 64 KiB. It prints its
 # command line, each module (start, size, string, contents), the CPU count from fw_cfg,
 # then powers off through the FADT's PM1a control block (SLP_TYP = 5 from \_S5, SLP_EN).
 AOUT_GUEST = r"""

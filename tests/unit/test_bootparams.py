@@ -14,12 +14,12 @@ import pytest
 
 from corevisor.arch.x86_64 import layout
 from corevisor.arch.x86_64.bootparams import (
+    BOOT_LOADER_NAME,
     E820_RAM,
     E820_RESERVED,
     MULTIBOOT_BOOTLOADER_MAGIC,
     E820Entry,
     e820_map,
-    BOOT_LOADER_NAME,
     write_multiboot_info,
     write_pvh_boot_info,
 )

@@ -166,8 +166,8 @@ def test_partition_not_a_table(tree: Path) -> None:
 def test_unknown_partition_key(tree: Path) -> None:
     assert error(tree, DEMO + "cpu = 2\n") == (
         'partitions.demo: unknown key "cpu" (known: cpus, image, memory, pin, cmdline, serial, '
-        "dedicated, exits, halt_poll_ns, restart, watchdog_ms, initrd, gdb, modules, blk, net, rng, "
-            "virtio_console)"
+        "dedicated, exits, halt_poll_ns, restart, watchdog_ms, initrd, gdb, modules, blk, net, "
+        "rng, virtio_console)"
     )
 
 

@@ -11,7 +11,8 @@ that flag the spec requires what an OS then relies on, so the FADT also declares
 the PM1a event and control blocks (devices/pm1.py: SCI_EN always set, S5 = power off),
 an SCI (ISA IRQ 9, level, with its MADT interrupt source override, as on QEMU's PCs;
 never raised, since no fixed event exists), a FACS (required without HW_REDUCED_ACPI;
-its global lock and waking vector are unused), SMI_CMD = 0 (no mode switch: always in
+its global lock and waking vector are unused; FIRMWARE_CTRL only, not X_FIRMWARE_CTRL
+too, or Linux installs it twice), SMI_CMD = 0 (no mode switch: always in
 ACPI mode), no C2/C3 states, and TMR_VAL_EXT (a 32-bit timer). The DSDT describes COM1,
 the fw_cfg device (QEMU0002, which Linux's qemu_fw_cfg driver binds), \\_S5 and the
 virtio-mmio devices (aml.py). What lives elsewhere: the MP table (mptable.py), the e820
@@ -102,7 +103,7 @@ def fadt(dsdt_addr: int, facs_addr: int) -> bytes:
     def put(offset: int, fmt: str, value: int | bytes) -> None:
         struct.pack_into(fmt, body, offset - 36, value)
 
-    put(36, "<I", facs_addr)  # FIRMWARE_CTRL
+    put(36, "<I", facs_addr)  # FIRMWARE_CTRL (32-bit, as QEMU: the FACS is below 1 MiB)
     put(40, "<I", dsdt_addr)  # DSDT (32-bit pointer)
     put(46, "<H", layout.SCI_IRQ)  # SCI_INT; SMI_CMD (48) = 0: always in ACPI mode
     put(56, "<I", layout.PM1A_EVT_PORT)
@@ -116,7 +117,7 @@ def fadt(dsdt_addr: int, facs_addr: int) -> bytes:
     put(109, "<H", FADT_BOOT_ARCH_LEGACY_DEVICES | FADT_BOOT_ARCH_8042)
     put(112, "<I", FADT_FLAGS)
     put(131, "<B", 5)  # FADT minor version
-    put(132, "<Q", facs_addr)  # X_FIRMWARE_CTRL (the same FACS)
+    # X_FIRMWARE_CTRL (132) stays 0: with both set, Linux installs the FACS twice
     put(140, "<Q", dsdt_addr)  # X_DSDT
     put(148, "12s", gas(layout.PM1A_EVT_PORT, 8 * PM1_EVT_LEN, _GAS_ACCESS_WORD))
     put(172, "12s", gas(layout.PM1A_CNT_PORT, 8 * PM1_CNT_LEN, _GAS_ACCESS_WORD))
