@@ -1,13 +1,14 @@
 """Where a loader may put bytes: in guest RAM, clear of what the VMM writes below 1 MiB.
 
-One check for image segments, multiboot modules and the initrd, so every refusal reads
-the same way and names both ranges, e.g.::
+One check for image segments and multiboot modules (a Linux initrd goes at the top of
+RAM, above 1 MiB: initrd.py), so every refusal reads the same way and names both
+ranges, e.g.::
 
     kernel.bin: multiboot load range (0x9000-0x9b000) overlaps the boot information
     (0x9a000-0x9c000)
 
 What does not live here: the ranges themselves (layout.vmm_low_ranges, the one address
-map), or deciding where a module or initrd goes (modules.py, initrd.py).
+map), or deciding where a module goes (modules.py).
 """
 
 from __future__ import annotations
