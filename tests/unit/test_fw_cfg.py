@@ -172,8 +172,9 @@ def test_hostile_guest_never_crashes_the_device(
             elif op == "w":
                 dev.write(offset, data)
             else:
-                mem.write(DESC, struct.pack(">IIQ", control, length % (4 * MiB), address))
-                dev.write(8, DESC.to_bytes(4, "big"))
+                mem.write(DESC, struct.pack(">IIQ", control, length % (64 << 10), address))
+                dev.write(4, bytes(4))  # a high half left by an earlier write would aim
+                dev.write(8, DESC.to_bytes(4, "big"))  # the descriptor outside RAM
                 assert struct.unpack(">I", mem.read(DESC, 4))[0] in (0, k.DMA_CTL_ERROR)
         state = dev.save()
         again = FwCfg(mem, machine_items(1, mem), machine_files(mem))
