@@ -1,8 +1,8 @@
 """build(config): the recipe that turns a PartitionSpec into a ready, unstarted Machine.
 
 Read it top to bottom: create VM -> memory -> irqchip -> exit policy -> vCPUs ->
-devices -> hypercalls -> virtio devices -> load the image -> boot tables -> boot
-registers -> channels.
+devices -> ACPI PM devices -> hypercalls -> virtio devices -> load the image (and its
+initrd or multiboot modules) -> boot tables -> boot registers -> fw_cfg -> channels.
 Each step is an attach_* function, so a later restore path (and a system restarting a
 partition) can reuse the same steps. Each step hands what it creates to the machine at
 once (Machine.own / at_close) and registers its threads with Machine.at_start: a
@@ -34,7 +34,10 @@ from corevisor.channel import DOORBELL_PORT, ChannelEnd, DoorbellPort, ReadOnlyG
 from corevisor.console import SerialBackend, open_serial
 from corevisor.devices import Device
 from corevisor.devices.debug_exit import DebugExit
+from corevisor.devices.fw_cfg import FwCfg
 from corevisor.devices.i8042 import I8042
+from corevisor.devices.pm1 import Pm1
+from corevisor.devices.pm_timer import PmTimer
 from corevisor.devices.postcode import PostCode
 from corevisor.devices.rtc import Rtc
 from corevisor.devices.uart16550 import Uart16550
@@ -48,11 +51,19 @@ from corevisor.kvm.bindings import (
     Cap,
 )
 from corevisor.kvm.ioctls import Kvm
-from corevisor.loader import Initrd, LoadedImage, load_image, load_initrd
+from corevisor.loader import (
+    Initrd,
+    LoadedImage,
+    LoadedModule,
+    load_image,
+    load_initrd,
+    load_modules,
+)
 from corevisor.machine import Machine
 from corevisor.memory import GuestMemory, MemoryRegion
 from corevisor.resources import CHANNEL_SLOTS, FIXED_GSIS, Resources, Space, machine_map
 from corevisor.spec import ExitMode, PartitionSpec
+from corevisor.vcpu import StopReport
 
 if TYPE_CHECKING:  # the virtio stack is imported only by partitions that have devices
     from corevisor.virtio.attach import VirtioSlot
@@ -108,12 +119,16 @@ def build(
         attach_exit_policy(m, config)
         attach_vcpus(m, config)
         serial = attach_legacy_devices(m, config, links.serial, res)
+        attach_acpi_pm(m, res)
         attach_hypercalls(m, config, links, serial, res)
         virtio = attach_virtio_devices(m, config, links, serial, res)
         image = load_image(m.memory, config.image)
         initrd = load_initrd(m.memory, config.initrd, image) if config.initrd else None
+        modules = load_modules(m.memory, config.modules, image)
         rsdp = attach_boot_tables(m, config, virtio)
-        boot_bsp(m, image, _with_virtio_devices(config.cmdline, virtio), rsdp, initrd)
+        cmdline = _guest_cmdline(image, _with_virtio_devices(config.cmdline, virtio))
+        boot_bsp(m, image, cmdline, rsdp, initrd, modules)
+        attach_fw_cfg(m, config, image, cmdline, initrd, res)
         attach_channels(m, links, res)
         if config.gdb is not None:
             attach_debugger(m, config, links)
@@ -245,6 +260,41 @@ def _attach_ports(m: Machine, devices: dict[str, Device], res: Resources) -> Non
         m.devices[name] = dev
 
 
+def attach_acpi_pm(m: Machine, res: Resources) -> None:
+    """The ACPI fixed hardware the FADT declares (acpi.py): PM1a event and control blocks
+    (SCI_EN set; S5 powers the machine off, exit status 0) and the 3.58 MHz PM timer."""
+
+    def poweroff() -> None:
+        m.finish(StopReport("exit", "guest powered off (ACPI S5)", code=0))
+
+    _attach_ports(m, {"pm1": Pm1(poweroff), "pm-timer": PmTimer()}, res)
+
+
+def attach_fw_cfg(
+    m: Machine,
+    config: PartitionSpec,
+    image: LoadedImage,
+    cmdline: str,
+    initrd: Initrd | None,
+    res: Resources,
+) -> None:
+    """QEMU's fw_cfg at 0x510 (devices/fw_cfg.py), with the items of firmware/fw_cfg.py:
+    CPUs, RAM, e820, boot order, and the kernel/command-line/initrd the guest was given.
+    After the boot tables, so the items describe what was actually placed."""
+    from corevisor.firmware import fw_cfg as items
+
+    ramdisk = (initrd, config.initrd) if initrd is not None and config.initrd else None
+    boot, opened = items.boot_items(image, cmdline.encode(), ramdisk)
+    for f in opened:
+        m.own(f)
+    dev = FwCfg(
+        m.memory,
+        {**items.machine_items(config.cpus, m.memory), **boot},
+        items.machine_files(m.memory),
+    )
+    _attach_ports(m, {"fw-cfg": dev}, res)
+
+
 def attach_hypercalls(
     m: Machine,
     config: PartitionSpec,
@@ -316,13 +366,27 @@ def attach_boot_tables(
     return write_acpi_tables(m.memory, config.cpus, windows)
 
 
+def _guest_cmdline(image: LoadedImage, cmdline: str) -> str:
+    """The command line as the guest gets it: a multiboot kernel's starts with the
+    kernel's own name, as GRUB and QEMU pass it (programs take it as argv[0])."""
+    if image.kind != "multiboot":
+        return cmdline
+    return " ".join(part for part in (str(image.path), cmdline) if part)
+
+
 def boot_bsp(
-    m: Machine, image: LoadedImage, cmdline: str, rsdp: int, initrd: Initrd | None = None
+    m: Machine,
+    image: LoadedImage,
+    cmdline: str,
+    rsdp: int,
+    initrd: Initrd | None = None,
+    modules: list[LoadedModule] | None = None,
 ) -> None:
     """Write the boot-information block for the image's protocol and set vCPU 0's entry.
 
     A bzImage enters at startup_64 in long mode with rsi = zero page (boot.rst's 64-bit
-    protocol); PVH gets the initrd as its first module, which is where Linux looks.
+    protocol); PVH gets the initrd as its first module, which is where Linux looks; a
+    multiboot image gets its modules in the multiboot information.
     """
     bsp = m.vcpus[0].fd
     if image.kind == "bzimage":
@@ -330,11 +394,12 @@ def boot_bsp(
         rsi = write_zero_page(m.memory, image.boot_header, cmdline.encode(), rsdp, ramdisk)
         cpu.setup_long_mode(bsp, m.memory, image.entry, rsi=rsi)
     elif image.kind == "pvh":
-        modules = [(initrd.gpa, initrd.size, b"")] if initrd else []
-        ebx = write_pvh_boot_info(m.memory, cmdline.encode(), rsdp=rsdp, modules=modules)
+        ramdisk_module = [(initrd.gpa, initrd.size, b"")] if initrd else []
+        ebx = write_pvh_boot_info(m.memory, cmdline.encode(), rsdp=rsdp, modules=ramdisk_module)
         cpu.setup_protected_mode(bsp, m.memory, image.entry, eax=0, ebx=ebx)
     else:
-        ebx = write_multiboot_info(m.memory, cmdline.encode())
+        mods = [(mod.gpa, mod.size, mod.string) for mod in modules or ()]
+        ebx = write_multiboot_info(m.memory, cmdline.encode(), mods)
         cpu.setup_protected_mode(
             bsp, m.memory, image.entry, eax=MULTIBOOT_BOOTLOADER_MAGIC, ebx=ebx
         )

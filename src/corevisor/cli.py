@@ -38,6 +38,7 @@ PARTITION_OPTIONS = {
     "disk": "blk",
     "net": "net",
     "rng": "rng",
+    "module": "modules",
 }
 
 
@@ -98,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--net", action="append", metavar="TAP", help="a virtio-net on a host TAP")
     run.add_argument("--rng", action="store_true", help="a virtio-rng entropy device")
+    run.add_argument(
+        "--module",
+        action="append",
+        metavar="FILE[,STRING]",
+        help="a multiboot module, with its string (default FILE); repeatable",
+    )
     linuxboot.add_arguments(run)
     guests = sub.add_parser("guests", help="list the bundled guests and their image paths")
     guests.add_argument("--build", action="store_true", help="(re)build them first")
@@ -161,6 +168,7 @@ def _resolve(args: argparse.Namespace) -> SystemSpec:
         disks=args.disk,
         nets=args.net,
         rng=args.rng,
+        modules=args.module,
     )
     return SystemSpec(partitions=(part,))
 

@@ -44,7 +44,12 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
         f'"{DEFAULT_CMDLINE}", default memory {DEFAULT_MEMORY}',
     )
     ramdisk = run.add_mutually_exclusive_group()
-    ramdisk.add_argument("--initrd", metavar="I", default=None, help="initramfs for Linux")
+    ramdisk.add_argument(
+        "--initrd",
+        metavar="I",
+        default=None,
+        help='initramfs for Linux; for a multiboot image its modules, as QEMU: "F ARGS,F ARGS"',
+    )
     ramdisk.add_argument(
         "--initramfs-dir",
         metavar="D",

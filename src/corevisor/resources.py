@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 from corevisor.arch.x86_64 import layout
 from corevisor.config.parse import format_size
+from corevisor.devices.pm1 import PM1_SIZE
 from corevisor.errors import ConfigError
 from corevisor.spec import MAX_CHANNELS, MAX_VIRTIO_DEVICES
 
@@ -62,11 +63,20 @@ LEGACY_PORTS: dict[str, tuple[int, int]] = {
     "com1": (layout.COM1_PORT, 8),
     "hypercall": (layout.HYPERCALL_PORT, 4),
     "doorbell": (layout.DOORBELL_PORT, 4),
+    "fw-cfg": (layout.FW_CFG_PORT, layout.FW_CFG_PORT_SIZE),
+    "pm1": (layout.PM1A_EVT_PORT, PM1_SIZE),
+    "pm-timer": (layout.PM_TMR_PORT, 4),
 }
-# GSIs of the in-kernel PIT (KVM's default routing puts IRQ0 on IOAPIC pin 0) and COM1.
-FIXED_GSIS: dict[str, int] = {"the PIT": 0, "COM1": layout.COM1_IRQ}
-# The ISA lines no legacy device of ours uses, one per virtio device, in order.
-VIRTIO_GSIS = (5, 6, 7, 9, 10, 11, 12, 14, 15)
+# GSIs of the in-kernel PIT (KVM's default routing puts IRQ0 on IOAPIC pin 0), COM1 and
+# the ACPI SCI (level-triggered, its MADT override says so: no edge device may share it).
+FIXED_GSIS: dict[str, int] = {
+    "the PIT": 0,
+    "COM1": layout.COM1_IRQ,
+    "the ACPI SCI": layout.SCI_IRQ,
+}
+# The ISA lines no legacy device of ours uses, one per virtio device, in order (IRQ 3,
+# COM2's line on a PC, comes last so the first devices keep the lines they always had).
+VIRTIO_GSIS = (5, 6, 7, 10, 11, 12, 14, 15, 3)
 # IOAPIC pins 16..23, above the ISA interrupts: one per channel, by the partition's index.
 CHANNEL_GSIS = range(16, 24)
 # KVM memory slots of channel mappings (RAM takes the lowest ones).

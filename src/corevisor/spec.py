@@ -304,6 +304,22 @@ class VirtioSpec:
 
 
 @dataclass(frozen=True)
+class ModuleSpec:
+    """A multiboot module as configured: its file and the string the guest sees with it
+    (loader/modules.py loads it; the written form is "FILE[,STRING]")."""
+
+    path: Path
+    string: str
+
+
+_MODULES_SCHEMA: dict[str, Any] = {
+    "type": "array",
+    "items": {"type": "string", "minLength": 1, "pattern": "^[^\\x00]*$"},
+    "description": 'multiboot modules, "FILE[,STRING]" each (STRING defaults to FILE)',
+}
+
+
+@dataclass(frozen=True)
 class PartitionSpec:
     """One partition (one VM): its guest image and the resources it gets."""
 
@@ -323,7 +339,10 @@ class PartitionSpec:
     restart: RestartPolicy = RestartPolicy.STOP
     watchdog_ms: int = field(default=0, metadata=doc(
         schema={"type": "integer", "minimum": 0, "maximum": MAX_WATCHDOG_MS}))
+    # For a Linux image its initramfs; for a multiboot image its modules, written as
+    # QEMU's -initrd list (config/files.py boot_files turns them into modules).
     initrd: Path | None = field(default=None, metadata=doc(schema=_PATH_SCHEMA))
+    modules: tuple[ModuleSpec, ...] = field(default=(), metadata=doc(schema=_MODULES_SCHEMA))
     gdb: HostPort | None = None  # a GDB stub for this partition (gdb/server.py)
     # Run at once and stop when GDB connects (else halted at start): a run-time option.
     gdb_attach: bool = field(default=False, metadata=doc(omit=True))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from corevisor.arch.x86_64 import layout
 from corevisor.builder import build
 from corevisor.spec import BlkSpec, PartitionSpec, SerialSpec, VirtioSpec
 from corevisor.virtio.mmio import REG, VirtioMmio
@@ -82,7 +83,7 @@ def test_guest_drives_virtio_rng_by_ioeventfd_and_irqfd(tmp_path: Path) -> None:
             BASE,
             BASE + 0x1000,
         ]
-        cmdline = m.memory.read(0x20000, 200).split(b"\0")[0]
+        cmdline = m.memory.read(layout.CMDLINE_ADDR, 200).split(b"\0")[0]
         assert cmdline == (
             b"console=hvc0 virtio_mmio.device=4K@0xc0000000:5 virtio_mmio.device=4K@0xc0001000:6"
         )

@@ -16,6 +16,7 @@ from corevisor.config import (
 )
 from corevisor.errors import ConfigError
 from corevisor.spec import PartitionSpec, SerialKind, SerialSpec, SystemSpec
+from tests.kvm.images import pvh_elf
 
 ALLOWED = sorted(os.sched_getaffinity(0))
 NCPUS = os.cpu_count() or 1
@@ -33,7 +34,7 @@ def host_ram() -> int:
 def tree(tmp_path: Path) -> Path:
     """A directory with a (magic-only) ELF guest and a non-ELF file next to the TOML."""
     (tmp_path / "guests").mkdir()
-    (tmp_path / "guests" / "hello.elf").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(57))
+    (tmp_path / "guests" / "hello.elf").write_bytes(pvh_elf(b"\xf4"))
     (tmp_path / "guests" / "notes.txt").write_text("not a guest\n")
     return tmp_path
 
@@ -168,8 +169,8 @@ def test_partition_not_a_table(tree: Path) -> None:
 def test_unknown_partition_key(tree: Path) -> None:
     assert error(tree, DEMO + "cpu = 2\n") == (
         'partitions.demo: unknown key "cpu" (known: image, cpus, memory, pin, cmdline, serial, '
-        "dedicated, exits, halt_poll_ns, restart, watchdog_ms, initrd, gdb, blk, net, rng, "
-            "virtio_console)"
+        "dedicated, exits, halt_poll_ns, restart, watchdog_ms, initrd, modules, gdb, blk, net, "
+        "rng, virtio_console)"
     )
 
 
@@ -189,7 +190,8 @@ def test_image_does_not_exist(tree: Path) -> None:
 
 def test_image_not_elf(tree: Path) -> None:
     msg = error(tree, '[partitions.demo]\nimage = "guests/notes.txt"\n')
-    assert msg == "partitions.demo.image: guests/notes.txt is not an ELF image or a Linux bzImage"
+    # the loader's own answer (loader.identify_image), with the key in front
+    assert msg == "partitions.demo.image: guests/notes.txt: not an ELF image (bad magic)"
 
 
 def test_image_is_a_directory(tree: Path) -> None:
@@ -380,7 +382,7 @@ def test_partition_from_args(tree: Path) -> None:
 
 def test_partition_from_args_name_from_odd_file_names(tree: Path) -> None:
     odd = tree / "9 Lives.ELF"
-    odd.write_bytes(b"\x7fELF")
+    odd.write_bytes(pvh_elf(b"\xf4"))
     assert partition_from_args(str(odd)).name == "vm-9-lives"
 
 

@@ -19,6 +19,7 @@ from corevisor.gdb import protocol as p
 from corevisor.gdb import x86_64
 from corevisor.kvm import bindings as b
 from corevisor.spec import HostPort
+from tests.kvm.images import pvh_elf
 
 # --- framing -------------------------------------------------------------------------
 
@@ -237,7 +238,7 @@ def test_gdb_option_validation(tmp_path: object) -> None:
     from pathlib import Path
 
     image = Path(str(tmp_path)) / "x.elf"
-    image.write_bytes(b"\x7fELF" + bytes(60))
+    image.write_bytes(pvh_elf(b"\xf4"))
     part = partition_from_args(str(image), gdb="127.0.0.1:1234")
     assert part.gdb == HostPort("127.0.0.1", 1234) and not part.gdb_attach
     with pytest.raises(ConfigError, match=r"^--gdb: bad port"):
@@ -254,7 +255,7 @@ def test_gdb_key_in_a_system_file(tmp_path: object) -> None:
     from corevisor.config import load_config
 
     d = Path(str(tmp_path))
-    (d / "x.elf").write_bytes(b"\x7fELF" + bytes(60))
+    (d / "x.elf").write_bytes(pvh_elf(b"\xf4"))
     f = d / "s.toml"
     f.write_text('[partitions.a]\nimage = "x.elf"\ngdb = "127.0.0.1:4444"\n')
     assert load_config(f).partitions[0].gdb == HostPort("127.0.0.1", 4444)

@@ -22,6 +22,7 @@ from corevisor.console import open_serial
 from corevisor.errors import ConfigError, LoaderError, quote, show
 from corevisor.loader.initramfs import entries_from_directory
 from corevisor.spec import SerialSpec
+from tests.kvm.images import pvh_elf
 
 ROOT = Path(__file__).resolve().parents[2]
 LONG = "/tmp/" + "x" * 5000  # far beyond NAME_MAX and PATH_MAX: ENAMETOOLONG
@@ -29,9 +30,9 @@ LONG = "/tmp/" + "x" * 5000  # far beyond NAME_MAX and PATH_MAX: ENAMETOOLONG
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    (tmp_path / "hello.elf").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(57))
+    (tmp_path / "hello.elf").write_bytes(pvh_elf(b"\xf4"))
     (tmp_path / "disk.img").write_bytes(bytes(1024))
-    (tmp_path / "kernel").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(57))
+    (tmp_path / "kernel").write_bytes(pvh_elf(b"\xf4"))
     return tmp_path
 
 

@@ -14,6 +14,7 @@ from corevisor.config import HostFacts, load_config
 from corevisor.config.schema import components, partition_schema, system_schema
 from corevisor.config.toml import CHANNEL_KEYS, PARTITION_KEYS
 from corevisor.errors import ConfigError
+from tests.kvm.images import pvh_elf
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMS = sorted((ROOT / "guests" / "systems").glob("*.toml"))
@@ -67,7 +68,7 @@ def validator(schema: dict[str, Any]) -> jsonschema.Draft202012Validator:
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    (tmp_path / "hello.elf").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(57))
+    (tmp_path / "hello.elf").write_bytes(pvh_elf(b"\xf4"))
     (tmp_path / "disk.img").write_bytes(bytes(1024))
     (tmp_path / "rd.cpio").write_bytes(b"070701")
     return tmp_path

@@ -9,13 +9,14 @@ import pytest
 from corevisor.config import load_config, partition_from_args
 from corevisor.errors import ConfigError
 from corevisor.spec import BlkSpec, NetSpec, VirtioSpec
+from tests.kvm.images import pvh_elf
 
 HEAD = '[partitions.demo]\nimage = "hello.elf"\n'
 
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    (tmp_path / "hello.elf").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(57))
+    (tmp_path / "hello.elf").write_bytes(pvh_elf(b"\xf4"))
     (tmp_path / "disk.img").write_bytes(bytes(1024))
     (tmp_path / "odd.img").write_bytes(bytes(1000))
     return tmp_path

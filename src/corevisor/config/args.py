@@ -73,6 +73,7 @@ def partition_from_args(
     disks: list[str] | None = None,
     nets: list[str] | None = None,
     rng: bool = False,
+    modules: list[str] | None = None,
     host: HostFacts | None = None,
 ) -> PartitionSpec:
     """Build and validate one partition from `corevisor run` options; errors name the
@@ -80,11 +81,10 @@ def partition_from_args(
     if name is not None and NAME_RE.fullmatch(name) is None:
         raise ConfigError(f"--name: bad partition name {quote(name)} (use {NAME_PATTERN})")
     image_path = parse_path(image, "image", None)
-    files.check_guest_image(image_path, "image", image)
-    initrd_path = None
-    if initrd is not None:
-        initrd_path = parse_path(initrd, "--initrd", None)
-        files.check_initrd(initrd_path, "--initrd", initrd)
+    kind = files.check_guest_image(image_path, "image", image)
+    initrd_path, module_specs = files.boot_files(
+        kind, initrd, modules or [], ("--initrd", "--module"), None
+    )
     part = PartitionSpec(
         name=name if name is not None else name_from_image(image),
         image=image_path,
@@ -94,6 +94,7 @@ def partition_from_args(
         cmdline=cmdline,
         serial=parse_serial(serial, "--serial", None),
         initrd=initrd_path,
+        modules=module_specs,
         gdb=parse_gdb(gdb, "--gdb") if gdb is not None else None,
         gdb_attach=gdb_attach,
         virtio=virtio_from_args(disks, nets, rng),

@@ -249,27 +249,14 @@ def _pin(value: object, where: str) -> tuple[int, ...]:
     return tuple(cores)
 
 
-def _file_path(
-    check: Callable[[Path, str, str], None]
-) -> Callable[[object, str, Path | None], Path]:
-    """A reader for a path key whose file check is check (image, initrd)."""
-
-    def read(value: object, where: str, base: Path | None) -> Path:
-        text = _str(value, where)
-        path = parse_path(text, where, base)
-        check(path, where, text)
-        return path
-
-    return read
-
-
-read_image = _file_path(files.check_guest_image)
-read_initrd = _file_path(files.check_initrd)
+def _strings(value: object, where: str) -> list[str]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected an array of FILE[,STRING] strings")
+    return [_str(item, f"{where}[{i}]") for i, item in enumerate(value)]
 
 
 # What each partition key becomes: reader(value, where, base) -> the field's value.
 _READERS: dict[str, Callable[[object, str, Path | None], Any]] = {
-    "image": read_image,
     "cpus": lambda v, w, b: _int(v, w),
     "memory": lambda v, w, b: parse_size(v, w),
     "pin": lambda v, w, b: _pin(v, w),
@@ -280,7 +267,6 @@ _READERS: dict[str, Callable[[object, str, Path | None], Any]] = {
     "halt_poll_ns": lambda v, w, b: _int(v, w),
     "restart": lambda v, w, b: _choice(v, RestartPolicy, w),
     "watchdog_ms": lambda v, w, b: _int(v, w),
-    "initrd": read_initrd,
     "gdb": lambda v, w, b: parse_gdb(_str(v, w), w),
 }
 
@@ -300,7 +286,21 @@ def partition_from_table(
         for key, reader in _READERS.items()
         if key in table
     }
-    return PartitionSpec(name=name, virtio=_virtio(table, where, base), **values)
+    shown = _str(table["image"], f"{where}.image")
+    image = parse_path(shown, f"{where}.image", base)
+    kind = files.check_guest_image(image, f"{where}.image", shown)
+    initrd = _str(table["initrd"], f"{where}.initrd") if "initrd" in table else None
+    modules = _strings(table["modules"], f"{where}.modules") if "modules" in table else []
+    keys = (f"{where}.initrd", f"{where}.modules")
+    initrd_path, module_specs = files.boot_files(kind, initrd, modules, keys, base)
+    return PartitionSpec(
+        name=name,
+        image=image,
+        initrd=initrd_path,
+        modules=module_specs,
+        virtio=_virtio(table, where, base),
+        **values,
+    )
 
 
 # ---------------------------------------------------------------------- virtio keys

@@ -62,6 +62,7 @@ _OPTIONS = {
     "cmdline": "--cmdline",
     "serial": "--serial",
     "initrd": "--initrd",
+    "modules": "--module",
     "gdb": "--gdb",
     "blk": "--disk",
     "net": "--net",
