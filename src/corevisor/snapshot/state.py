@@ -511,17 +511,20 @@ def _extra_candidates(fd: VcpuFd) -> list[int]:
     ]
 
 
-# The readable subset of the unlisted candidates, per host and CPUID: finding it costs
-# one ioctl per absent MSR (hundreds), so it is done once per process.
-_EXTRA_READABLE: dict[tuple[int, ...], tuple[int, ...]] = {}
+# The readable subset of the unlisted candidates, per candidate list and CPUID (which
+# MSRs exist can depend on it): finding it costs one ioctl per absent MSR (hundreds), so
+# it is done once per process and vCPU model.
+_EXTRA_READABLE: dict[tuple[tuple[int, ...], tuple[SupportedCpuid, ...]], tuple[int, ...]] = {}
 
 
-def _msr_values(kvm: Kvm, fd: VcpuFd) -> tuple[tuple[Msr, ...], tuple[int, ...]]:
+def _msr_values(
+    kvm: Kvm, fd: VcpuFd, cpuid: tuple[SupportedCpuid, ...]
+) -> tuple[tuple[Msr, ...], tuple[int, ...]]:
     """Every MSR this host lets us read, and the listed ones it refused."""
     listed = kvm.msr_index_list()
     listed_set = set(listed)
     extra = [i for i in _extra_candidates(fd) if i not in listed_set]
-    key = tuple(extra)
+    key = (tuple(extra), cpuid)
     known = _EXTRA_READABLE.get(key)
     if known is None:
         known = tuple(sorted(_read_msrs(fd, extra)[0]))
@@ -601,13 +604,14 @@ def capture_vcpu(kvm: Kvm, fd: VcpuFd) -> KvmVcpuState:
     debugregs = _from_c(DebugRegisters, fd.get_debugregs())
     # KVM_GET_LAPIC syncs interrupts posted to the vCPU into IRR before copying the page.
     lapic = bytes(fd.get_lapic())
-    msrs, unreadable = _msr_values(kvm, fd)
+    cpuid = tuple(fd.get_cpuid2())
+    msrs, unreadable = _msr_values(kvm, fd, cpuid)
     # VCPU_EVENTS last: the GETs above may still move pending events (an interrupt the
     # LAPIC sync just queued); what is in flight is read once everything else is.
     events = _from_c(VcpuEvents, fd.get_vcpu_events())
     return KvmVcpuState(
         index=fd.index,
-        cpuid=tuple(fd.get_cpuid2()),
+        cpuid=cpuid,
         tsc_khz=fd.get_tsc_khz(),
         mp_state=mp_state,
         regs=regs,
