@@ -204,12 +204,15 @@ def test_a_guest_restored_in_a_new_process_continues(guests: dict[str, Path],
 
 
 def test_a_timer_guest_keeps_ticking(guests: dict[str, Path], tmp_path: Path) -> None:
-    # timer: a periodic LAPIC timer interrupting a CPL3 loop; it ends after 20 ticks. How
-    # many loop iterations fit in them depends on the host's speed, not on the guest.
+    # timer: a periodic LAPIC timer interrupting a CPL3 loop until 20 ticks, then it masks
+    # the timer. How many loop iterations fit in the ticks depends on the host's speed, and
+    # a 21st tick can land before the mask on a slow host (a restored VM starts with a cold
+    # shadow MMU here): those two numbers are not the guest's to keep.
     before, after, whole = _both_runs(guests, tmp_path, "timer", "", "timer: uart irq ok\n")
-    loops = re.compile(r"ran \d+ iterations")
-    assert loops.sub("ran N iterations", before + after) == loops.sub("ran N iterations", whole)
-    assert after.startswith("timer: 20 ticks\n")
+    timing = re.compile(r"ran \d+ iterations|\d+ ticks")
+    assert timing.sub("N", before + after) == timing.sub("N", whole)
+    ticks = re.match(r"timer: (\d+) ticks\n", after)
+    assert ticks is not None and int(ticks.group(1)) >= 20, after
 
 
 def test_two_vcpus_restored_mid_conversation(guests: dict[str, Path], tmp_path: Path) -> None:
@@ -263,12 +266,18 @@ def test_restored_state_reads_back_as_saved(guests: dict[str, Path], tmp_path: P
     assert saved.vcpus[0].msrs_unreadable == ()  # this host reads every MSR it lists
 
 
-def test_msrs_the_host_will_not_set_are_checked_not_lost(guests: dict[str, Path],
-                                                         tmp_path: Path) -> None:
+def _counter_state(guests: dict[str, Path], tmp_path: Path) -> tuple[PartitionConfig,
+                                                                    st.MachineSnapshot]:
+    """A counting guest's config and its state, taken after its first tick."""
     log = tmp_path / "a.log"
     config = _config(guests, "peer", log, "mode=counter ticks=1000 period=20")
-    with _paused_at(config, log, "peer: tick 2\n") as (m, _):
-        saved = st.capture_machine(m)
+    with _paused_at(config, log, "peer: tick 1\n") as (m, _):
+        return config, st.capture_machine(m)
+
+
+def test_msrs_the_host_will_not_set_are_checked_not_lost(guests: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    config, saved = _counter_state(guests, tmp_path)
     with _machine(config) as fresh:
         notes = st.restore_machine(fresh, saved)
         fd = fresh.vcpus[0].fd
@@ -287,10 +296,7 @@ def test_msrs_the_host_will_not_set_are_checked_not_lost(guests: dict[str, Path]
 
 def test_a_snapshot_from_another_cpu_changes_nothing(guests: dict[str, Path],
                                                      tmp_path: Path) -> None:
-    log = tmp_path / "a.log"
-    config = _config(guests, "peer", log, "mode=counter ticks=1000 period=20")
-    with _paused_at(config, log, "peer: tick 1\n") as (m, _):
-        saved = st.capture_machine(m)
+    config, saved = _counter_state(guests, tmp_path)
     other = dataclasses.replace(saved.host, vendor="AuthenticAMD", signature=0xA20F12)
     with _machine(config) as fresh:
         fd = fresh.vcpus[0].fd

@@ -39,7 +39,8 @@ CAPS = ("PIT_STATE2", "ADJUST_CLOCK", "DEBUGREGS", "XSAVE", "XCRS", "GET_TSC_KHZ
 
 
 def _program() -> str:
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>", "int main(void){"]
+    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>"]
+    lines.append("int main(void){")
     for name, cls in STRUCTS.items():
         lines.append(f'printf("{name} %zu\\n", sizeof(struct {name}));')
         for field, *_ in cls._fields_:

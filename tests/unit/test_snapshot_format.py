@@ -174,7 +174,8 @@ def test_a_corrupt_section_is_named(snap: fmt.Snapshot, tmp_path: Path, section:
     body, length = _sections(bytes(raw))[section]
     raw[body + length // 2] ^= 0x20
     path.write_bytes(raw)
-    assert _error(tmp_path / "snap") == f"{path}: section {section!r} is corrupt (checksum mismatch)"
+    expected = f"{path}: section {section!r} is corrupt (checksum mismatch)"
+    assert _error(tmp_path / "snap") == expected
 
 
 @pytest.mark.parametrize("cut", [0, 7, 19, 20, 25, 200, -1])

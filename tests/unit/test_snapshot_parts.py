@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,21 +40,7 @@ from corevisor.virtio.device import VirtioDevice
 from corevisor.virtio.mmio import VirtioMmio
 from corevisor.virtio.net import Net, NetState
 from corevisor.virtio.rng import Rng, RngState
-from tests.unit.virtio_driver import MIB, FakeDriver
-
-
-@pytest.fixture
-def mem() -> Iterator[GuestMemory]:
-    m = GuestMemory.anonymous([(0, 2 * MIB)])
-    yield m
-    m.close()
-
-
-@pytest.fixture
-def image(tmp_path: Path) -> Path:
-    p = tmp_path / "disk.img"
-    p.write_bytes(bytes(range(256)) * 16)  # 8 sectors
-    return p
+from tests.unit.virtio_driver import FakeDriver
 
 
 def _round_trip(make: Any, state: Any) -> Any:

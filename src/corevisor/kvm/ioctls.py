@@ -82,6 +82,25 @@ class SupportedCpuid:
     edx: int
 
 
+def _cpuid_list(fd: int, request: int, name: str) -> list[SupportedCpuid]:
+    """A kvm_cpuid2 answer (supported or per-vCPU), growing the buffer until it fits."""
+    n = 64
+    while True:
+        buf = b.kvm_cpuid2(n)()
+        buf.nent = n
+        try:
+            fcntl.ioctl(fd, request, buf, True)
+        except OSError as e:
+            if e.errno == errno.E2BIG and n < 4096:
+                n *= 2
+                continue
+            raise KvmError(name, e.errno or 0) from None
+        return [
+            SupportedCpuid(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+            for e in buf.entries[: buf.nent]
+        ]
+
+
 class Kvm:
     """The /dev/kvm system file descriptor."""
 
@@ -113,21 +132,7 @@ class Kvm:
 
     def supported_cpuid(self) -> list[SupportedCpuid]:
         """KVM_GET_SUPPORTED_CPUID, growing the buffer until it fits."""
-        n = 64
-        while True:
-            buf = b.kvm_cpuid2(n)()
-            buf.nent = n
-            try:
-                fcntl.ioctl(self.fd, b.KVM_GET_SUPPORTED_CPUID, buf, True)
-            except OSError as e:
-                if e.errno == errno.E2BIG and n < 4096:
-                    n *= 2
-                    continue
-                raise KvmError("KVM_GET_SUPPORTED_CPUID", e.errno or 0) from None
-            return [
-                SupportedCpuid(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-                for e in buf.entries[: buf.nent]
-            ]
+        return _cpuid_list(self.fd, b.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID")
 
     # --- state: what the host can save and restore (snapshot/state.py) --------------
     def msr_index_list(self) -> list[int]:
@@ -482,21 +487,7 @@ class VcpuFd:
 
     def get_cpuid2(self) -> list[SupportedCpuid]:
         """KVM_GET_CPUID2: the CPUID this vCPU was given, growing the buffer as needed."""
-        n = 64
-        while True:
-            buf = b.kvm_cpuid2(n)()
-            buf.nent = n
-            try:
-                fcntl.ioctl(self.fd, b.KVM_GET_CPUID2, buf, True)
-            except OSError as e:
-                if e.errno == errno.E2BIG and n < 4096:
-                    n *= 2
-                    continue
-                raise KvmError("KVM_GET_CPUID2", e.errno or 0) from None
-            return [
-                SupportedCpuid(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-                for e in buf.entries[: buf.nent]
-            ]
+        return _cpuid_list(self.fd, b.KVM_GET_CPUID2, "KVM_GET_CPUID2")
 
     def set_tsc_khz(self, khz: int) -> None:
         """KVM_SET_TSC_KHZ: the guest's TSC rate (scaled by the hardware if it differs)."""
