@@ -288,12 +288,31 @@ class kvm_ioapic_state(ctypes.Structure):
     ]
 
 
+class kvm_pic_state(ctypes.Structure):
+    """One 8259A as KVM models it."""
+
+    _fields_ = [
+        (name, c_uint8)
+        for name in (
+            "last_irr irr imr isr priority_add irq_base read_reg_select poll special_mask "
+            "init_state auto_eoi rotate_on_auto_eoi special_fully_nested_mode init4 elcr "
+            "elcr_mask"
+        ).split()
+    ]
+
+
+class _irqchip_union(ctypes.Union):
+    _fields_ = [("dummy", c_uint8 * 512), ("pic", kvm_pic_state), ("ioapic", kvm_ioapic_state)]
+
+
 class kvm_irqchip(ctypes.Structure):
-    """KVM_GET_IRQCHIP's argument: chip_id 0/1 = PIC master/slave, 2 = IOAPIC."""
+    """KVM_GET/SET_IRQCHIP's argument: chip_id says which chip the union holds."""
 
-    _fields_ = [("chip_id", c_uint32), ("pad", c_uint32), ("chip", c_uint8 * 512)]
+    _fields_ = [("chip_id", c_uint32), ("pad", c_uint32), ("chip", _irqchip_union)]
 
 
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
 KVM_IRQCHIP_IOAPIC = 2
 # Interrupt delivery modes (IOAPIC redirection entries, LAPIC LVT entries: bits 8-10)
 APIC_DM_NMI = 0b100
@@ -510,8 +529,8 @@ MSR_KERNEL_GS_BASE = 0xC0000102
 
 # --- vCPU and VM state (snapshot/state.py) -------------------------------------------
 # Structures, ioctl numbers and constants of the state ioctls, kept together in one
-# block: XSAVE (and XSAVE2), XCRS, DEBUGREGS, CPUID2, the MSR lists, the in-kernel
-# irqchip (PIC master, PIC slave, IOAPIC), PIT2 and the KVM clock.
+# block: XSAVE (and XSAVE2), XCRS, DEBUGREGS, CPUID2, the MSR lists, PIT2 and the KVM
+# clock (the irqchip's structures, PICs and IOAPIC, are with the LAPIC's above).
 class kvm_xsave(ctypes.Structure):
     """KVM_GET/SET_XSAVE's 4 KiB XSAVE image. With KVM_CAP_XSAVE2 the kernel reads and
     writes KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) bytes instead (a flexible tail)."""
@@ -558,50 +577,6 @@ class kvm_clock_data(ctypes.Structure):
     ]
 
 
-class kvm_pic_state(ctypes.Structure):
-    """One 8259A as KVM models it."""
-
-    _fields_ = [
-        (name, c_uint8)
-        for name in (
-            "last_irr irr imr isr priority_add irq_base read_reg_select poll special_mask "
-            "init_state auto_eoi rotate_on_auto_eoi special_fully_nested_mode init4 elcr "
-            "elcr_mask"
-        ).split()
-    ]
-
-
-KVM_IOAPIC_NUM_PINS = 24
-
-
-class kvm_ioapic_state(ctypes.Structure):
-    """The IOAPIC: its registers and the 24 redirection entries (each one u64 here)."""
-
-    _fields_ = [
-        ("base_address", c_uint64),
-        ("ioregsel", c_uint32),
-        ("id", c_uint32),
-        ("irr", c_uint32),
-        ("pad", c_uint32),
-        ("redirtbl", c_uint64 * KVM_IOAPIC_NUM_PINS),
-    ]
-
-
-class _irqchip_union(ctypes.Union):
-    _fields_ = [("dummy", c_uint8 * 512), ("pic", kvm_pic_state), ("ioapic", kvm_ioapic_state)]
-
-
-class kvm_irqchip(ctypes.Structure):
-    """KVM_GET/SET_IRQCHIP: chip_id selects which chip the union holds."""
-
-    _fields_ = [("chip_id", c_uint32), ("pad", c_uint32), ("chip", _irqchip_union)]
-
-
-KVM_IRQCHIP_PIC_MASTER = 0
-KVM_IRQCHIP_PIC_SLAVE = 1
-KVM_IRQCHIP_IOAPIC = 2
-
-
 class kvm_pit_channel_state(ctypes.Structure):
     _fields_ = [
         ("count", c_uint32),
@@ -644,8 +619,6 @@ _state_structs: tuple[tuple[type[ctypes.Structure], int], ...] = (
     (kvm_debugregs, 128),
     (kvm_clock_data, 48),
     (kvm_pic_state, 16),
-    (kvm_ioapic_state, 216),
-    (kvm_irqchip, 520),
     (kvm_pit_channel_state, 24),
     (kvm_pit_state2, 112),
 )
@@ -653,7 +626,6 @@ for _struct, _struct_size in _state_structs:
     _check(_struct, _struct_size)
 assert kvm_xcrs.padding.offset == 264 and kvm_debugregs.flags.offset == 48
 assert kvm_clock_data.realtime.offset == 16 and kvm_clock_data.host_tsc.offset == 24
-assert kvm_irqchip.chip.offset == 8 and kvm_ioapic_state.redirtbl.offset == 24
 assert kvm_pit_channel_state.count_load_time.offset == 16 and kvm_pit_state2.flags.offset == 72
 
 KVM_GET_MSR_FEATURE_INDEX_LIST = _iowr(0x0A, 4)

@@ -275,10 +275,7 @@ class VmFd:
 
     def ioapic_redirections(self) -> tuple[int, ...]:
         """The in-kernel IOAPIC's 24 redirection entries (KVM_GET_IRQCHIP, chip 2)."""
-        chip = b.kvm_irqchip(b.KVM_IRQCHIP_IOAPIC, 0)
-        _ioctl(self.fd, b.KVM_GET_IRQCHIP, chip, "KVM_GET_IRQCHIP")
-        ioapic = b.kvm_ioapic_state.from_buffer_copy(bytes(chip.chip))
-        return tuple(ioapic.redirtbl)
+        return tuple(self.get_irqchip(b.KVM_IRQCHIP_IOAPIC).chip.ioapic.redirtbl)
 
     def create_vcpu(self, index: int) -> VcpuFd:
         """A new vCPU; its fd is closed again if mapping its kvm_run page fails."""

@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 from corevisor.errors import KvmError, SnapshotError
 from corevisor.kvm import bindings as b
 from corevisor.kvm.ioctls import Kvm, SupportedCpuid, VcpuFd, VmFd
+from corevisor.machine import Machine, MachineState
 from corevisor.snapshot import restore_parts, save_parts
 
 __all__ = [
@@ -832,19 +833,13 @@ class MachineSnapshot:
     devices: tuple[tuple[str, object], ...]  # (name in Machine.devices, its state)
 
 
-class _MachineLike(typing.Protocol):
-    """What capture/restore need of a Machine (so lifecycle changes there do not matter
-    here): its fds, its vCPUs' fds, its named devices."""
-
-    kvm: Kvm
-    vm: VmFd
-    vcpus: Sequence[Any]
-    devices: dict[str, Any]
-
-
-def capture_machine(m: _MachineLike) -> MachineSnapshot:
-    """Everything but RAM of a machine whose vCPUs are all paused and whose device I/O
-    is quiesced (the caller, the machine's lifecycle, guarantees both)."""
+def capture_machine(m: Machine) -> MachineSnapshot:
+    """Everything but RAM of a paused (or never started) machine. Its device I/O must be
+    quiesced too, and nothing may resume it meanwhile: the lifecycle's snapshot command
+    guarantees both; this checks the state it can see."""
+    if m.state not in (MachineState.PAUSED, MachineState.CREATED):
+        raise SnapshotError(f"machine {m.name}: its state cannot be taken while it is "
+                            f"{m.state.value} (pause it first)")
     return MachineSnapshot(
         host=host_cpu(m.kvm),
         vm=capture_vm(m.vm),
@@ -853,7 +848,7 @@ def capture_machine(m: _MachineLike) -> MachineSnapshot:
     )
 
 
-def restore_machine(m: _MachineLike, snap: MachineSnapshot) -> RestoreNotes:
+def restore_machine(m: Machine, snap: MachineSnapshot) -> RestoreNotes:
     """Give a fresh machine, built from the snapshot's spec with its RAM already
     restored and never started, the saved state of everything else.
 
@@ -863,6 +858,10 @@ def restore_machine(m: _MachineLike, snap: MachineSnapshot) -> RestoreNotes:
     saved picture; then each vCPU, in the documented order.
     """
     _require(isinstance(snap, MachineSnapshot), "snapshot: not a MachineSnapshot")
+    _require(
+        m.state is MachineState.CREATED,
+        f"machine {m.name}: a snapshot goes into a fresh machine, not one {m.state.value}",
+    )
     check_host_cpu(snap.host, host_cpu(m.kvm))
     _require(
         type(snap.vcpus) is tuple and len(snap.vcpus) == len(m.vcpus),
