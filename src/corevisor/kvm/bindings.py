@@ -629,7 +629,6 @@ assert kvm_clock_data.realtime.offset == 16 and kvm_clock_data.host_tsc.offset =
 assert kvm_pit_channel_state.count_load_time.offset == 16 and kvm_pit_state2.flags.offset == 72
 
 KVM_GET_MSR_FEATURE_INDEX_LIST = _iowr(0x0A, 4)
-KVM_GET_IRQCHIP = _iowr(0x62, 520)
 KVM_SET_IRQCHIP = _ior(0x63, 520)  # _IOR in the kernel header, although it writes
 KVM_SET_CLOCK = _iow(0x7B, 48)
 KVM_GET_CLOCK = _ior(0x7C, 48)
