@@ -10,6 +10,7 @@ instead of corrupting a vCPU later. What does not live here: calling the ioctls
 from __future__ import annotations
 
 import ctypes
+import functools
 from ctypes import c_int32, c_uint8, c_uint16, c_uint32, c_uint64
 from enum import IntEnum
 
@@ -132,6 +133,7 @@ class kvm_msrs_header(ctypes.Structure):
     _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32)]
 
 
+@functools.cache  # one class per size: building a ctypes class costs ~0.1 ms
 def kvm_msrs(n: int) -> type[ctypes.Structure]:
     """A struct kvm_msrs with room for n entries (a flexible array in C)."""
 
@@ -161,6 +163,7 @@ class kvm_cpuid_entry2(ctypes.Structure):
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
 
 
+@functools.cache
 def kvm_cpuid2(n: int) -> type[ctypes.Structure]:
     """A struct kvm_cpuid2 with room for n entries."""
 
@@ -603,6 +606,7 @@ class kvm_pit_state2(ctypes.Structure):
     ]
 
 
+@functools.cache
 def kvm_msr_list(n: int) -> type[ctypes.Structure]:
     """A struct kvm_msr_list with room for n indices (a flexible array in C)."""
 

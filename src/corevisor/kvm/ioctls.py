@@ -400,15 +400,21 @@ class VcpuFd:
         _ioctl(self.fd, b.KVM_SET_FPU, fpu, "KVM_SET_FPU")
 
     def set_msrs(self, msrs: dict[int, int]) -> None:
-        buf = b.kvm_msrs(len(msrs))()
-        buf.nmsrs = len(msrs)
-        for i, (index, data) in enumerate(msrs.items()):
-            buf.entries[i].index = index
-            buf.entries[i].data = data
-        done = _ioctl(self.fd, b.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
+        """Set every MSR of msrs, in order; KvmError naming the first one refused."""
+        done = self.set_msrs_upto(list(msrs.items()))
         if done != len(msrs):
             bad = list(msrs)[done]
             raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {bad:#x} was refused")
+
+    def set_msrs_upto(self, msrs: list[tuple[int, int]]) -> int:
+        """KVM_SET_MSRS of (index, value) pairs in order: how many KVM set (it stops at
+        the first it refuses, which is msrs[answer])."""
+        buf = b.kvm_msrs(len(msrs))()
+        buf.nmsrs = len(msrs)
+        for i, (index, data) in enumerate(msrs):
+            buf.entries[i].index = index
+            buf.entries[i].data = data
+        return _ioctl(self.fd, b.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         buf = b.kvm_msrs(len(indices))()

@@ -460,11 +460,18 @@ def _store(obj: Any, name: str, ftype: Any, value: object, where: str) -> None:
         setattr(obj, name, _fit(ftype, value, where))
 
 
+_BOUNDS: dict[Any, tuple[int, int, int]] = {}
+
+
 def _fit(ctype: Any, value: object, where: str) -> int:
     """value, if it is an int that ctype (an integer C type) can hold exactly."""
-    bits = 8 * ctypes.sizeof(ctype)
-    signed = ctype(-1).value < 0
-    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    bounds = _BOUNDS.get(ctype)
+    if bounds is None:
+        bits = 8 * ctypes.sizeof(ctype)
+        signed = ctype(-1).value < 0
+        low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        bounds = _BOUNDS[ctype] = (low, high, bits)
+    low, high, bits = bounds
     if type(value) is not int or not low <= value <= high:
         raise SnapshotError(f"{where}: {value!r} does not fit a {bits}-bit field")
     return value
@@ -562,31 +569,23 @@ def _write_msrs(fd: VcpuFd, msrs: list[Msr]) -> tuple[int, ...]:
     """Write msrs in order; returns the MSRs this host refused but already holds at the
     saved value (read-only here). A refused MSR with another value is SnapshotError."""
     readonly: list[int] = []
-    for start in range(0, len(msrs), MAX_IO_MSRS):
-        chunk = msrs[start : start + MAX_IO_MSRS]
-        try:
-            fd.set_msrs({m.index: m.value for m in chunk})
-        except KvmError:
-            # KVM stopped at a refused MSR: write the chunk again one by one, in the same
-            # order, to find it (rewriting the ones already done gives the same values).
-            readonly += [m.index for m in chunk if not _write_one(fd, m)]
+    todo = [(m.index, m.value) for m in msrs]
+    while todo:
+        chunk = todo[:MAX_IO_MSRS]
+        done = fd.set_msrs_upto(chunk)
+        if done < len(chunk):  # KVM stopped at a refused MSR: is it read-only here?
+            index, value = chunk[done]
+            here = fd.get_msrs([index]).get(index)
+            if here != value:
+                shown = "cannot be read" if here is None else f"holds {here:#x}"
+                raise SnapshotError(
+                    f"MSR {index:#x}: this host refuses the saved value {value:#x} (it "
+                    f"{shown}): the snapshot was taken on another host or CPU"
+                )
+            readonly.append(index)
+            done += 1
+        todo = todo[done:]
     return tuple(readonly)
-
-
-def _write_one(fd: VcpuFd, msr: Msr) -> bool:
-    """Write one MSR; False if refused though the vCPU holds that value already."""
-    try:
-        fd.set_msrs({msr.index: msr.value})
-        return True
-    except KvmError:
-        here = fd.get_msrs([msr.index]).get(msr.index)
-    if here != msr.value:
-        shown = "cannot be read" if here is None else f"holds {here:#x}"
-        raise SnapshotError(
-            f"MSR {msr.index:#x}: this host refuses the saved value {msr.value:#x} (it "
-            f"{shown}): the snapshot was taken on another host or CPU"
-        )
-    return False
 
 
 # --- vCPU capture and restore ---------------------------------------------------------
@@ -711,6 +710,10 @@ def restore_vcpu(kvm: Kvm, fd: VcpuFd, state: KvmVcpuState) -> RestoreNotes:
     size = kvm.xsave_size()
     s = _check_vcpu(state, size)
     _require(state.index == fd.index, f"vcpu{fd.index}: state of vcpu{state.index}")
+    return _apply_vcpu(fd, state, s, size)
+
+
+def _apply_vcpu(fd: VcpuFd, state: KvmVcpuState, s: _VcpuStructs, size: int) -> RestoreNotes:
     # CPUID first: KVM checks every later value against it (XSAVE features, which MSRs
     # exist, EFER bits), and it may only change before the vCPU first runs. The TSC rate
     # goes with it: the CPUID timing leaf publishes it, and the TSC MSR is scaled by it.
@@ -868,12 +871,16 @@ def restore_machine(m: Machine, snap: MachineSnapshot) -> RestoreNotes:
         f"the snapshot has {len(snap.vcpus)} vCPUs, this machine {len(m.vcpus)}",
     )
     size = m.kvm.xsave_size()
-    for st in snap.vcpus:
-        _check_vcpu(st, size)
+    vcpus = [_check_vcpu(st, size) for st in snap.vcpus]
+    for v, st in zip(m.vcpus, snap.vcpus, strict=True):
+        _require(st.index == v.fd.index, f"vcpu{v.fd.index}: state of vcpu{st.index}")
     vm = _check_vm(snap.vm)
     restore_parts(m.devices, snap.devices)
     _apply_vm(m.vm, vm)
-    notes = [restore_vcpu(m.kvm, v.fd, st) for v, st in zip(m.vcpus, snap.vcpus, strict=True)]
+    notes = [
+        _apply_vcpu(v.fd, st, s, size)
+        for v, st, s in zip(m.vcpus, snap.vcpus, vcpus, strict=True)
+    ]
     return RestoreNotes(
         msrs_readonly=tuple(sorted({i for n in notes for i in n.msrs_readonly})),
         msrs_unreadable=tuple(sorted({i for n in notes for i in n.msrs_unreadable})),
