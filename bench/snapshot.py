@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT / "src"))
 from corevisor import bundled  # noqa: E402
 from corevisor.arch.x86_64 import layout  # noqa: E402
 from corevisor.builder import build  # noqa: E402
-from corevisor.config import PartitionConfig  # noqa: E402
 from corevisor.snapshot import format as fmt  # noqa: E402
 from corevisor.snapshot import state as st  # noqa: E402
+from corevisor.spec import PartitionSpec, SerialSpec  # noqa: E402
 
 
 def _ms(start: float) -> float:
@@ -41,8 +41,8 @@ def _ms(start: float) -> float:
 def one_run(work: Path, memory: int) -> dict[str, float]:
     image = bundled.ensure_built("peer")
     log = work / "a.log"
-    config = PartitionConfig(
-        name="idle", image=image, memory=memory, serial=f"file:{log}",
+    config = PartitionSpec(
+        name="idle", image=image, memory=memory, serial=SerialSpec.file(log),
         cmdline="mode=counter ticks=100000 period=100",
     )
     out: dict[str, float] = {}
@@ -69,7 +69,7 @@ def one_run(work: Path, memory: int) -> dict[str, float]:
     loaded = fmt.read(work / "snap")
     out["read_ms"] = _ms(t)
     t = time.perf_counter()
-    with build(PartitionConfig(name="idle", image=image, memory=memory, serial="null",
+    with build(PartitionSpec(name="idle", image=image, memory=memory, serial=SerialSpec.null(),
                                cmdline=config.cmdline)) as fresh:
         out["build_ms"] = _ms(t)
         t = time.perf_counter()

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
+import typing
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import corevisor
 from corevisor.devices.rtc import RtcState
 from corevisor.devices.uart16550 import Uart16550State
 from corevisor.errors import SnapshotError
@@ -48,6 +52,40 @@ def test_every_registered_type_is_a_frozen_dataclass() -> None:
     for name, cls in types.items():
         assert cls.__name__ == name
         assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, name  # type: ignore[attr-defined]
+
+
+def _dataclasses_in(hint: object) -> list[type]:
+    """The dataclasses a type hint names, and those their fields name, recursively."""
+    found: list[type] = []
+    todo = [hint]
+    while todo:
+        h = todo.pop()
+        if isinstance(h, type) and dataclasses.is_dataclass(h):
+            if h not in found:
+                found.append(h)
+                todo.extend(typing.get_type_hints(h).values())
+        else:
+            todo.extend(typing.get_args(h))
+    return found
+
+
+def test_every_saved_state_type_of_the_package_is_registered() -> None:
+    # A new device whose save() returns a dataclass missing from STATE_TYPES could not
+    # be snapshotted: every save() return type (and the dataclasses in it) is checked.
+    registered = set(state_types().values())
+    root = Path(corevisor.__file__).parent
+    missing = set()
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        module = importlib.import_module(".".join(("corevisor", *parts)).removesuffix(".__init__"))
+        for cls in vars(module).values():
+            save = getattr(cls, "save", None)
+            if not isinstance(cls, type) or cls.__module__ != module.__name__ or save is None:
+                continue
+            for found in _dataclasses_in(typing.get_type_hints(save).get("return")):
+                if found not in registered:
+                    missing.add(f"{found.__module__}.{found.__name__}")
+    assert sorted(missing) == []
 
 
 def test_unregistered_types_are_not_encoded() -> None:

@@ -21,7 +21,6 @@ from corevisor.channel import (
     ReadOnlyGuardState,
     ends_for,
 )
-from corevisor.config import ChannelConfig
 from corevisor.devices.debug_exit import DebugExit
 from corevisor.devices.i8042 import I8042
 from corevisor.devices.postcode import PostCode
@@ -33,6 +32,7 @@ from corevisor.hypercall import handler_table as hypercall_handlers
 from corevisor.memory import GuestMemory
 from corevisor.snapshot import Stateful, restore_parts, save_parts
 from corevisor.snapshot.codec import decode, encode
+from corevisor.spec import ChannelSpec, Doorbell
 from corevisor.system import Watchdog, WatchdogState
 from corevisor.virtio.blk import VIRTIO_BLK_T_IN, Blk, BlkState
 from corevisor.virtio.console import RX, Console, ConsoleState
@@ -175,8 +175,8 @@ def test_hypercall_counters_round_trip(mem: GuestMemory) -> None:
     assert HYPERCALL_PORT == 0x500
 
 
-def _channel(doorbell: str = "kernel") -> Channel:
-    return Channel(ChannelConfig("link", ("a", "b"), 4096, 0xD000_0000, None, None, doorbell))
+def _channel(doorbell: Doorbell = Doorbell.KERNEL) -> Channel:
+    return Channel(ChannelSpec("link", ("a", "b"), 4096, 0xD000_0000, doorbell=doorbell))
 
 
 def test_channel_doorbells_waiting_are_kept_and_rung_again() -> None:
@@ -201,7 +201,7 @@ def test_channel_doorbells_waiting_are_kept_and_rung_again() -> None:
 
 
 def test_channel_relay_rings_are_saved_once() -> None:
-    ch = _channel("thread")
+    ch = _channel(Doorbell.THREAD)
     try:
         os.eventfd_write(ch.rings["a"], 1)
         state = ch.save()
