@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
-from corevisor import bundled, linuxboot
+from corevisor import bundled, linuxboot, provisioning
 from corevisor.errors import CorevisorError, show
 from corevisor.spec import SystemSpec
 
@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a multiboot module, with its string (default FILE); repeatable",
     )
     linuxboot.add_arguments(run)
+    provisioning.add_arguments(run)
     guests = sub.add_parser("guests", help="list the bundled guests and their image paths")
     guests.add_argument("--build", action="store_true", help="(re)build them first")
     return p
@@ -202,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         if args.command == "guests":
             return _list_guests(args.build)
+        if provisioning.wanted(args):
+            return provisioning.run(args)
         system = _resolve(args)
         return _run_system(system, args.timeout)
     except CorevisorError as e:

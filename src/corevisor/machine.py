@@ -17,6 +17,13 @@ transition that any thread may call, and a refused one raises StateError
     stop     created | running | paused -> stopped   the vCPU threads end; no-op when stopped
     close    any -> stopped, everything released     idempotent
 
+``frozen`` holds the machine still for a snapshot or a migration: under the lifecycle
+lock (no start, pause, resume or halt check runs meanwhile) it pauses a running machine,
+parks every registered quiescer (the virtio I/O threads with their requests completed,
+the channel doorbells' irqfds, serial input: nothing then changes guest RAM, a device
+or the interrupt controllers), runs the caller's block, and undoes that in reverse: a
+machine that was running runs again, unless the block stopped it (a migration's end).
+
 The guest ends a machine too: the first StopReport of any vCPU (``finish``, called on
 that vCPU's thread) becomes the machine's outcome and stops the other vCPUs, so a guest
 can never leave a half-stopped machine behind. ``stop`` never waits for another
@@ -34,7 +41,8 @@ import enum
 import threading
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any, Protocol, TypeVar
 
 from corevisor.arch.x86_64.cpu import format_registers
@@ -86,6 +94,9 @@ class Machine:
         self.report: StopReport | None = None
         self._owned = owned if owned is not None else ExitStack()
         self._starters: list[Callable[[], None]] = []
+        self._quiescers: list[tuple[Callable[[], None], Callable[[], None]]] = []
+        self.spec: Any = None  # the PartitionSpec it was built from (builder.py sets it)
+        self.restore_notes: Any = None  # what a restore did not write (snapshot/state.py)
         self._state = MachineState.CREATED
         self._lock = threading.Lock()  # state, report, closed: held briefly, never waiting
         self._op = threading.RLock()  # one start/pause/resume/halt check at a time
@@ -110,6 +121,11 @@ class Machine:
     def at_start(self, start: Callable[[], None]) -> None:
         """Call start in start(), in registration order, before the vCPUs start."""
         self._starters.append(start)
+
+    def at_quiesce(self, park: Callable[[], None], unpark: Callable[[], None]) -> None:
+        """In frozen(): park() once the vCPUs are paused (it returns when nothing it
+        serves runs any more; it may raise CorevisorError), unpark() afterwards."""
+        self._quiescers.append((park, unpark))
 
     def add_vcpu(self, fd: VcpuFd, host_core: int | None = None) -> Vcpu:
         """Own a new vCPU fd at once (before anything else can fail) and wrap it."""
@@ -182,6 +198,29 @@ class Machine:
                     raise self._refuse("resume")
                 self._state = MachineState.RUNNING
             self._release_all(PAUSE)
+
+    @contextmanager
+    def frozen(self) -> Iterator[bool]:
+        """Paused and quiesced for the whole block (see the module docstring); yields
+        whether the machine was running. A created machine (never started) is frozen
+        as it is; a stopped one is refused (StateError)."""
+        with self._op:
+            was_running = self._state is MachineState.RUNNING
+            if was_running:
+                self.pause()
+            elif self._state is not MachineState.PAUSED and self._state is not MachineState.CREATED:
+                raise self._refuse("freeze")
+            parked: list[Callable[[], None]] = []
+            try:
+                for park, unpark in self._quiescers:
+                    park()
+                    parked.append(unpark)
+                yield was_running
+            finally:
+                for unpark in reversed(parked):
+                    unpark()
+                if was_running and self._state is MachineState.PAUSED:
+                    self.resume()
 
     def stop(self, why: str = "stopped by the host", code: int | None = None) -> None:
         """Stop from the host side (the guest did not ask) and wait for the vCPU threads.

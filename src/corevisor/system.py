@@ -66,7 +66,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from corevisor.arch.x86_64.cpu import format_registers
 from corevisor.builder import PartitionLinks, build
@@ -77,6 +77,10 @@ from corevisor.machine import Machine
 from corevisor.signals import describe, exit_status, start_thread
 from corevisor.spec import PartitionSpec, RestartPolicy, SerialKind, SystemSpec
 from corevisor.vcpu import StopReport
+
+if TYPE_CHECKING:  # snapshots load their code only when one is taken or restored
+    from corevisor.snapshot.format import Snapshot
+    from corevisor.snapshot.partition import Overrides
 
 __all__ = [
     "System",
@@ -222,6 +226,7 @@ class _Partition:
         self.restarts = 0
         self.last = ""
         self.expired = False  # the report being handled came from the watchdog
+        self.restored = False  # its machine continues a saved guest (not started yet)
         self.lock = threading.RLock()
 
     @property
@@ -436,8 +441,13 @@ class System:
             self._deliver()
 
     def _new_partition(
-        self, index: int, config: PartitionSpec, channels: tuple[ChannelEnd, ...]
+        self,
+        index: int,
+        config: PartitionSpec,
+        channels: tuple[ChannelEnd, ...],
+        make: Callable[[PartitionLinks], Machine] | None = None,
     ) -> _Partition:
+        """make: how its machine is made from its links (default: build config)."""
         console = self._console(config)
         try:
             watchdog = Watchdog()
@@ -447,9 +457,13 @@ class System:
                 serial=console,
                 watchdog=watchdog.kick,
                 report=self.report,
+                parts=(("watchdog", watchdog),),
             )
             p = _Partition(index, config, links, watchdog, console)
-            p.machine = build(config, self.kvm_path, links)
+            if make is not None:
+                p.machine = make(links)
+            else:
+                p.machine = build(config, self.kvm_path, links)
         except BaseException:
             if console is not None:
                 console.close()
@@ -510,6 +524,101 @@ class System:
                 del self._parts[name]
             self._publish(p, "removed", "removed")
 
+    # --- snapshots ------------------------------------------------------------------------
+    def snapshot(self, name: str, path: Path) -> Snapshot:
+        """Save partition name (created, running or paused) into the directory path
+        (docs/snapshot-format.md) and let it run on as it was. Refused before anything is
+        paused for state corevisor cannot save; a failed write removes its files."""
+        from corevisor.snapshot.partition import take
+
+        with self._operation(name) as p:
+            self._require(p, "snapshot", _S.CREATED, _S.RUNNING, _S.PAUSED)
+            m = p.machine
+            assert m is not None
+            started = time.monotonic()
+            try:
+                snap = take(m, Path(path))
+            except StateError:
+                raise StateError(f"cannot snapshot partition {name}: it has stopped") from None
+            finally:
+                if p.state is _S.RUNNING:
+                    p.watchdog.rearm()  # it could not kick while frozen
+            took = (time.monotonic() - started) * 1000
+            self._publish(p, "message", f"snapshot in {show(str(path))} ({took:.0f} ms, "
+                          f"{snap.memory.data_bytes >> 20} MiB of RAM written)")
+            return snap
+
+    def restore(
+        self, path: Path, overrides: Overrides | None = None, start: bool = True
+    ) -> PartitionInfo:
+        """Add a partition continuing the guest saved in the directory path, with
+        overrides for what must differ (a clone's name, serial, TAPs, disks, cores);
+        started unless start is False. Every check (format, checksums, version, the
+        host's CPU, the spec against this host and system) runs before anything is
+        built; a failure starts nothing and adds nothing."""
+        from corevisor.snapshot import partition
+
+        snap = partition.read(Path(path))
+        config = partition.restored_spec(snap, overrides or partition.Overrides())
+        self._check_addition(config)
+        name = config.name
+
+        def make(links: PartitionLinks) -> Machine:
+            return partition.restore(snap, overrides, self.kvm_path, links, config)
+
+        info = self._add_made(config, make)
+        if start:
+            self.start(name)
+            info = self.partition(name)
+        return info
+
+    def incoming(self, address: str, overrides: Overrides | None = None) -> PartitionInfo:
+        """Wait on address for a live migration and add the partition it brings, running
+        (snapshot/migrate.py)."""
+        raise StateError("live migration is not built yet")
+
+    def _check_addition(self, config: PartitionSpec) -> None:
+        """config checked against the partitions already here (names, dedicated cores,
+        listening sockets, memory)."""
+        from corevisor.config.host import gather
+        from corevisor.config.validate import API_KEYS, validate_addition
+        from corevisor.errors import ConfigError
+
+        with self._lock:
+            here = tuple(q.config for q in self._parts.values())
+            channels = tuple(ch.config for ch in self._channels)
+        try:
+            validate_addition(config, SystemSpec(here, channels=channels), gather(),
+                              keys=API_KEYS, gdb_allow_remote=True)
+        except ConfigError as e:
+            raise StateError(f"cannot add partition {config.name}: {e}") from None
+
+    def _add_made(
+        self, config: PartitionSpec, make: Callable[[PartitionLinks], Machine]
+    ) -> PartitionInfo:
+        """add() for a machine made by make (a restore, a migration's target)."""
+        name = config.name
+        with self._lock:
+            if self._closed or not self._opened:
+                raise StateError(f"cannot add partition {name}: the system is not open")
+            if name in self._parts or name in self._reserved:
+                raise StateError(f"cannot add partition {name}: a partition of that name exists")
+            self._reserved.add(name)
+            index = self._next_index
+            self._next_index += 1
+            channels = ends_for(name, self._channels)
+        try:
+            p = self._new_partition(index, config, channels, make)
+            p.restored = True
+            with self._lock:
+                self._parts[name] = p
+            self._publish(p, "state", "-> created")
+            return p.info()
+        finally:
+            with self._lock:
+                self._reserved.discard(name)
+            self._deliver()
+
     # --- transitions (the partition's lock held) -----------------------------------------
     def _start_channels(self) -> None:
         with self._lock:
@@ -519,11 +628,15 @@ class System:
                     ch.start()
 
     def _launch(self, p: _Partition) -> None:
-        """Start p's (built) machine: channels first, the watchdog armed from the config."""
+        """Start p's (built) machine: channels first, the watchdog armed from the config
+        (a restored guest's as it was saved)."""
         m = p.machine
         assert m is not None
         self._start_channels()
-        p.watchdog.kick(p.config.watchdog_ms)
+        if p.restored:
+            p.restored = False
+        else:
+            p.watchdog.kick(p.config.watchdog_ms)
         try:
             m.start()
         except BaseException as e:
@@ -669,10 +782,23 @@ class System:
     def _all_stopped(self) -> bool:
         return all(p.state is _S.STOPPED for p in list(self._parts.values()))
 
-    def run(self, timeout: float | None = None) -> int:
-        """Build and start every partition, monitor them until all stopped; the status."""
+    def run(
+        self,
+        timeout: float | None = None,
+        restore: tuple[Path, Overrides] | None = None,
+        incoming: tuple[str, Overrides] | None = None,
+    ) -> int:
+        """Build and start every partition, monitor them until all stopped; the status.
+
+        restore: also a partition continuing a snapshot (`run --restore`); incoming: one
+        received by a live migration (`run --incoming`), waited for first.
+        """
         try:
             self.open()
+            if restore is not None:
+                self.restore(restore[0], restore[1], start=False)
+            if incoming is not None:
+                self.incoming(incoming[0], incoming[1])
             for name in list(self._parts):
                 if self._stop_request is not None:
                     break  # a signal came during the build: the monitor stops the rest

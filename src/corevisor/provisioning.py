@@ -1,0 +1,117 @@
+"""The `corevisor run --restore DIR` and `corevisor run --incoming ADDR` options.
+
+Both start a partition that continues a saved guest instead of booting an image, in
+this fresh process: --restore from a snapshot directory (docs/snapshot-format.md),
+--incoming from a live migration that a source sends to ADDR (snapshot/migrate.py).
+What must differ from what was saved comes from the usual options, as overrides:
+
+    --name NAME       the partition's name (default: the saved one)
+    --serial SPEC     where its serial line goes (default stdout, as for any run)
+    --net TAP         one per saved virtio-net, in order (a clone needs its own TAP)
+    --disk PATH       one per saved virtio-blk, in order (a clone needs its own disk)
+    --pin CORES       host cores for its vCPUs
+    --copy-memory     copy the memory file into fresh RAM (default: map it copy-on-write)
+
+Every other partition option describes the guest itself (its image, vCPUs, RAM,
+command line), which the saved guest already has: combining one with --restore or
+--incoming is a user error, as is a snapshot that does not pass every check (one line,
+nothing started). cli.py only calls add_arguments(), wanted() and run().
+
+What does not live here: the snapshot files (snapshot/format.py), the restore itself
+(snapshot/partition.py, builder.restore), the migration protocol (snapshot/migrate.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from corevisor.errors import CorevisorError, show
+
+if TYPE_CHECKING:
+    from corevisor.snapshot.partition import Overrides
+
+__all__ = ["add_arguments", "wanted", "run"]
+
+# run options that may go with --restore / --incoming (the overrides), by dest
+OVERRIDES = ("serial", "net", "disk", "pin", "name", "copy_memory", "timeout", "restore",
+             "incoming")
+# the other run options: what they would change is the saved guest's (dest -> flag)
+GUEST_OPTIONS = {
+    "target": "IMAGE", "cpus": "--cpus", "memory": "--memory", "cmdline": "--cmdline",
+    "gdb": "--gdb", "gdb_attach": "--gdb-attach", "rng": "--rng", "module": "--module",
+    "kernel": "--kernel", "initrd": "--initrd", "initramfs_dir": "--initramfs-dir",
+}
+
+
+def add_arguments(run: argparse.ArgumentParser) -> None:
+    """The provisioning options of `corevisor run`."""
+    where = run.add_mutually_exclusive_group()
+    where.add_argument(
+        "--restore", metavar="DIR", default=None,
+        help="continue the guest saved in snapshot directory DIR (instead of IMAGE)",
+    )
+    where.add_argument(
+        "--incoming", metavar="ADDR", default=None,
+        help="wait for a live migration on tcp:HOST:PORT or unix:PATH, then run the guest",
+    )
+    run.add_argument("--name", default=None, help="with --restore/--incoming: the partition's name")
+    run.add_argument(
+        "--copy-memory", action="store_true",
+        help="with --restore: copy the saved RAM (default: map it copy-on-write)",
+    )
+
+
+def wanted(args: argparse.Namespace) -> bool:
+    """Whether this run restores or receives a guest; refuses options that conflict."""
+    mode = "--restore" if args.restore is not None else "--incoming"
+    if args.restore is None and args.incoming is None:
+        for dest, flag in (("name", "--name"), ("copy_memory", "--copy-memory")):
+            if getattr(args, dest):
+                raise CorevisorError(f"{flag} goes with --restore or --incoming")
+        return False
+    for dest, flag in GUEST_OPTIONS.items():
+        if getattr(args, dest, None) not in (None, False, []):
+            raise CorevisorError(
+                f"{flag} cannot be combined with {mode}: the saved guest has its own "
+                "(give only --name, --serial, --net, --disk, --pin, --copy-memory)"
+            )
+    if args.incoming is not None and args.copy_memory:
+        raise CorevisorError("--copy-memory goes with --restore (a migration always copies)")
+    return True
+
+
+def overrides(args: argparse.Namespace) -> Overrides:
+    """The Overrides the options give (parsed and checked as the same options of a run)."""
+    from corevisor.config.parse import NAME_RE, parse_cpu_list, parse_path, parse_serial
+    from corevisor.snapshot.partition import Overrides
+    from corevisor.virtio.config import check_tap
+
+    if args.name is not None and NAME_RE.fullmatch(args.name) is None:
+        raise CorevisorError(f"--name: bad partition name {show(args.name)}")
+    serial = parse_serial(args.serial if args.serial is not None else "stdout", "--serial", None)
+    disks = None
+    if args.disk:
+        disks = tuple(parse_path(d, "--disk", None).absolute() for d in args.disk)
+    taps = tuple(check_tap(t, "--net") for t in args.net) if args.net else None
+    pin = parse_cpu_list(args.pin, "--pin") if args.pin is not None else None
+    return Overrides(name=args.name, serial=serial, taps=taps, disks=disks, pin=pin,
+                     copy_memory=args.copy_memory)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Restore or receive the guest, run it under the health monitor; the exit status
+    is the guest's, as for any run (system.py)."""
+    from corevisor.signals import stop_signals
+    from corevisor.spec import SystemSpec
+    from corevisor.system import System
+
+    if args.timeout is not None and not args.timeout > 0:
+        raise CorevisorError(f"--timeout: {args.timeout:g} s (give a positive number of seconds)")
+    o = overrides(args)
+    system = System(SystemSpec(partitions=()), shared_console=False)
+    with stop_signals(system.request_stop):
+        if args.restore is not None:
+            return system.run(args.timeout, restore=(Path(args.restore), o))
+        return system.run(args.timeout, incoming=(args.incoming, o))
