@@ -48,7 +48,7 @@ from corevisor.devices.postcode import PostCode
 from corevisor.devices.rtc import Rtc
 from corevisor.devices.uart16550 import Uart16550
 from corevisor.errors import ConfigError, KvmError, SnapshotError, show
-from corevisor.hypercall import GuestClock, Generation, HypercallHost, Hypercalls, handler_table
+from corevisor.hypercall import Generation, GuestClock, HypercallHost, Hypercalls, handler_table
 from corevisor.kvm.bindings import (
     KVM_MEM_READONLY,
     KVM_PIT_SPEAKER_DUMMY,
@@ -157,8 +157,23 @@ def restore(
     the boot items once, at boot). new_generation: this is a new copy of a saved guest
     (a restore or a clone: HC_GENERATION changes); a migration moves the same guest.
     """
-    from corevisor.snapshot import state as st  # only restores pay for the state code
+    m = prepare_restore(config, memory, kvm_path, links)
+    try:
+        restore_state(m, state, new_generation)
+    except BaseException:
+        m.close()
+        raise
+    return m
 
+
+def prepare_restore(
+    config: PartitionSpec,
+    memory: GuestMemory,
+    kvm_path: str = "/dev/kvm",
+    links: PartitionLinks | None = None,
+) -> Machine:
+    """restore's first half: the machine built around memory, its parts not yet given
+    their state (a migration's target builds it while the pages still arrive)."""
     links = links if links is not None else PartitionLinks()
     runs = [(r.gpa, r.size) for r in memory.regions]
     if runs != layout.ram_layout(config.memory):
@@ -173,15 +188,22 @@ def restore(
         attach_platform(m, config, links, res)
         attach_fw_cfg(m, config, res, None)
         attach_channels(m, links, res)
-        m.restore_notes = st.restore_machine(m, _fitted(m, state))
-        if new_generation:
-            m.devices["hypercall"].generation.advance()
         if config.gdb is not None:
             attach_debugger(m, config, links)
     except BaseException:
         m.close()
         raise
     return m
+
+
+def restore_state(m: Machine, state: MachineSnapshot, new_generation: bool = True) -> None:
+    """restore's second half: every part of m (prepare_restore's, never started) given
+    its saved state; on failure the caller closes m."""
+    from corevisor.snapshot import state as st  # only restores pay for the state code
+
+    m.restore_notes = st.restore_machine(m, _fitted(m, state))
+    if new_generation:
+        m.devices["hypercall"].generation.advance()
 
 
 def _fitted(m: Machine, state: MachineSnapshot) -> MachineSnapshot:
@@ -255,6 +277,7 @@ def attach_memory(m: Machine, res: Resources) -> None:
         slot = res.allocate_from(Space.SLOT, range(CHANNEL_SLOTS[0]), f"RAM at {region.gpa:#x}")
         assert slot is not None, "more RAM regions than memory slots below the channels'"
         m.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
+        m.ram_slots.append((slot, region))
 
 
 def attach_irqchip(m: Machine) -> None:

@@ -40,8 +40,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from collections.abc import Callable
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, Protocol, TypeVar
 
@@ -50,10 +49,10 @@ from corevisor.bus import Bus
 from corevisor.errors import CorevisorError, StateError
 from corevisor.halt import HaltWatch, ioapic_can_wake, machine_stuck, read_halt_state
 from corevisor.kvm.ioctls import Kvm, VcpuFd, VmFd
-from corevisor.memory import GuestMemory
+from corevisor.memory import GuestMemory, MemoryRegion
 from corevisor.vcpu import ACK_TIMEOUT, StopReport, Vcpu
 
-__all__ = ["Machine", "MachineState", "Closeable"]
+__all__ = ["Machine", "MachineState", "Closeable", "Frozen"]
 
 PAUSE = "pause"  # the vCPU hold reason of Machine.pause
 HALT_CHECK = "halt-check"
@@ -67,6 +66,18 @@ class MachineState(enum.Enum):
     RUNNING = "running"
     PAUSED = "paused"
     STOPPED = "stopped"
+
+
+class Frozen:
+    """What Machine.frozen yields: whether the machine was running, and keep()."""
+
+    def __init__(self, was_running: bool) -> None:
+        self.was_running = was_running
+        self.kept = False
+
+    def keep(self) -> None:
+        """Leave the machine frozen when the block ends (it was handed over)."""
+        self.kept = True
 
 
 class Closeable(Protocol):
@@ -97,6 +108,7 @@ class Machine:
         self._quiescers: list[tuple[Callable[[], None], Callable[[], None]]] = []
         self.spec: Any = None  # the PartitionSpec it was built from (builder.py sets it)
         self.restore_notes: Any = None  # what a restore did not write (snapshot/state.py)
+        self.ram_slots: list[tuple[int, MemoryRegion]] = []  # KVM slot of each RAM region
         self._state = MachineState.CREATED
         self._lock = threading.Lock()  # state, report, closed: held briefly, never waiting
         self._op = threading.RLock()  # one start/pause/resume/halt check at a time
@@ -200,13 +212,15 @@ class Machine:
             self._release_all(PAUSE)
 
     @contextmanager
-    def frozen(self) -> Iterator[bool]:
-        """Paused and quiesced for the whole block (see the module docstring); yields
-        whether the machine was running. A created machine (never started) is frozen
-        as it is; a stopped one is refused (StateError)."""
+    def frozen(self) -> Iterator[Frozen]:
+        """Paused and quiesced for the whole block (see the module docstring). A created
+        machine (never started) is frozen as it is; a stopped one is refused
+        (StateError). The block may keep() it frozen for good: a migration that handed
+        the guest (and, locally, its very RAM) over must not let a thread of this
+        machine serve it again; the caller then stops it."""
         with self._op:
-            was_running = self._state is MachineState.RUNNING
-            if was_running:
+            handle = Frozen(self._state is MachineState.RUNNING)
+            if handle.was_running:
                 self.pause()
             elif self._state is not MachineState.PAUSED and self._state is not MachineState.CREATED:
                 raise self._refuse("freeze")
@@ -215,12 +229,13 @@ class Machine:
                 for park, unpark in self._quiescers:
                     park()
                     parked.append(unpark)
-                yield was_running
+                yield handle
             finally:
-                for unpark in reversed(parked):
-                    unpark()
-                if was_running and self._state is MachineState.PAUSED:
-                    self.resume()
+                if not handle.kept:
+                    for unpark in reversed(parked):
+                        unpark()
+                    if handle.was_running and self._state is MachineState.PAUSED:
+                        self.resume()
 
     def stop(self, why: str = "stopped by the host", code: int | None = None) -> None:
         """Stop from the host side (the guest did not ask) and wait for the vCPU threads.

@@ -72,15 +72,18 @@ from corevisor.arch.x86_64.cpu import format_registers
 from corevisor.builder import PartitionLinks, build
 from corevisor.channel import Channel, ChannelEnd, ends_for, open_channels
 from corevisor.console import ConsoleMux, PrefixedSerial
-from corevisor.errors import CorevisorError, NotFoundError, StateError, show
+from corevisor.errors import CorevisorError, MigrationError, NotFoundError, StateError, show
 from corevisor.machine import Machine
 from corevisor.signals import describe, exit_status, start_thread
 from corevisor.spec import PartitionSpec, RestartPolicy, SerialKind, SystemSpec
 from corevisor.vcpu import StopReport
 
 if TYPE_CHECKING:  # snapshots load their code only when one is taken or restored
+    from corevisor.memory import GuestMemory
     from corevisor.snapshot.format import Snapshot
+    from corevisor.snapshot.migrate import MigrationResult, Progress
     from corevisor.snapshot.partition import Overrides
+    from corevisor.snapshot.state import MachineSnapshot
 
 __all__ = [
     "System",
@@ -279,6 +282,7 @@ class System:
         self._delivering = threading.Lock()
         self._monitor: threading.Thread | None = None
         self._monitor_stop = threading.Event()
+        self._migrations: dict[str, Progress] = {}  # the latest migration of each partition
 
     # --- events -----------------------------------------------------------------------
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
@@ -572,10 +576,109 @@ class System:
             info = self.partition(name)
         return info
 
-    def incoming(self, address: str, overrides: Overrides | None = None) -> PartitionInfo:
-        """Wait on address for a live migration and add the partition it brings, running
-        (snapshot/migrate.py)."""
-        raise StateError("live migration is not built yet")
+    def incoming(
+        self,
+        address: str,
+        overrides: Overrides | None = None,
+        on_progress: Callable[[dict[str, object]], None] | None = None,
+    ) -> PartitionInfo:
+        """Wait on address (tcp:HOST:PORT or unix:PATH) for one live migration and add
+        the partition it brings, running (snapshot/migrate.py). The guest is checked
+        (CPU, spec against this host and system, overrides applied) before any page is
+        taken; a failure at any point leaves nothing behind here."""
+        from corevisor.builder import prepare_restore, restore_state
+        from corevisor.snapshot import migrate
+        from corevisor.snapshot.partition import Overrides, spec_for_restore
+
+        addr = migrate.Address.parse(address)
+        o = overrides if overrides is not None else Overrides()
+        listener = migrate.listen(addr)
+        self.report("system", f"waiting for a migration on {addr}")
+        self._deliver()
+
+        def accept(inc: migrate.Incoming) -> PartitionSpec:
+            migrate.with_host(inc, self.kvm_path)
+            config = spec_for_restore(inc.spec, f"{addr}: the source's spec", o)
+            self._check_addition(config)
+            return config
+
+        def build(config: PartitionSpec, memory: GuestMemory) -> str:
+            self._add_made(config, lambda links: prepare_restore(
+                config, memory, self.kvm_path, links
+            ))
+            return config.name
+
+        def restore(name: str, state: MachineSnapshot) -> None:
+            m = self.machine(name)
+            assert m is not None
+            restore_state(m, state, new_generation=False)
+
+        def discard(name: str) -> None:
+            with contextlib.suppress(CorevisorError):
+                self.stop(name, "the migration failed")
+            with contextlib.suppress(CorevisorError):
+                self.remove(name)
+
+        try:
+            name = migrate.receive(
+                listener, str(addr), accept, build, restore, self.start, discard, on_progress,
+                cancelled=lambda: self._stop_request is not None,
+            )
+        finally:
+            listener.close()
+            migrate.remove_socket(addr)
+        self.report(name, f"migrated in through {addr}")
+        self._deliver()
+        return self.partition(name)
+
+    def migrate(
+        self,
+        name: str,
+        to: str,
+        *,
+        max_downtime: float | None = None,
+        timeout: float | None = None,
+        bandwidth: float | None = None,
+        throttle: bool = True,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> MigrationResult:
+        """Move partition name (running or paused) live to the target waiting on `to`
+        (`corevisor run --incoming ADDR`, or a System.incoming); it then ends here with
+        status 0. On failure (MigrationError, one line) it runs on here as before.
+        max_downtime: seconds the guest may be paused at the end (default 0.3);
+        timeout: seconds before a guest that does not converge gives up; bandwidth:
+        bytes/s at most. migration(name) tells the progress meanwhile."""
+        from corevisor.snapshot import migrate
+
+        address = migrate.Address.parse(to)
+        with self._operation(name) as p:
+            self._require(p, "migrate", _S.RUNNING, _S.PAUSED)
+            m = p.machine
+            assert m is not None
+            progress = migrate.Progress(str(address))
+            self._migrations[name] = progress
+            try:
+                result = migrate.send(
+                    m, address,
+                    max_downtime=migrate.DEFAULT_MAX_DOWNTIME if max_downtime is None
+                    else max_downtime,
+                    timeout=migrate.DEFAULT_TIMEOUT if timeout is None else timeout,
+                    bandwidth=bandwidth, throttle=throttle, progress=progress,
+                    on_progress=on_progress,
+                )
+            except CorevisorError as e:
+                if p.state is _S.RUNNING:
+                    p.watchdog.rearm()
+                self._publish(p, "message", f"migration to {address} failed, it runs on "
+                              f"here: {e}")
+                raise MigrationError(str(e)) from None
+            self._stop(p, f"migrated to {address} ({result.downtime_ms:.0f} ms down)", 0)
+            return result
+
+    def migration(self, name: str) -> Progress | None:
+        """The progress of partition name's latest migration (None if it had none)."""
+        self._get(name)
+        return self._migrations.get(name)
 
     def _check_addition(self, config: PartitionSpec) -> None:
         """config checked against the partitions already here (names, dedicated cores,
@@ -798,11 +901,12 @@ class System:
             if restore is not None:
                 self.restore(restore[0], restore[1], start=False)
             if incoming is not None:
-                self.incoming(incoming[0], incoming[1])
+                self.incoming(incoming[0], incoming[1])  # started as it arrives
             for name in list(self._parts):
                 if self._stop_request is not None:
                     break  # a signal came during the build: the monitor stops the rest
-                self.start(name)
+                if self._parts[name].state is _S.CREATED:
+                    self.start(name)
             self._monitor_until_stopped(timeout)
         finally:
             self.close()

@@ -341,8 +341,31 @@ class kvm_debug_exit_arch(ctypes.Structure):
     ]
 
 
+class kvm_dirty_log(ctypes.Structure):
+    """KVM_GET_DIRTY_LOG: one bit per page of the slot, at the user address dirty_bitmap."""
+
+    _fields_ = [
+        ("slot", c_uint32),
+        ("padding1", c_uint32),
+        ("dirty_bitmap", c_uint64),
+    ]
+
+
+class kvm_clear_dirty_log(ctypes.Structure):
+    """KVM_CLEAR_DIRTY_LOG: re-protect the pages set in dirty_bitmap, from first_page on
+    (num_pages of them; both multiples of 64 except at the slot's end)."""
+
+    _fields_ = [
+        ("slot", c_uint32),
+        ("num_pages", c_uint32),
+        ("first_page", c_uint64),
+        ("dirty_bitmap", c_uint64),
+    ]
+
 for _cls, _size in (
     (kvm_userspace_memory_region, 32),
+    (kvm_dirty_log, 16),
+    (kvm_clear_dirty_log, 24),
     (kvm_regs, 144),
     (kvm_segment, 24),
     (kvm_dtable, 16),
@@ -379,6 +402,8 @@ KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 KVM_GET_SUPPORTED_CPUID = _iowr(0x05, 8)
 KVM_CREATE_VCPU = _io(0x41)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, 32)
+KVM_GET_DIRTY_LOG = _iow(0x42, 16)
+KVM_CLEAR_DIRTY_LOG = _iowr(0xC0, 24)
 KVM_SET_TSS_ADDR = _io(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, 8)
 KVM_CREATE_IRQCHIP = _io(0x60)
@@ -414,6 +439,8 @@ KERNEL_SIGSET_BYTES = 8  # the kernel's sigset_t on x86-64: 64 signals, one bit 
 KVM_API_VERSION = 12
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 KVM_IOEVENTFD_FLAG_PIO = 1 << 1
 KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
@@ -466,8 +493,10 @@ class Cap(IntEnum):
     GUEST_DEBUG_HW_BPS = 119
     GUEST_DEBUG_HW_WPS = 120
     IMMEDIATE_EXIT = 136
+    MANUAL_DIRTY_LOG_PROTECT2 = 168  # answers with the KVM_DIRTY_LOG_* flags it takes
     X86_DISABLE_EXITS = 143
     HALT_POLL = 182
+    DIRTY_LOG_RING = 192
     SET_GUEST_DEBUG2 = 195  # answers with the KVM_GUESTDBG_* flags this host supports
     XSAVE2 = 208  # answers with the size of KVM_GET_XSAVE2's buffer
 

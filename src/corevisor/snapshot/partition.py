@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from corevisor.arch.x86_64 import layout
-from corevisor.errors import ConfigError, CorevisorError, SnapshotError
+from corevisor.errors import ConfigError, SnapshotError
 from corevisor.machine import Machine
 from corevisor.snapshot import format as fmt
 from corevisor.snapshot import save_parts
@@ -48,6 +48,7 @@ __all__ = [
     "snapshot_spec",
     "restore",
     "restored_spec",
+    "spec_for_restore",
     "read",
     "ram_runs",
 ]
@@ -209,8 +210,13 @@ def sync_disks(m: Machine) -> None:
 
 def restored_spec(snap: fmt.Snapshot, overrides: Overrides) -> PartitionSpec:
     """The snapshot's spec with the overrides applied, checked against this host."""
-    where = str(snap.path / fmt.SPEC_FILE)
-    spec = apply(spec_from_json(snap.spec, where), overrides, where)
+    return spec_for_restore(snap.spec, str(snap.path / fmt.SPEC_FILE), overrides)
+
+
+def spec_for_restore(doc: object, where: str, overrides: Overrides) -> PartitionSpec:
+    """A saved spec document (spec.json, a migration's HELLO) with the overrides
+    applied, checked against this host as a partition of a system file would be."""
+    spec = apply(spec_from_json(doc, where), overrides, where)
     from corevisor.config.host import gather
     from corevisor.config.validate import Keys, validate_partition
 
