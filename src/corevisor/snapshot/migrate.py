@@ -434,12 +434,11 @@ class _Run:
                 rate = max(left / took, 1.0) if left >= 64 * PAGE_SIZE else rate
                 self.prog.rate = rate
                 self.prog.dirty_rate = left / max(time.monotonic() - t0, 1e-6)
-                # Not converging: this round's dirt took longer to send than the limit,
-                # and did not shrink. Throttle harder, one step per such round.
+                # Not converging: two rounds in a row whose dirt took longer to send
+                # than the limit. Throttle harder, one step per further such round.
                 slow_rounds = slow_rounds + 1 if left >= rate * self.max_downtime else 0
                 if allow_throttle and slow_rounds >= 2:
                     throttle.harder()
-                    slow_rounds = 0
             throttle.stop()
             return self._finish(log, stopping)
 
