@@ -109,8 +109,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.timeout is not None and not args.timeout > 0:
         raise CorevisorError(f"--timeout: {args.timeout:g} s (give a positive number of seconds)")
+    from corevisor.snapshot.system import is_system
+
     o = overrides(args)
-    system = System(SystemSpec(partitions=()), shared_console=False)
+    whole = args.restore is not None and is_system(Path(args.restore))
+    if whole and (args.name or args.net or args.disk or args.pin or args.copy_memory):
+        raise CorevisorError(f"{show(args.restore)} is a system snapshot: its partitions "
+                             "keep their names, devices and cores")
+    system = System(SystemSpec(partitions=()), shared_console=whole)
     with stop_signals(system.request_stop):
         if args.restore is not None:
             return system.run(args.timeout, restore=(Path(args.restore), o))

@@ -84,6 +84,7 @@ if TYPE_CHECKING:  # snapshots load their code only when one is taken or restore
     from corevisor.snapshot.migrate import MigrationResult, Progress
     from corevisor.snapshot.partition import Overrides
     from corevisor.snapshot.state import MachineSnapshot
+    from corevisor.snapshot.system import SystemSnapshot
 
 __all__ = [
     "System",
@@ -576,6 +577,62 @@ class System:
             info = self.partition(name)
         return info
 
+    def snapshot_system(self, path: Path) -> SystemSnapshot:
+        """Save every partition and every channel (its memory and waiting doorbells) at
+        one instant into the directory path (snapshot/system.py): all partitions are
+        frozen together, then each runs on as it was. A stopped partition is refused
+        (remove it first); a failed write removes its files."""
+        from corevisor.snapshot import system as saved
+        from corevisor.snapshot.partition import movable
+
+        with contextlib.ExitStack() as stack:
+            parts = [self._get(n) for n in sorted(self._parts)]
+            for p in parts:
+                stack.enter_context(p.lock)
+                self._require(p, "snapshot the system with partition", _S.CREATED,
+                              _S.RUNNING, _S.PAUSED)
+            machines = [p.machine for p in sorted(parts, key=lambda q: q.index)]
+            for m in machines:
+                assert m is not None
+                movable(m)
+            try:
+                for m in machines:
+                    stack.enter_context(m.frozen())  # type: ignore[union-attr]
+                for ch in self._channels:
+                    stack.enter_context(ch.held())
+                snap = saved.write(Path(path), machines, self._channels)  # type: ignore[arg-type]
+            finally:
+                for p in parts:
+                    if p.state is _S.RUNNING:
+                        p.watchdog.rearm()
+        self.report("system", f"system snapshot in {show(str(path))}")
+        self._deliver()
+        return snap
+
+    def restore_system(self, path: Path, start: bool = True) -> list[PartitionInfo]:
+        """Add every partition of a system snapshot (this system must have none yet),
+        its channels opened with their saved memory, the waiting doorbells rung once
+        every partition is restored; started unless start is False."""
+        from corevisor.channel import open_channels
+        from corevisor.snapshot import partition
+        from corevisor.snapshot import system as saved
+
+        snap = saved.read(Path(path))
+        with self._lock:
+            if self._parts or self._channels:
+                raise StateError("cannot restore a system snapshot: this system is not empty")
+            self._channels = open_channels([c.spec for c in snap.channels])
+        for ch, c in zip(self._channels, snap.channels, strict=True):
+            saved.load_channel(ch, c)
+        for _, where in snap.partitions:
+            self.restore(where, partition.Overrides(serial=None), start=False)
+        for ch, c in zip(self._channels, snap.channels, strict=True):
+            ch.restore(c.state)
+        if start:
+            for name, _ in snap.partitions:
+                self.start(name)
+        return self.partitions()
+
     def incoming(
         self,
         address: str,
@@ -689,7 +746,11 @@ class System:
 
         with self._lock:
             here = tuple(q.config for q in self._parts.values())
-            channels = tuple(ch.config for ch in self._channels)
+            names = {q.name for q in here}
+            # Channels to partitions not restored yet (a system restore adds them one by
+            # one) are the restore's to check: each end against the saved guest's.
+            channels = tuple(ch.config for ch in self._channels
+                             if set(ch.config.between) <= names)
         try:
             validate_addition(config, SystemSpec(here, channels=channels), gather(),
                               keys=API_KEYS, gdb_allow_remote=True)
@@ -736,8 +797,9 @@ class System:
         m = p.machine
         assert m is not None
         self._start_channels()
-        if p.restored:
+        if p.restored:  # armed as saved, for a full period from now: its clocks were still
             p.restored = False
+            p.watchdog.rearm()
         else:
             p.watchdog.kick(p.config.watchdog_ms)
         try:
@@ -899,7 +961,12 @@ class System:
         try:
             self.open()
             if restore is not None:
-                self.restore(restore[0], restore[1], start=False)
+                from corevisor.snapshot.system import is_system
+
+                if is_system(restore[0]):
+                    self.restore_system(restore[0], start=False)
+                else:
+                    self.restore(restore[0], restore[1], start=False)
             if incoming is not None:
                 self.incoming(incoming[0], incoming[1])  # started as it arrives
             for name in list(self._parts):

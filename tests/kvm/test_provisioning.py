@@ -490,3 +490,44 @@ def test_a_target_that_refuses_the_guest_says_why_and_the_source_runs_on(
         _, err = target.communicate(timeout=60)
         assert target.returncode == 2
     assert a.read_text() == _uninterrupted(guests, "peer", COUNTER)
+
+
+# --- a whole system -----------------------------------------------------------------------
+
+
+def test_a_channel_pair_still_talks_after_a_system_restore(guests: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    from corevisor.spec import ChannelSpec
+
+    logs = {n: tmp_path / f"{n}.log" for n in ("rtos", "peer")}
+    rtos = PartitionSpec(name="rtos", image=guests["rtos"], memory=32 << 20, pin=(0,),
+                         cmdline="msgs=8", watchdog_ms=2000,
+                         serial=SerialSpec.file(logs["rtos"]))
+    peer = PartitionSpec(name="peer", image=guests["peer"], memory=16 << 20, pin=(1,),
+                         cmdline="mode=pong msgs=8", serial=SerialSpec.file(logs["peer"]))
+    link = ChannelSpec("link", ("rtos", "peer"), 4096, 0xD000_0000)
+    with System(SystemSpec((rtos, peer), channels=(link,)), echo=False) as system:
+        system.open()
+        system.start("peer")
+        system.start("rtos")
+        _wait_for(logs["rtos"], 'rtos: sent "ping 3"\n')
+        system.pause("rtos")
+        system.pause("peer")
+        system.snapshot_system(tmp_path / "snap")
+        system.stop("rtos")
+        system.stop("peer")
+    before = {n: log.read_text() for n, log in logs.items()}
+    assert sorted(p.name for p in (tmp_path / "snap" / "partitions").iterdir()) == ["peer",
+                                                                                    "rtos"]
+    for log in logs.values():
+        log.write_text("")
+    r = corevisor("run", "--restore", str(tmp_path / "snap"))
+    assert r.returncode == 0, r.stderr
+    after = {n: log.read_text() for n, log in logs.items()}
+    # The pings and pongs not exchanged before the snapshot are exchanged after it, over
+    # the restored channel memory, with the doorbells still ringing.
+    whole_rtos, whole_peer = before["rtos"] + after["rtos"], before["peer"] + after["peer"]
+    for k in range(1, 9):
+        assert whole_rtos.count(f'rtos: received "pong {k}"\n') == 1, whole_rtos
+        assert whole_peer.count(f'peer: received "ping {k}"\n') == 1, whole_peer
+    assert after["rtos"].endswith("rtos: done\n") and "peer: done, 8 messages\n" in after["peer"]
