@@ -24,8 +24,9 @@ What does not live here: the snapshot files (snapshot/format.py), the restore it
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from corevisor.errors import CorevisorError, show
 
@@ -120,4 +121,66 @@ def run(args: argparse.Namespace) -> int:
     with stop_signals(system.request_stop):
         if args.restore is not None:
             return system.run(args.timeout, restore=(Path(args.restore), o))
-        return system.run(args.timeout, incoming=(args.incoming, o))
+        return system.run(args.timeout, incoming=(args.incoming, o, ProgressBar()))
+
+
+class ProgressBar:
+    """A migration's progress on stderr, as the source reports it (round, bytes, what
+    is left, the downtime it expects, the throttle): a rich bar pinned to the bottom of
+    a terminal while it lasts, else nothing; then one line with the outcome."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._task: Any = None
+        self._last: dict[str, object] = {}
+
+    def __call__(self, p: dict[str, object]) -> None:
+        phase = p.get("phase")
+        if phase in ("done", "failed"):
+            self._close(phase == "done")
+            return
+        self._last = p
+        if not sys.stderr.isatty():
+            return
+        if self._bar is None:
+            self._open()
+        ram = _num(p.get("ram_bytes"))
+        sent = _num(p.get("sent_bytes"))
+        left = _num(p.get("remaining_bytes"))
+        detail = (f"round {_num(p.get('round')):.0f}, {left / 2**20:.1f} MiB dirty, "
+                  f"downtime ~{_num(p.get('expected_downtime_ms')):.0f} ms")
+        if _num(p.get("throttle")):
+            detail += f", throttled {_num(p.get('throttle')) * 100:.0f} %"
+        self._bar.update(self._task, total=max(ram, sent + left, 1), completed=sent,
+                         detail=detail)
+
+    def _open(self) -> None:
+        from rich.console import Console  # only a migration in a terminal pays for rich
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TransferSpeedColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("migrating in"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TextColumn("{task.fields[detail]}"), console=Console(stderr=True), transient=True,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task("migration", total=1, detail="")
+
+    def _close(self, done: bool) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        p = self._last
+        if done and p:
+            print(f"corevisor: migration in: {_num(p.get('round')):.0f} rounds, "
+                  f"{_num(p.get('sent_bytes')) / 2**20:.1f} MiB received", file=sys.stderr,
+                  flush=True)
+
+
+def _num(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0

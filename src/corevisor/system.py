@@ -681,9 +681,15 @@ class System:
                 listener, str(addr), accept, build, restore, self.start, discard, on_progress,
                 cancelled=lambda: self._stop_request is not None,
             )
+        except BaseException:
+            if on_progress is not None:
+                on_progress({"phase": "failed"})
+            raise
         finally:
             listener.close()
             migrate.remove_socket(addr)
+        if on_progress is not None:
+            on_progress({"phase": "done"})
         self.report(name, f"migrated in through {addr}")
         self._deliver()
         return self.partition(name)
@@ -951,7 +957,8 @@ class System:
         self,
         timeout: float | None = None,
         restore: tuple[Path, Overrides] | None = None,
-        incoming: tuple[str, Overrides] | None = None,
+        incoming: tuple[str, Overrides, Callable[[dict[str, object]], None] | None]
+        | None = None,
     ) -> int:
         """Build and start every partition, monitor them until all stopped; the status.
 
@@ -968,7 +975,7 @@ class System:
                 else:
                     self.restore(restore[0], restore[1], start=False)
             if incoming is not None:
-                self.incoming(incoming[0], incoming[1])  # started as it arrives
+                self.incoming(*incoming)  # started as it arrives
             for name in list(self._parts):
                 if self._stop_request is not None:
                     break  # a signal came during the build: the monitor stops the rest
