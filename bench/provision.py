@@ -437,7 +437,8 @@ def bench_migration(work: Path, rounds: int) -> dict[str, Any]:
 
 
 def summary(res: dict[str, Any]) -> dict[str, Any]:
-    r = res["restore"]
+    r = res.get("restore", {"cli_restore_first_byte_ms": [], "cli_boot_first_byte_ms": [],
+                            "in_process_restore_first_exit_ms": []})
     s: dict[str, Any] = {
         "restore_cli_ms": med(r["cli_restore_first_byte_ms"]),
         "boot_cli_ms": med(r["cli_boot_first_byte_ms"]),

@@ -421,7 +421,10 @@ class _Run:
                 self.prog.expected_downtime_ms = (left / rate + STATE_ALLOWANCE) * 1000
                 self.prog.throttle = throttle.share
                 self._tick("copying")
-                if left / rate + STATE_ALLOWANCE <= self.max_downtime:
+                # Round 0's rate alone is not trusted with a large remainder: it sent
+                # long runs of pages the guest was not writing.
+                trusted = self.prog.round >= 2 or left <= 256 * PAGE_SIZE
+                if trusted and left / rate + STATE_ALLOWANCE <= self.max_downtime:
                     log.put_back(dirty)  # the final round sends them, frozen
                     break
                 if time.monotonic() - self.started > self.timeout:
@@ -431,7 +434,9 @@ class _Run:
                 sent_at = time.monotonic()
                 self._send_pages(dirty)
                 took = max(time.monotonic() - sent_at, 1e-6)
-                rate = max(left / took, 1.0) if left >= 64 * PAGE_SIZE else rate
+                if left >= 64 * PAGE_SIZE:  # enough to measure: the slower rate wins
+                    rate = min(rate, max(left / took, 1.0)) if self.prog.round > 1 else \
+                        max(left / took, 1.0)
                 self.prog.rate = rate
                 self.prog.dirty_rate = left / max(time.monotonic() - t0, 1e-6)
                 # Not converging: two rounds in a row whose dirt took longer to send
