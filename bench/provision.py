@@ -203,43 +203,35 @@ def bench_clones(work: Path, n: int) -> dict[str, Any]:
         s.snapshot("src", snap)
     out: dict[str, Any] = {"clones": n, "snapshot_data_bytes": 128 * MIB}
     for mode, extra in (("mapped", []), ("copied", ["--copy-memory"])):
-        logs = [work / f"{mode}{i}.log" for i in range(n)]
-        procs = [subprocess.Popen([*CLI, "run", "--restore", str(snap), "--name", f"c{i}",
-                                   "--serial", f"file:{logs[i]}", *extra],
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, env=ENV) for i in range(n)]
-        try:
-            for lg in logs:  # each clone has run a pass over its 128 MiB: the CoW cost
-                _wait_for(lg, " ok\n", timeout=300)
-            time.sleep(0.5)
-            samples = [_rss_pss_kib(p.pid) for p in procs]
-        finally:
-            for p in procs:
-                p.kill()
-                p.wait()
-        out[mode] = {"rss_kib": [r for r, _ in samples], "pss_kib": [p for _, p in samples]}
+        out[mode] = _clone_memory(work, snap, mode, n, " ok\n", extra)
     # The guest rewrites its 128 MiB every pass, so each clone soon owns what it wrote;
     # an idle clone shares almost all of it:
     idle = work / "idle-clones"
     with running("idle", IDLE, work / "idle.log") as s:
         _wait_for(work / "idle.log", "peer: tick 2\n")
         s.snapshot("idle", idle)
-    logs = [work / f"idle{i}.log" for i in range(n)]
-    procs = [subprocess.Popen([*CLI, "run", "--restore", str(idle), "--name", f"i{i}",
-                               "--serial", f"file:{logs[i]}"], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-             for i in range(n)]
+    out["idle-mapped"] = _clone_memory(work, idle, "idle", n, "peer: tick", [])
+    return out
+
+
+def _clone_memory(work: Path, snap: Path, tag: str, n: int, marker: str,
+                  extra: list[str]) -> dict[str, list[int]]:
+    """n clones of snap side by side: each one's VmRSS and PSS once it printed marker."""
+    logs = [work / f"{tag}{i}.log" for i in range(n)]
+    procs = [subprocess.Popen([*CLI, "run", "--restore", str(snap), "--name", f"{tag}{i}",
+                               "--serial", f"file:{logs[i]}", *extra],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=ENV) for i in range(n)]
     try:
-        for lg in logs:
-            _wait_for(lg, "peer: tick", timeout=300)
+        for log in logs:
+            _wait_for(log, marker, timeout=300)
         time.sleep(0.5)
         samples = [_rss_pss_kib(p.pid) for p in procs]
     finally:
         for p in procs:
             p.kill()
             p.wait()
-    out["idle-mapped"] = {"rss_kib": [r for r, _ in samples], "pss_kib": [p for _, p in samples]}
-    return out
+    return {"rss_kib": [r for r, _ in samples], "pss_kib": [p for _, p in samples]}
 
 
 # --------------------------------------------------------------------------------------

@@ -131,9 +131,7 @@ def build(
         cmdline = _guest_cmdline(image, _with_virtio_devices(config.cmdline, virtio))
         boot_bsp(m, image, cmdline, rsdp, initrd, modules)
         attach_fw_cfg(m, config, res, (image, cmdline, initrd))
-        attach_channels(m, links, res)
-        if config.gdb is not None:
-            attach_debugger(m, config, links)
+        attach_system(m, config, links, res)
     except BaseException:
         m.close()
         raise
@@ -187,9 +185,7 @@ def prepare_restore(
     try:
         attach_platform(m, config, links, res)
         attach_fw_cfg(m, config, res, None)
-        attach_channels(m, links, res)
-        if config.gdb is not None:
-            attach_debugger(m, config, links)
+        attach_system(m, config, links, res)
     except BaseException:
         m.close()
         raise
@@ -247,6 +243,13 @@ def attach_platform(
     virtio = attach_virtio_devices(m, config, links, serial, res)
     m.devices.update(links.parts)
     return serial, virtio
+
+
+def attach_system(m: Machine, config: PartitionSpec, links: PartitionLinks, res: Resources) -> None:
+    """The last steps of boot and restore alike: the channels, then a debugger."""
+    attach_channels(m, links, res)
+    if config.gdb is not None:
+        attach_debugger(m, config, links)
 
 
 def attach_debugger(m: Machine, config: PartitionSpec, links: PartitionLinks) -> None:
