@@ -46,6 +46,7 @@ from corevisor.kvm.bindings import (
     KVM_X86_DISABLE_EXITS_PAUSE,
     Cap,
 )
+from corevisor.kvm.host import REQUIRED as REQUIRED_CAPS
 from corevisor.kvm.ioctls import Kvm
 from corevisor.loader import Initrd, LoadedImage, load_image, load_initrd
 from corevisor.machine import Machine
@@ -53,9 +54,9 @@ from corevisor.memory import GuestMemory, MemoryRegion
 from corevisor.vcpu import Vcpu
 
 if TYPE_CHECKING:  # the virtio stack is imported only by partitions that have devices
+    from corevisor.runstats import MachineRun
     from corevisor.virtio.attach import VirtioSlot
 
-REQUIRED_CAPS = (Cap.IRQCHIP, Cap.USER_MEMORY, Cap.IMMEDIATE_EXIT, Cap.PIT2, Cap.MP_STATE)
 # KVM memory slots: RAM takes 0 and 1 (below and above the MMIO hole), channels 16 + index.
 CHANNEL_SLOT_BASE = 16
 
@@ -79,6 +80,8 @@ class PartitionLinks:
     serial: SerialBackend | None = None
     watchdog: Callable[[int], None] = field(default=_no_watchdog)  # HC_WATCHDOG's ms
     report: Callable[[str, str], None] = field(default=_report_to_stderr)  # (name, event)
+    # --stats: receives the machine's statistics as it closes; None collects nothing
+    stats: Callable[[MachineRun], None] | None = None
 
 
 def build(
@@ -110,6 +113,8 @@ def build(
         attach_channels(m, links)
         if config.gdb is not None:
             attach_debugger(m, config, links)
+        if links.stats is not None:
+            attach_stats(m, links.stats)
     except BaseException:
         m.close()
         raise
@@ -125,6 +130,15 @@ def attach_debugger(m: Machine, config: PartitionConfig, links: PartitionLinks) 
     attach_gdb(
         m, config.gdb, wait=not config.gdb_attach, report=lambda msg: links.report(m.name, msg)
     )
+
+
+def attach_stats(m: Machine, sink: Callable[[MachineRun], None]) -> None:
+    """Last step: open the VM's and vCPUs' statistics fds now, before any vCPU runs (the
+    vCPU ioctl takes the mutex KVM_RUN holds), and read them when the machine closes:
+    its closers run after the vCPU threads stopped and before their fds close."""
+    from corevisor.runstats import StatsCollector  # only runs that ask for --stats
+
+    m.closers.append(StatsCollector(m, sink).close)
 
 
 def _check_host(kvm: Kvm, config: PartitionConfig) -> None:

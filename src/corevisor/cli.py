@@ -15,10 +15,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from corevisor import bundled, linuxboot
 from corevisor.config import PartitionConfig, SystemConfig, load_config, partition_from_args
 from corevisor.errors import CorevisorError
+
+if TYPE_CHECKING:
+    from corevisor.runstats import MachineRun
 
 EXIT_USER_ERROR = 2
 
@@ -65,9 +69,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--net", action="append", metavar="TAP", help="a virtio-net on a host TAP")
     run.add_argument("--rng", action="store_true", help="a virtio-rng entropy device")
+    run.add_argument(
+        "--stats",
+        action="store_true",
+        help="at exit, print each machine's exit, page-fault, MMU, TLB and halt-poll counts",
+    )
+    run.add_argument(
+        "--stats-json",
+        metavar="PATH",
+        type=Path,
+        default=None,
+        help="at exit, write those numbers and all of KVM's statistics as JSON (docs/stats.md)",
+    )
     linuxboot.add_arguments(run)
     guests = sub.add_parser("guests", help="list the bundled guests and their image paths")
     guests.add_argument("--build", action="store_true", help="(re)build them first")
+    host = sub.add_parser(
+        "host", help="what this host's KVM is: flavour, MMU mode, capabilities, cores"
+    )
+    host.add_argument("--json", action="store_true", help="print it as one JSON object")
     return p
 
 
@@ -117,11 +137,36 @@ def _resolve(args: argparse.Namespace) -> SystemConfig:
     return SystemConfig(partitions=(part,))
 
 
-def _run_system(system: SystemConfig, timeout: float | None) -> int:
-    """Run every partition under the health monitor; see system.py for the exit status."""
+def _run_system(system: SystemConfig, args: argparse.Namespace) -> int:
+    """Run every partition under the health monitor; see system.py for the exit status.
+    With --stats/--stats-json, report every machine's statistics once all have closed."""
     from corevisor.system import System  # KVM imports only when running
 
-    return System(system).run(timeout)
+    stats_json: Path | None = args.stats_json
+    if stats_json is not None and not stats_json.parent.is_dir():
+        where = stats_json.parent
+        raise CorevisorError(f"--stats-json {stats_json}: directory {where} does not exist")
+    sys_ = System(system, collect_stats=args.stats or stats_json is not None)
+    try:
+        return sys_.run(args.timeout)
+    finally:
+        if sys_.stats is not None:
+            _report_stats(sys_.stats, system, args.stats, stats_json)
+
+
+def _report_stats(
+    runs: list[MachineRun], system: SystemConfig, text: bool, path: Path | None
+) -> None:
+    from corevisor import runstats
+
+    host = runstats.host_summary()
+    if text:
+        for r in runs:
+            lines = runstats.summary(r, host.get("kvm", ""), host.get("mmu", ""))
+            print(lines, file=sys.stderr, flush=True)
+    if path is not None:
+        names = [p.name for p in system.partitions]
+        runstats.write_json(path, runstats.document(runs, names, host))
 
 
 def _list_guests(build: bool) -> int:
@@ -134,13 +179,31 @@ def _list_guests(build: bool) -> int:
     return 0
 
 
+def _host_report(as_json: bool) -> int:
+    """`corevisor host`: 0 if corevisor can run here, 1 if /dev/kvm or a required
+    capability is missing (the report says which)."""
+    import json
+
+    from corevisor.kvm import host
+
+    info = host.detect()
+    if as_json:
+        print(json.dumps(info.to_json(), indent=2))
+    else:
+        print(host.format_report(info))
+    usable = not info.dev_kvm and all(info.cap(c) for c in host.REQUIRED)
+    return 0 if usable else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "guests":
             return _list_guests(args.build)
+        if args.command == "host":
+            return _host_report(args.json)
         system = _resolve(args)
-        return _run_system(system, args.timeout)
+        return _run_system(system, args)
     except CorevisorError as e:
         _err(str(e))
         return EXIT_USER_ERROR

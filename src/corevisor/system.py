@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from corevisor.arch.x86_64.cpu import format_registers
 from corevisor.builder import PartitionLinks, build
@@ -43,6 +43,9 @@ from corevisor.console import ConsoleMux, PrefixedSerial
 from corevisor.errors import CorevisorError
 from corevisor.machine import Machine
 from corevisor.vcpu import StopReport
+
+if TYPE_CHECKING:
+    from corevisor.runstats import MachineRun
 
 __all__ = ["System", "Watchdog", "MAX_RESTARTS", "RESTART_WINDOW", "EXIT_GUEST_FAULT"]
 
@@ -96,9 +99,15 @@ class System:
     """Partitions from one SystemConfig, run together under a health monitor."""
 
     def __init__(
-        self, config: SystemConfig, kvm_path: str = "/dev/kvm", err: TextIO | None = None
+        self,
+        config: SystemConfig,
+        kvm_path: str = "/dev/kvm",
+        err: TextIO | None = None,
+        collect_stats: bool = False,
     ) -> None:
         self.config = config
+        # --stats: one MachineRun per machine, appended as each one closes (runstats.py)
+        self.stats: list[MachineRun] | None = [] if collect_stats else None
         self.kvm_path = kvm_path
         self._err = err if err is not None else sys.stderr
         self._err_lock = threading.Lock()
@@ -140,6 +149,7 @@ class System:
                 serial=serials.get(part.name),
                 watchdog=watchdog.kick,
                 report=self.event,
+                stats=self.stats.append if self.stats is not None else None,
             )
             p = _Partition(i, part, links, watchdog)
             self._parts.append(p)

@@ -196,6 +196,10 @@ class VmFd:
             req.args[i] = a
         _ioctl(self.fd, b.KVM_ENABLE_CAP, req, "KVM_ENABLE_CAP")
 
+    def stats_fd(self) -> int:
+        """KVM_GET_STATS_FD: a new fd of the VM's binary statistics (kvm/stats.py reads it)."""
+        return _ioctl(self.fd, b.KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD")
+
     def create_vcpu(self, index: int) -> VcpuFd:
         fd = _ioctl(self.fd, b.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
         return VcpuFd(fd, index, self.kvm.vcpu_mmap_size())
@@ -372,6 +376,12 @@ class VcpuFd:
 
     def get_tsc_khz(self) -> int:
         return _ioctl(self.fd, b.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
+
+    def stats_fd(self) -> int:
+        """KVM_GET_STATS_FD: a new fd of this vCPU's binary statistics. The ioctl takes the
+        vCPU's mutex, which KVM_RUN holds while the guest runs (or sits in HLT): ask for it
+        before the vCPU thread starts; reading the fd later needs no lock."""
+        return _ioctl(self.fd, b.KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD")
 
     def close(self) -> None:
         self.run_mm.close()
