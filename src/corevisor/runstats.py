@@ -309,7 +309,7 @@ def _line(
 def summary(run: MachineRun, kvm: str = "", mmu: str = "") -> str:
     """The --stats text for one machine (a few lines; the JSON has everything)."""
     n = len(run.vcpus)
-    where = f"; KVM {kvm}, {mmu} paging" if kvm else ""
+    where = f"; KVM {kvm}, MMU {mmu}" if kvm else ""
     lines = [f"corevisor: stats: {run.partition}: {n} vCPU{'s' if n != 1 else ''}{where}"]
     totals = run.totals()
     own = [f"io {totals.get('corevisor.io', 0)}", f"mmio {totals.get('corevisor.mmio', 0)}"]

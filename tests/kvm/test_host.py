@@ -119,4 +119,4 @@ def test_lab_host_is_kvm_amd_with_npt_as_booted(tmp_path: Path) -> None:
     assert "svm" in data["virt_flags"]  # type: ignore[operator]
     text = corevisor("host").stdout
     assert "kvm_amd: AMD-V (SVM)" in text
-    assert ("AMD NPT (nested paging)" in text) is npt
+    assert ("AMD NPT, nested paging" in text) is npt

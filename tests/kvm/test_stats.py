@@ -68,7 +68,7 @@ def test_run_stats_counts_port_writes(tmp_path: Path) -> None:
     assert f"pio: {n} writes" in r.stdout
     host = json.loads(corevisor("host", "--json").stdout)
     err = r.stderr.splitlines()
-    head = f"corevisor: stats: pio: 1 vCPU; KVM {host['kvm']}, {host['mmu']} paging"
+    head = f"corevisor: stats: pio: 1 vCPU; KVM {host['kvm']}, MMU {host['mmu']}"
     assert head in err
     own = next(x for x in err if x.strip().startswith("exits to corevisor"))
     assert int(own.split()[3].rstrip(":")) >= n

@@ -67,12 +67,12 @@ _MMU_TEXT = {
         "page-table writes, CR3 writes and INVLPG trap to KVM",
     ),
     "ept": (
-        "Intel EPT (extended page tables)",
+        "Intel EPT, extended page tables",
         "the CPU walks the guest's page tables and KVM's guest-physical map itself: "
         "guest page faults and CR3 writes stay in the guest",
     ),
     "npt": (
-        "AMD NPT (nested paging)",
+        "AMD NPT, nested paging",
         "the CPU walks the guest's page tables and KVM's guest-physical map itself: "
         "guest page faults and CR3 writes stay in the guest",
     ),
