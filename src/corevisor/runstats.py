@@ -158,9 +158,13 @@ class StatsCollector:
         self.vcpus: list[StatsFile | None] = [None] * len(machine.vcpus)
         if not machine.kvm.check_extension(Cap.BINARY_STATS_FD):
             return  # corevisor's own counters only; the summary says so
-        self.vm = StatsFile(machine.vm.stats_fd())
-        for i, v in enumerate(machine.vcpus):
-            self.vcpus[i] = StatsFile(v.fd.stats_fd())
+        try:
+            self.vm = StatsFile(machine.vm.stats_fd())
+            for i, v in enumerate(machine.vcpus):
+                self.vcpus[i] = StatsFile(v.fd.stats_fd())
+        except BaseException:
+            self._release()  # not yet a closer of the machine: nothing else would
+            raise
 
     def collect(self) -> MachineRun:
         m = self.machine
@@ -178,9 +182,12 @@ class StatsCollector:
         try:
             self.sink(self.collect())
         finally:
-            for f in (self.vm, *self.vcpus):
-                if f is not None:
-                    f.close()
+            self._release()
+
+    def _release(self) -> None:
+        for f in (self.vm, *self.vcpus):
+            if f is not None:
+                f.close()
 
 
 # ---------------------------------------------------------------------- the text summary
