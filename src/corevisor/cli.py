@@ -1,10 +1,14 @@
 """The `corevisor` command: run a guest, a system file or the bundled demo; list guests.
 
-User errors (bad config, bad image, missing /dev/kvm) print one line prefixed with
-"corevisor:" and exit 2; a guest that stops abnormally prints a report with its
+User errors (bad config, bad image, missing /dev/kvm, a bad option: argparse's usage
+dump is replaced by the same one line) print one line prefixed with "corevisor:", safe
+to print whatever the user typed (errors.show), and exit 2; a guest that stops
+abnormally (including one halted with interrupts off) prints a report with its
 registers and exits 1; a guest that writes its status to the exit port makes corevisor
 exit with that status. With several partitions: 0 if all of them ended with 0, else the
-first non-zero status (system.py). Only bugs keep their traceback.
+first non-zero status (system.py). SIGINT (Ctrl-C), SIGTERM and SIGHUP stop the run
+cleanly and exit 128 + the signal number: 130, 143, 129 (signals.py). Only bugs keep
+their traceback.
 """
 
 from __future__ import annotations
@@ -15,27 +19,54 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from corevisor import bundled, linuxboot
-from corevisor.config import PartitionConfig, SystemConfig, load_config, partition_from_args
-from corevisor.errors import CorevisorError
+from corevisor.errors import CorevisorError, show
+from corevisor.spec import SystemSpec
 
 if TYPE_CHECKING:
     from corevisor.runstats import MachineRun
 
 EXIT_USER_ERROR = 2
+# The `run` options that describe one partition, and the partition key a system file
+# has for each: with a system file they would be ambiguous, so they are refused.
+PARTITION_OPTIONS = {
+    "cpus": "cpus",
+    "memory": "memory",
+    "pin": "pin",
+    "cmdline": "cmdline",
+    "serial": "serial",
+    "gdb": "gdb",
+    "disk": "blk",
+    "net": "net",
+    "rng": "rng",
+    "module": "modules",
+}
 
+
+class UsageError(CorevisorError):
+    """A command line argparse refused: one line, with where to find the usage."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        command = prog.removeprefix("corevisor").strip()
+        where = f"{command}: " if command else ""
+        super().__init__(f"{where}{message} (see {prog} --help)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, failing as a UsageError instead of printing its usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, message)
 
 
 def _err(msg: str) -> None:
-    print(f"corevisor: {msg}", file=sys.stderr, flush=True)
+    print(f"corevisor: {show(msg, limit=None)}", file=sys.stderr, flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="corevisor", description="A multicore partitioning hypervisor on Linux KVM."
-    )
+    p = _Parser(prog="corevisor", description="A multicore partitioning hypervisor on Linux KVM.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",
@@ -46,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", default=None, help="guest RAM, e.g. 64M or 1G (default 64M)")
     run.add_argument("--pin", default=None, help="host cores for the vCPUs, e.g. 0,1 or 0-3")
     run.add_argument("--cmdline", default=None, help="guest command line")
-    run.add_argument("--serial", default="stdout", help="stdout | file:PATH | unix:PATH | null")
+    run.add_argument(
+        "--serial", default=None, help="stdout | file:PATH | unix:PATH | null (default stdout)"
+    )
     run.add_argument("--timeout", type=float, default=None, help="stop the guest after S s")
     run.add_argument(
         "--gdb",
@@ -70,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--net", action="append", metavar="TAP", help="a virtio-net on a host TAP")
     run.add_argument("--rng", action="store_true", help="a virtio-rng entropy device")
     run.add_argument(
+        "--module",
+        action="append",
+        metavar="FILE[,STRING]",
+        help="a multiboot module, with its string (default FILE); repeatable",
+    )
+    run.add_argument(
         "--stats",
         action="store_true",
         help="at exit, print each machine's exit, page-fault, MMU, TLB and halt-poll counts",
@@ -91,8 +130,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _resolve(args: argparse.Namespace) -> SystemConfig:
-    """Turn the run arguments into a validated SystemConfig."""
+def _given(args: argparse.Namespace) -> list[str]:
+    """The per-partition options the user gave (before any default is filled in)."""
+    return [
+        flag
+        for flag in PARTITION_OPTIONS
+        if getattr(args, flag) not in (None, False)
+    ]
+
+
+def _resolve(args: argparse.Namespace) -> SystemSpec:
+    """Turn the run arguments into a validated SystemSpec."""
+    given = _given(args)
     linuxboot.apply(args)  # --kernel/--initrd/--initramfs-dir and the defaults they change
     target = args.target
     cpus = args.cpus
@@ -105,11 +154,14 @@ def _resolve(args: argparse.Namespace) -> SystemConfig:
             bundled.ensure_built(name)
         target = str(bundled.DEMO_SYSTEM)
     if target.endswith(".toml"):
-        flags = [f for f in ("cpus", "pin", "gdb", "disk", "net") if getattr(args, f) is not None]
-        flags += ["rng"] if args.rng else []
-        if flags:
-            hint = " (give each partition a gdb key instead)" if flags[0] == "gdb" else ""
-            raise CorevisorError(f"--{flags[0]} cannot be combined with a system file{hint}")
+        if given:
+            flag = given[0]
+            raise CorevisorError(
+                f"--{flag} cannot be combined with a system file ({show(target)}): give "
+                f"each partition a {PARTITION_OPTIONS[flag]} key instead"
+            )
+        from corevisor.config.toml import load_config  # the readers only when needed
+
         system = load_config(Path(target), gdb_allow_remote=args.gdb_allow_remote)
         if args.gdb_attach:
             parts = tuple(replace(p, gdb_attach=p.gdb is not None) for p in system.partitions)
@@ -119,13 +171,15 @@ def _resolve(args: argparse.Namespace) -> SystemConfig:
         raise CorevisorError("--gdb-attach needs --gdb HOST:PORT")
     if target in bundled.GUESTS and not Path(target).exists():
         target = str(bundled.ensure_built(target))
+    from corevisor.config.args import partition_from_args
+
     part = partition_from_args(
         target,
         cpus=1 if cpus is None else cpus,
         memory=args.memory,
         pin=args.pin,
         cmdline=cmdline,
-        serial=args.serial,
+        serial=args.serial if args.serial is not None else "stdout",
         initrd=args.initrd,
         gdb=args.gdb,
         gdb_attach=args.gdb_attach,
@@ -133,29 +187,36 @@ def _resolve(args: argparse.Namespace) -> SystemConfig:
         disks=args.disk,
         nets=args.net,
         rng=args.rng,
+        modules=args.module,
     )
-    return SystemConfig(partitions=(part,))
+    return SystemSpec(partitions=(part,))
 
 
-def _run_system(system: SystemConfig, args: argparse.Namespace) -> int:
+def _run_system(config: SystemSpec, args: argparse.Namespace) -> int:
     """Run every partition under the health monitor; see system.py for the exit status.
-    With --stats/--stats-json, report every machine's statistics once all have closed."""
-    from corevisor.system import System  # KVM imports only when running
+
+    SIGINT, SIGTERM and SIGHUP stop every partition cleanly (terminal restored, unix:
+    sockets removed) and the run exits with 128 + the signal's number. With --stats /
+    --stats-json, every machine's statistics are reported once all have closed.
+    """
+    from corevisor.signals import stop_signals  # KVM imports only when running
+    from corevisor.system import System
 
     stats_json: Path | None = args.stats_json
     if stats_json is not None and not stats_json.parent.is_dir():
         where = stats_json.parent
         raise CorevisorError(f"--stats-json {stats_json}: directory {where} does not exist")
-    sys_ = System(system, collect_stats=args.stats or stats_json is not None)
+    system = System(config, collect_stats=args.stats or stats_json is not None)
     try:
-        return sys_.run(args.timeout)
+        with stop_signals(system.request_stop):
+            return system.run(args.timeout)
     finally:
-        if sys_.stats is not None:
-            _report_stats(sys_.stats, system, args.stats, stats_json)
+        if system.stats is not None:
+            _report_stats(system.stats, config, args.stats, stats_json)
 
 
 def _report_stats(
-    runs: list[MachineRun], system: SystemConfig, text: bool, path: Path | None
+    runs: list[MachineRun], config: SystemSpec, text: bool, path: Path | None
 ) -> None:
     from corevisor import runstats
 
@@ -165,7 +226,7 @@ def _report_stats(
             lines = runstats.summary(r, host.get("kvm", ""), host.get("mmu", ""))
             print(lines, file=sys.stderr, flush=True)
     if path is not None:
-        names = [p.name for p in system.partitions]
+        names = [p.name for p in config.partitions]
         runstats.write_json(path, runstats.document(runs, names, host))
 
 
@@ -196,8 +257,8 @@ def _host_report(as_json: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         if args.command == "guests":
             return _list_guests(args.build)
         if args.command == "host":
@@ -213,12 +274,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # stdout's reader went away (e.g. `| head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-
-
-def describe(part: PartitionConfig) -> str:
-    """One line describing a partition, for logs."""
-    pin = ",".join(map(str, part.pin)) or "any"
-    return f"{part.name}: {part.image} cpus={part.cpus} memory={part.memory >> 20}M pin={pin}"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Serial backends: the host end of a guest's UART (stdout, a file, a Unix socket, nothing).
 
-``open_serial(spec, name)`` turns a validated ``serial`` setting into a backend:
+``open_serial(spec, name)`` turns a validated serial setting (a spec.SerialSpec) into a
+backend:
 
 - ``stdout``: output to ``sys.stdout.buffer``, flushed on every write. Input is read from
   stdin only if stdin is a terminal; the terminal is then put in no-echo, no-line-buffer
@@ -24,9 +25,10 @@ it would be unclear which guest a keystroke is for.
 
 ``write`` runs on a vCPU thread once per guest byte, so it does the least it can. Input
 arrives on a daemon thread per backend that calls ``feed`` (the UART's
-``enqueue_input``).
+``enqueue_input``); that thread starts in ``start_input``, which the machine calls
+from its start(), never while it is being built.
 
-What does not live here: parsing and validating the spec (config.py) and the UART
+What does not live here: parsing and validating the setting (config/) and the UART
 itself (devices/uart16550.py).
 """
 
@@ -44,7 +46,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
 
-from corevisor.errors import ConfigError
+from corevisor.errors import ConfigError, show
+from corevisor.signals import start_thread
+from corevisor.spec import SerialKind, SerialSpec
 
 __all__ = [
     "SerialBackend",
@@ -93,8 +97,12 @@ class _InputPump:
         self._fd = fd
         self._feed = feed
         self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, name=f"serial-in-{name}", daemon=True)
-        self._thread.start()
+        try:
+            self._thread = start_thread(self._run, f"serial-in-{name}")
+        except BaseException:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            raise
 
     def _run(self) -> None:
         with selectors.DefaultSelector() as sel:
@@ -143,7 +151,7 @@ class FileSerial:
             self._file: BinaryIO = open(path, "ab", buffering=0)
         except OSError as e:
             raise ConfigError(
-                f'{name}: serial "file:{path}": cannot open: {e.strerror or e}'
+                f'{name}: serial "file:{show(path)}": cannot open: {e.strerror or e}'
             ) from None
         self.path = path
 
@@ -231,13 +239,17 @@ class UnixSocketSerial:
         self._backlog = bytearray()
         self._feed: Feed | None = None
         self._closed = False
+        self._thread: threading.Thread | None = None  # accepts clients; start_input starts it
         self._listener = self._listen()
-        self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, name=f"serial-{name}", daemon=True)
-        self._thread.start()
+        try:
+            self._wake_r, self._wake_w = os.pipe()
+        except BaseException:
+            self._listener.close()
+            self._unlink()
+            raise
 
     def _error(self, reason: str) -> ConfigError:
-        return ConfigError(f'{self._name}: serial "unix:{self.path}": {reason}')
+        return ConfigError(f'{self._name}: serial "unix:{show(self.path)}": {reason}')
 
     def _listen(self) -> socket.socket:
         path = self.path
@@ -290,8 +302,14 @@ class UnixSocketSerial:
                     client.shutdown(socket.SHUT_RDWR)
 
     def start_input(self, feed: Feed) -> None:
-        """Deliver what clients send to ``feed`` (bytes arriving earlier were dropped)."""
+        """Start accepting clients and deliver what they send to ``feed``.
+
+        Until then (a machine built but not started) a client's connection waits in
+        the listen backlog, and output is kept for it as for any absent client.
+        """
         self._feed = feed
+        if self._thread is None and not self._closed:
+            self._thread = start_thread(self._run, f"serial-{self._name}")
 
     @property
     def connected(self) -> bool:
@@ -305,14 +323,19 @@ class UnixSocketSerial:
         self._closed = True
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
-        self._thread.join(_JOIN_TIMEOUT)
+        thread = self._thread
+        if thread is not None:
+            thread.join(_JOIN_TIMEOUT)
         self._listener.close()
+        self._unlink()
+        if thread is None or not thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _unlink(self) -> None:
         with contextlib.suppress(OSError):
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 os.unlink(self.path)
-        if not self._thread.is_alive():
-            os.close(self._wake_r)
-            os.close(self._wake_w)
 
     def _run(self) -> None:
         current: socket.socket | None = None
@@ -430,7 +453,7 @@ class PrefixedSerial:
                 # Truncated per run; unbuffered so the log is current while guests run.
                 self._log = open(log_path, "wb", buffering=0)
             except OSError as e:
-                raise ConfigError(f"{name}: log file {log_path}: {e.strerror or e}") from None
+                raise ConfigError(f"{name}: log file {show(log_path)}: {e.strerror or e}") from None
 
     def write(self, data: bytes) -> None:
         """Log the bytes; pass every completed line to the terminal with the prefix."""
@@ -473,15 +496,13 @@ class PrefixedSerial:
             self._log = None
 
 
-def open_serial(spec: str, name: str) -> SerialBackend:
+def open_serial(spec: SerialSpec, name: str) -> SerialBackend:
     """Open the backend a ``serial`` setting names; ``name`` labels threads and errors."""
-    if spec == "stdout":
+    if spec.kind is SerialKind.STDOUT:
         return StdoutSerial(name)
-    if spec == "null":
+    if spec.kind is SerialKind.NULL:
         return NullSerial()
-    kind, sep, path = spec.partition(":")
-    if sep and path and kind == "file":
-        return FileSerial(path, name)
-    if sep and path and kind == "unix":
-        return UnixSocketSerial(path, name)
-    raise ConfigError(f'{name}: bad serial "{spec}" (use stdout, null, file:PATH or unix:PATH)')
+    assert spec.path is not None  # SerialSpec guarantees a path for file: and unix:
+    if spec.kind is SerialKind.FILE:
+        return FileSerial(str(spec.path), name)
+    return UnixSocketSerial(str(spec.path), name)

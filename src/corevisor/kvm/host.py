@@ -14,9 +14,10 @@ The one home for host facts that change what corevisor does or how its figures r
 PVM-only behaviour asks ``detect().is_pvm`` while it sets up, never on a vCPU's hot path.
 ``corevisor host`` prints ``format_report()`` or ``to_json()``.
 
-What does not live here: checking a configuration against the host (config.py: memory,
-pinned cores), the ioctls themselves (kvm/ioctls.py), KVM's run-time counters
-(kvm/stats.py).
+What does not live here: the host facts validation needs and checking a configuration
+against them (config/host.py, config/validate.py: memory, pinned cores; cores and
+affinity are read there and reused here), the ioctls themselves (kvm/ioctls.py), KVM's
+run-time counters (kvm/stats.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from corevisor.config import format_cpu_list, parse_cpu_list
+from corevisor.config.host import gather
+from corevisor.config.parse import format_cpu_list, parse_cpu_list
 from corevisor.errors import ConfigError, KvmError
 from corevisor.kvm.bindings import Cap
 from corevisor.kvm.ioctls import Kvm
@@ -240,7 +242,8 @@ def probe(dev: str = "/dev/kvm", root: Path = Path("/")) -> HostInfo:
     dev_kvm, api, caps = _capabilities(dev)
     cpu = root / "sys/devices/system/cpu"
     vendor, model, virt = _cpuinfo(root)
-    cores = os.cpu_count() or 1
+    facts = gather()  # cores and affinity, as validation sees them (config/host.py)
+    cores = facts.cores
     return HostInfo(
         kvm=kvm,
         module=module,
@@ -252,7 +255,7 @@ def probe(dev: str = "/dev/kvm", root: Path = Path("/")) -> HostInfo:
         capabilities=caps,
         cores=cores,
         online=_cpus(cpu / "online") or tuple(range(cores)),
-        allowed=tuple(sorted(os.sched_getaffinity(0))),
+        allowed=tuple(sorted(facts.affinity)),
         isolated=_cpus(cpu / "isolated") or (),
         nohz_full=_cpus(cpu / "nohz_full"),
         cpu_vendor=vendor,

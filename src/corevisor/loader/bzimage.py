@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corevisor.arch.x86_64.layout import HIGH_MEMORY_START
-from corevisor.errors import GuestMemoryError, LoaderError
+from corevisor.errors import GuestMemoryError, LoaderError, show
 from corevisor.loader.elf import LoadedImage
 from corevisor.memory import GuestMemory
 
@@ -198,7 +198,7 @@ def load_bzimage(mem: GuestMemory, path: Path, data: bytes | None = None) -> Loa
     pref_address, whichever is higher, plus init_size): the initrd must stay above it.
     Nothing is written unless all of it fits.
     """
-    name = str(path)
+    name = show(path)  # safe to print, whatever bytes the path holds
     if data is None:
         try:
             data = path.read_bytes()
