@@ -105,14 +105,16 @@ class MachineRun:
 
     def totals(self) -> dict[str, int]:
         """Scalar statistics of the whole machine: the VM's, plus each vCPU counter
-        (cumulative or peak) summed over the vCPUs; a vCPU name the VM also has gets
+        summed over the vCPUs (a peak: the largest); a vCPU name the VM also has gets
         the prefix "vcpu.". corevisor's own counts are there as "corevisor.*"."""
         out = {name: s.value for name, s in self.vm.items() if isinstance(s.value, int)}
         for v in self.vcpus:
             for name, s in v.stats.items():
-                if isinstance(s.value, int) and s.desc.type in ("cumulative", "peak"):
-                    key = f"vcpu.{name}" if name in self.vm else name
-                    out[key] = out.get(key, 0) + s.value
+                if not isinstance(s.value, int) or s.desc.type not in ("cumulative", "peak"):
+                    continue
+                key = f"vcpu.{name}" if name in self.vm else name
+                seen = out.get(key, 0)
+                out[key] = max(seen, s.value) if s.desc.type == "peak" else seen + s.value
         for v in self.vcpus:
             for key, n in (
                 ("exits", v.corevisor.exits),

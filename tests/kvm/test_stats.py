@@ -115,6 +115,23 @@ def test_run_stats_with_more_exits_shows_more(tmp_path: Path) -> None:
     assert big - small >= 2000
 
 
+def test_stats_of_each_vcpu_and_their_sum(tmp_path: Path) -> None:
+    out = tmp_path / "smp.json"
+    r = corevisor("run", "smp", "--cpus", "2", "--stats", "--stats-json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "smp: 2/2 cpus checked in" in r.stdout
+    run = json.loads(out.read_text())["partitions"][0]["runs"][0]
+    v0, v1 = run["vcpus"]
+    assert (v0["index"], v1["index"]) == (0, 1) and v1["id"].endswith("/vcpu-1")
+    assert v1["stats"]["exits"]["value"] > 0  # the AP the guest started ran too
+    totals = run["totals"]
+    for name in ("exits", "pf_fixed", "insn_emulation"):
+        assert totals[name] == v0["stats"][name]["value"] + v1["stats"][name]["value"]
+    assert totals["corevisor.exits"] == v0["corevisor"]["exits"] + v1["corevisor"]["exits"]
+    per = next(x for x in r.stderr.splitlines() if x.strip().startswith("per vCPU"))
+    assert f"vcpu0 {v0['corevisor']['exits']}, vcpu1 {v1['corevisor']['exits']}" in per
+
+
 def test_stats_per_partition_and_per_restart_of_a_system_file(tmp_path: Path) -> None:
     out = tmp_path / "crash.json"
     r = corevisor(
