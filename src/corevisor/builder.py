@@ -56,6 +56,7 @@ from corevisor.kvm.bindings import (
     KVM_X86_DISABLE_EXITS_PAUSE,
     Cap,
 )
+from corevisor.kvm.host import REQUIRED as REQUIRED_CAPS
 from corevisor.kvm.ioctls import Kvm
 from corevisor.loader import (
     Initrd,
@@ -72,10 +73,10 @@ from corevisor.spec import ExitMode, PartitionSpec
 from corevisor.vcpu import StopReport
 
 if TYPE_CHECKING:  # the virtio stack is imported only by partitions that have devices
+    from corevisor.runstats import MachineRun
     from corevisor.snapshot.state import MachineSnapshot
     from corevisor.virtio.attach import VirtioSlot
 
-REQUIRED_CAPS = (Cap.IRQCHIP, Cap.USER_MEMORY, Cap.IMMEDIATE_EXIT, Cap.PIT2, Cap.MP_STATE)
 
 
 def _report_to_stderr(name: str, message: str) -> None:
@@ -97,6 +98,8 @@ class PartitionLinks:
     serial: SerialBackend | None = None
     watchdog: Callable[[int], None] = field(default=_no_watchdog)  # HC_WATCHDOG's ms
     report: Callable[[str, str], None] = field(default=_report_to_stderr)  # (name, event)
+    # --stats: receives the machine's statistics as it closes; None collects nothing
+    stats: Callable[[MachineRun], None] | None = None
     # State the system keeps for the partition, saved and restored with its machine as
     # parts of it (the system's Watchdog as "watchdog"): (name, a Stateful) pairs.
     parts: tuple[tuple[str, Any], ...] = ()
@@ -246,10 +249,12 @@ def attach_platform(
 
 
 def attach_system(m: Machine, config: PartitionSpec, links: PartitionLinks, res: Resources) -> None:
-    """The last steps of boot and restore alike: the channels, then a debugger."""
+    """The last steps of boot and restore alike: the channels, a debugger, --stats."""
     attach_channels(m, links, res)
     if config.gdb is not None:
         attach_debugger(m, config, links)
+    if links.stats is not None:
+        attach_stats(m, links.stats)
 
 
 def attach_debugger(m: Machine, config: PartitionSpec, links: PartitionLinks) -> None:
@@ -261,6 +266,16 @@ def attach_debugger(m: Machine, config: PartitionSpec, links: PartitionLinks) ->
     attach_gdb(
         m, config.gdb, wait=not config.gdb_attach, report=lambda msg: links.report(m.name, msg)
     )
+
+
+def attach_stats(m: Machine, sink: Callable[[MachineRun], None]) -> None:
+    """Last step: open the VM's and vCPUs' statistics fds now, before any vCPU runs (the
+    vCPU ioctl takes the mutex KVM_RUN holds), and read them when the machine closes:
+    registered last, it runs first, after the vCPU threads ended and before their fds
+    close."""
+    from corevisor.runstats import StatsCollector  # only runs that ask for --stats
+
+    m.at_close(StatsCollector(m, sink).close)
 
 
 def _check_host(kvm: Kvm, config: PartitionSpec) -> None:

@@ -78,6 +78,8 @@ def wanted(args: argparse.Namespace) -> bool:
                 f"{flag} cannot be combined with {mode}: the saved guest has its own "
                 "(give only --name, --serial, --net, --disk, --pin, --copy-memory)"
             )
+    if getattr(args, "stats", False) or getattr(args, "stats_json", None) is not None:
+        raise CorevisorError(f"--stats and --stats-json do not go with {mode} yet")
     if args.incoming is not None and args.copy_memory:
         raise CorevisorError("--copy-memory goes with --restore (a migration always copies)")
     return True

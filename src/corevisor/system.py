@@ -80,6 +80,7 @@ from corevisor.vcpu import StopReport
 
 if TYPE_CHECKING:  # snapshots load their code only when one is taken or restored
     from corevisor.memory import GuestMemory
+    from corevisor.runstats import MachineRun
     from corevisor.snapshot.format import Snapshot
     from corevisor.snapshot.migrate import MigrationResult, Progress
     from corevisor.snapshot.partition import Overrides
@@ -254,11 +255,14 @@ class System:
         err: TextIO | None = None,
         echo: bool = True,
         shared_console: bool | None = None,
+        collect_stats: bool = False,
     ) -> None:
         """echo: print events on err (stderr). shared_console: stdout partitions share
         the terminal line by line, with log files (default: unless the file has exactly
-        one partition and no log_dir, which keeps plain stdout with input)."""
+        one partition and no log_dir, which keeps plain stdout with input).
+        collect_stats: --stats, every machine's statistics as it closes (runstats.py)."""
         self.config = config
+        self.stats: list[MachineRun] | None = [] if collect_stats else None
         self.kvm_path = kvm_path
         self._err = err if err is not None else sys.stderr
         self._lock = threading.RLock()  # the partition table, channels, consoles, flags
@@ -463,6 +467,7 @@ class System:
                 watchdog=watchdog.kick,
                 report=self.report,
                 parts=(("watchdog", watchdog),),
+                stats=self.stats.append if self.stats is not None else None,
             )
             p = _Partition(index, config, links, watchdog, console)
             if make is not None:
