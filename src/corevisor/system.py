@@ -172,10 +172,11 @@ class Watchdog:
         self.period_ms = ms
         self.deadline = self._clock() + ms / 1000 if ms else None
 
-    def rearm(self) -> None:
-        """A full period from now, if armed (after a pause: the guest could not kick)."""
+    def rearm(self, at_least_ms: int = 0) -> None:
+        """A full period from now, if armed (after a pause: the guest could not kick);
+        at_least_ms: no shorter than that (a restored guest's first period)."""
         if self.deadline is not None:
-            self.kick(self.period_ms)
+            self.deadline = self._clock() + max(self.period_ms, at_least_ms) / 1000
 
     def expired(self, now: float) -> bool:
         deadline = self.deadline
@@ -808,9 +809,12 @@ class System:
         m = p.machine
         assert m is not None
         self._start_channels()
-        if p.restored:  # armed as saved, for a full period from now: its clocks were still
+        if p.restored:
+            # Armed as saved, its first period from now and no shorter than the
+            # configured one: the guest's clocks stood still while it was saved, and a
+            # restored guest starts cold, as at boot (on a shadow MMU: every page faults).
             p.restored = False
-            p.watchdog.rearm()
+            p.watchdog.rearm(at_least_ms=p.config.watchdog_ms)
         else:
             p.watchdog.kick(p.config.watchdog_ms)
         try:

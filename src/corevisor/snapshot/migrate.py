@@ -513,6 +513,7 @@ class _Run:
         layout = [[r.gpa, r.size, r.offset] for r in regions]
         self.link.send(MEMFDS, json.dumps(layout).encode(), [r.fd for r in regions])
         learn_msrs(self.m)
+        self.link.expect(ACCEPT)  # the target's machine is built: only the state is left
         with self.m.frozen() as frozen:
             paused = time.monotonic()
             self._tick("stopping")
@@ -734,6 +735,7 @@ def receive(
                 link.send(ERROR, str(e).encode())
                 raise
             memory = got
+            link.send(ACCEPT)  # built on the passed memory: the source may stop the guest
         try:
             restore(built, incoming.state)
         except CorevisorError as e:
