@@ -8,7 +8,8 @@ registers and exits 1; a guest that writes its status to the exit port makes cor
 exit with that status. With several partitions: 0 if all of them ended with 0, else the
 first non-zero status (system.py). SIGINT (Ctrl-C), SIGTERM and SIGHUP stop the run
 cleanly and exit 128 + the signal number: 130, 143, 129 (signals.py). Only bugs keep
-their traceback.
+their traceback. `serve`, `ctl` and `top` (the daemon and its clients) live in
+corevisor/api/, which `run` never imports.
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     linuxboot.add_arguments(run)
     guests = sub.add_parser("guests", help="list the bundled guests and their image paths")
     guests.add_argument("--build", action="store_true", help="(re)build them first")
+    # Parsed by corevisor/api/commands.py (main hands them over first); listed for --help.
+    sub.add_parser("serve", help="run a daemon holding a system, controlled by an API")
+    sub.add_parser("ctl", help="drive a running daemon (ps, add, start, pause, logs, ...)")
+    sub.add_parser("top", help="a live view of a running daemon's partitions")
     return p
 
 
@@ -197,8 +202,16 @@ def _list_guests(build: bool) -> int:
     return 0
 
 
+API_COMMANDS = ("serve", "ctl", "top")  # corevisor/api/: never imported by `run`
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv and argv[0] in API_COMMANDS:
+            from corevisor.api.commands import main as api_main
+
+            return api_main(argv)
         args = _parser().parse_args(argv)
         if args.command == "guests":
             return _list_guests(args.build)

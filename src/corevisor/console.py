@@ -17,6 +17,11 @@ backend:
   than stalling the guest: sends never block a vCPU.
 - ``null``: output discarded, no input.
 
+A daemon (api/) also wraps every partition's backend in a SerialTap: it keeps the
+newest 64 KiB of output and hands every later byte to SerialWatch readers (the API's
+serial stream), so output reaches the API whatever the partition's own backend is, and
+a reader that falls behind loses output rather than stalling the guest.
+
 Several partitions sharing one terminal use a ConsoleMux instead of ``stdout``: each
 partition gets a PrefixedSerial that tees its output to a log file of its own and sends
 it to the terminal one whole line at a time, prefixed ``name | `` (the name coloured
@@ -58,8 +63,13 @@ __all__ = [
     "NullSerial",
     "ConsoleMux",
     "PrefixedSerial",
+    "SerialTap",
+    "SerialWatch",
     "open_serial",
+    "listen_unix",
     "UNIX_BACKLOG_LIMIT",
+    "TAP_KEEP",
+    "WATCH_LIMIT",
 ]
 
 Feed = Callable[[bytes], None]
@@ -68,6 +78,10 @@ Feed = Callable[[bytes], None]
 UNIX_BACKLOG_LIMIT = 64 * 1024
 _READ_CHUNK = 4096
 _JOIN_TIMEOUT = 2.0
+# Output a SerialTap keeps for a reader that starts late (the API's backlog).
+TAP_KEEP = 64 * 1024
+# What one SerialWatch may hold unread before further output is dropped for it.
+WATCH_LIMIT = 1 << 20
 
 
 class SerialBackend(Protocol):
@@ -252,35 +266,7 @@ class UnixSocketSerial:
         return ConfigError(f'{self._name}: serial "unix:{show(self.path)}": {reason}')
 
     def _listen(self) -> socket.socket:
-        path = self.path
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise self._error(f"cannot use the path: {e.strerror or e}") from None
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise self._error("the path exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                # Nobody listens: a stale socket from a previous run.
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            else:
-                raise self._error("another process is listening on this socket")
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(path)
-            sock.listen(1)
-        except OSError as e:
-            sock.close()
-            raise self._error(f"cannot listen: {e.strerror or e}") from None
-        return sock
+        return listen_unix(self.path, 1, self._error)
 
     def write(self, data: bytes) -> None:
         """Send to the client without blocking, or keep the bytes until one connects."""
@@ -395,6 +381,51 @@ class UnixSocketSerial:
         conn.close()  # after _client is cleared, so no writer can be using it
 
 
+def listen_unix(
+    path: str, backlog: int, error: Callable[[str], Exception], mode: int | None = None
+) -> socket.socket:
+    """A Unix socket listening at path. A stale socket left by a dead process is replaced;
+    a live one (something accepts a connection) or a path that is not a socket is refused
+    with error(reason). mode: the socket file's permissions, set before the file appears
+    at path (bound under a temporary name, chmod, renamed), so no client ever sees a
+    more permissive socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise error(f"cannot use the path: {e.strerror or e}") from None
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise error("the path exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            # Nobody listens: a stale socket from a previous run.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        else:
+            raise error("another process is listening on this socket")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    where = path if mode is None else f"{path}.{os.getpid()}.tmp"
+    try:
+        sock.bind(where)
+        if mode is not None:
+            os.chmod(where, mode)
+            os.rename(where, path)
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        if where != path:
+            with contextlib.suppress(OSError):
+                os.unlink(where)
+        raise error(f"cannot listen: {e.strerror or e}") from None
+    return sock
+
+
 # ANSI foreground colours for partition names, in config order.
 _COLOURS = (36, 33, 35, 32, 34, 31)
 # A guest that never ends a line must not grow the buffer without bound.
@@ -494,6 +525,124 @@ class PrefixedSerial:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+class SerialWatch:
+    """One reader of a SerialTap: every byte written since it started, taken in chunks.
+
+    Filled on the writer's (vCPU) thread and never blocks it: past WATCH_LIMIT unread
+    bytes, output is dropped for this reader and counted in ``dropped``.
+    """
+
+    def __init__(self, tap: SerialTap) -> None:
+        self._tap = tap
+        self._buffer = bytearray()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.dropped = 0
+
+    def put(self, data: bytes) -> None:
+        """New output (the tap calls this, under its lock)."""
+        with self._cond:
+            if len(self._buffer) + len(data) > WATCH_LIMIT:
+                self.dropped += len(data)
+                return
+            self._buffer += data
+            self._cond.notify()
+
+    def take(self, timeout: float | None = None) -> bytes | None:
+        """What arrived since the last take, waiting up to timeout for something: b""
+        when nothing came in time, None once the tap has closed and all was taken."""
+        with self._cond:
+            if not self._buffer and not self._closed:
+                self._cond.wait(timeout)
+            if self._buffer:
+                data = bytes(self._buffer)
+                self._buffer.clear()
+                return data
+            return None if self._closed else b""
+
+    def end(self) -> None:
+        """No more output will come (the tap closed): take() returns None once drained."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop watching. Idempotent."""
+        self._tap.unwatch(self)
+        self.end()
+
+
+class SerialTap:
+    """A serial backend in front of another one that also feeds readers (SerialWatch).
+
+    The daemon (api/) owns one per partition, for the partition's whole life, so a
+    reader keeps its stream across restarts. ``written`` counts the bytes (a metric).
+    """
+
+    def __init__(self, inner: SerialBackend, keep: int = TAP_KEEP) -> None:
+        self.inner = inner
+        self._keep = keep
+        self._recent = bytearray()
+        self._watchers: list[SerialWatch] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        """Keep and hand out the bytes, then write them to the partition's own backend."""
+        with self._lock:
+            self.written += len(data)
+            recent = self._recent
+            recent += data
+            if len(recent) > 2 * self._keep:  # trimmed now and then, not on every byte
+                del recent[: -self._keep]
+            for w in self._watchers:
+                w.put(data)
+        self.inner.write(data)
+
+    def recent(self) -> bytes:
+        """The newest output kept (up to ``keep`` bytes)."""
+        with self._lock:
+            return bytes(self._recent[-self._keep :])
+
+    def watch(self) -> tuple[bytes, SerialWatch]:
+        """The newest output kept and a reader of everything after it (no byte lost or
+        repeated between the two). A closed tap gives a reader that is already at its end."""
+        w = SerialWatch(self)
+        with self._lock:
+            backlog = bytes(self._recent[-self._keep :])
+            if self._closed:
+                w.end()
+            else:
+                self._watchers.append(w)
+        return backlog, w
+
+    def unwatch(self, w: SerialWatch) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._watchers.remove(w)
+
+    def start_input(self, feed: Feed) -> None:
+        """Input is the partition's own backend's business."""
+        self.inner.start_input(feed)
+
+    def break_line(self) -> None:
+        """End a partial line on a shared terminal (before a restart), if the backend is one."""
+        inner = self.inner
+        if isinstance(inner, PrefixedSerial):
+            inner.break_line()
+
+    def close(self) -> None:
+        """Close the backend; every reader gets what is left, then its end. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            watchers, self._watchers = self._watchers, []
+        for w in watchers:
+            w.end()
+        self.inner.close()
 
 
 def open_serial(spec: SerialSpec, name: str) -> SerialBackend:

@@ -84,6 +84,7 @@ from corevisor.virtio.config import check_image, check_tap
 
 __all__ = [
     "load_config",
+    "read_system",
     "read_system_file",
     "system_from_document",
     "partition_from_table",
@@ -114,15 +115,21 @@ def load_config(
     the host to check against (default: this one, now).
     """
     path = Path(path)
-    fname = show(path)
-    doc = _parse_toml(read_system_file(path), fname)
-    system = system_from_document(doc, fname, path.parent.resolve(), source=path)
     return validate_system(
-        system,
-        Keys(prefix=f"{fname}: "),
+        read_system(path),
+        Keys(prefix=f"{show(path)}: "),
         host if host is not None else gather(),
         gdb_allow_remote=gdb_allow_remote,
     )
+
+
+def read_system(path: Path) -> SystemSpec:
+    """A system file read into a spec, not yet validated (`corevisor ctl add` reads the
+    file on its side and sends the spec; the daemon validates)."""
+    path = Path(path)
+    fname = show(path)
+    doc = _parse_toml(read_system_file(path), fname)
+    return system_from_document(doc, fname, path.parent.resolve(), source=path)
 
 
 def read_system_file(path: Path) -> bytes:

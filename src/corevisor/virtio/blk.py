@@ -82,7 +82,6 @@ class Blk(VirtioDevice):
             raise ConfigError(f"{where}: cannot open {path}: {e.strerror or e}") from None
         self.name = f"virtio-blk({self.path.name})"
         self.serial = self.path.name.encode()[:ID_BYTES]
-        self.requests = 0
         self.errors = 0
 
     def features(self) -> int:
@@ -99,7 +98,6 @@ class Blk(VirtioDevice):
 
     def _request(self, chain: DescriptorChain) -> int:
         """Serve one request; return the bytes written into the chain (status included)."""
-        self.requests += 1
         kind, _, sector = _HEADER.unpack(chain.reader().read(_HEADER.size))
         if not chain.writable:
             raise QueueError(f"blk request {chain.head} has no device-writable status byte")
@@ -157,6 +155,7 @@ class Blk(VirtioDevice):
                 if written != len(piece):
                     raise OSError("short write to the image")
                 pos += written
+        self.bytes_from_guest += length
         return VIRTIO_BLK_S_OK
 
     def _flush(self) -> int:

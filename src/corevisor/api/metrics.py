@@ -1,0 +1,275 @@
+"""The daemon's metrics: gathered from the System's own counters, written as Prometheus text.
+
+Every name starts with ``corevisor_``, values are in base units (bytes, seconds),
+counters end in ``_total``; labels are ``partition``, ``vcpu``, ``reason``, ``device``
+(and ``channel``, ``state``). What is counted, and where the number comes from:
+
+- vCPU exits by reason (vcpu.py's loop: io is what is left of the total once MMIO and
+  the rarer reasons, counted off the hot path, are taken out), vCPU thread CPU time
+  (/proc/self/task/TID/stat), the host core each vCPU last ran on;
+- KVM's binary statistics per VM and per vCPU, where the host has them (kvm_families;
+  helper "stats" builds the reader, kvm/stats.py);
+- virtio requests and bytes each way per device (virtio/device.py), serial output bytes
+  (the daemon's console.SerialTap), port writes no device claimed;
+- doorbells the VMM passed on per channel and receiving partition (channel.py: the
+  kernel path never reaches userspace, so only HC_CHANNEL_NOTIFY and doorbell = "thread"
+  rings are counted);
+- restarts (system.py), crashes and watchdog expiries (the daemon's event log);
+- guest memory per partition and the VMM's resident memory (/proc/self/statm).
+
+Counters of a partition's machine start again from 0 when it is rebuilt (a restart), as
+a process's do; Prometheus' rate() treats that as a reset. Collecting reads plain ints
+other threads write (atomic under the GIL) and a few small /proc files: no lock a vCPU
+waits on. The text format is written here rather than with prometheus_client, whose
+import alone costs ~100 ms; tests parse it with prometheus_client's parser.
+
+What does not live here: the endpoint (routes.py), the counters themselves.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from corevisor.kvm.bindings import ExitReason
+
+if TYPE_CHECKING:
+    from corevisor.api.daemon import Daemon
+    from corevisor.machine import Machine
+
+__all__ = ["Family", "collect", "to_text", "to_json", "thread_cpu", "vmm_rss", "CONTENT_TYPE"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PREFIX = "corevisor_"
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+Labels = tuple[tuple[str, str], ...]
+
+
+@dataclass
+class Family:
+    """One metric: its name (with _total for a counter), type, help, and samples."""
+
+    name: str
+    kind: str  # "counter" | "gauge"
+    help: str
+    samples: list[tuple[Labels, float]] = field(default_factory=list)
+
+    def add(self, value: float, **labels: str) -> None:
+        self.samples.append((tuple(labels.items()), value))
+
+
+# ---------------------------------------------------------------------- /proc
+
+
+def thread_cpu(tid: int) -> tuple[int, float] | None:
+    """(the core the thread last ran on, its user + system CPU seconds), None if gone."""
+    try:
+        with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    # comm (field 2) may hold spaces and parentheses: fields restart after the last ")"
+    fields = text[text.rindex(b")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15
+    return int(fields[36]), (utime + stime) / _TICK  # field 39: processor
+
+
+def vmm_rss() -> int:
+    """The daemon's resident memory in bytes."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+# ---------------------------------------------------------------------- collecting
+
+
+def _reason(reason: int) -> str:
+    try:
+        return ExitReason(reason).name.lower()
+    except ValueError:
+        return f"exit_{reason}"
+
+
+class _Families:
+    """The families of one scrape, by name, in the order they were first used."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Family] = {}
+
+    def __call__(self, name: str, kind: str, help: str) -> Family:
+        full = PREFIX + name
+        family = self._by_name.get(full)
+        if family is None:
+            family = self._by_name[full] = Family(full, kind, help)
+        return family
+
+    def all(self) -> list[Family]:
+        return list(self._by_name.values())
+
+
+def collect(daemon: Daemon) -> list[Family]:
+    """Every metric of the daemon, now."""
+    f = _Families()
+    system = daemon.system
+    counts = daemon.events.counts
+    for info in system.partitions():
+        name = info.name
+        f("partition_state", "gauge", "1 for the partition's current state").add(
+            1, partition=name, state=info.state.value)
+        f("partition_restarts_total", "counter", "restarts, by the policy or the API").add(
+            info.restarts, partition=name)
+        f("partition_crashes_total", "counter", "abnormal stops (crash events)").add(
+            counts[(name, "crash")], partition=name)
+        f("watchdog_expiries_total", "counter", "watchdog expiries").add(
+            counts[(name, "watchdog")], partition=name)
+        f("guest_memory_bytes", "gauge", "guest RAM configured").add(
+            info.config.memory, partition=name)
+        try:
+            tap = system.serial(name)
+        except Exception:  # noqa: BLE001 - removed meanwhile, or not tapped
+            tap = None
+        if tap is not None:
+            f("serial_output_bytes_total", "counter", "bytes the guest wrote to its serial line"
+              ).add(tap.written, partition=name)
+        m = system.machine(name)
+        if m is not None:
+            _machine(f, name, m)
+    for ch in system.channels():
+        for receiver in ch.config.between:
+            f("channel_doorbells_total", "counter",
+              "doorbells the VMM passed on (HC_CHANNEL_NOTIFY, doorbell = \"thread\"), by "
+              "receiving partition; kernel-path rings are not seen").add(
+                ch.relayed.get(receiver, 0), channel=ch.name, partition=receiver)
+    f("vmm_resident_memory_bytes", "gauge", "resident memory of the corevisor daemon").add(
+        vmm_rss())
+    f("api_connections", "gauge", "API connections open").add(daemon.server.connections)
+    f("start_time_seconds", "gauge", "when the daemon started (Unix time)").add(daemon.started)
+    return f.all()
+
+
+def _machine(f: _Families, name: str, m: Machine) -> None:
+    """One partition's current machine: its vCPUs, devices, and KVM's statistics."""
+    exits = f("vcpu_exits_total", "counter", "returns from KVM_RUN to corevisor, by exit reason")
+    cpu = f("vcpu_cpu_seconds_total", "counter", "CPU time of the vCPU's host thread")
+    core = f("vcpu_host_core", "gauge", "the host core the vCPU thread last ran on")
+    for v in list(m.vcpus):
+        vcpu = str(v.index)
+        other = dict(v.other_exits)
+        mmio = v.mmio_exits
+        exits.add(max(v.exits - mmio - sum(other.values()), 0), partition=name, vcpu=vcpu,
+                  reason="io")
+        exits.add(mmio, partition=name, vcpu=vcpu, reason="mmio")
+        for reason, n in sorted(other.items()):
+            exits.add(n, partition=name, vcpu=vcpu, reason=_reason(reason))
+        tid = v.native_id
+        usage = thread_cpu(tid) if tid is not None and v.alive else None
+        if usage is not None:
+            core.add(usage[0], partition=name, vcpu=vcpu)
+            cpu.add(usage[1], partition=name, vcpu=vcpu)
+    f("pio_unhandled_total", "counter", "port accesses no device claimed").add(
+        m.pio.unhandled, partition=name)
+    for dev_name, transport in list(m.devices.items()):
+        dev = getattr(transport, "device", None)
+        if dev is None or not hasattr(dev, "bytes_to_guest"):
+            continue
+        f("virtio_requests_total", "counter", "virtio requests completed").add(
+            dev.requests, partition=name, device=dev_name)
+        f("virtio_from_guest_bytes_total", "counter",
+          "bytes the guest handed a virtio device (disk writes, frames sent)").add(
+            dev.bytes_from_guest, partition=name, device=dev_name)
+        f("virtio_to_guest_bytes_total", "counter",
+          "bytes a virtio device wrote into guest buffers (disk reads, frames received)").add(
+            dev.bytes_to_guest, partition=name, device=dev_name)
+    kvm_families(f, name, m)
+
+
+def kvm_families(f: _Families, name: str, m: Machine) -> None:
+    """KVM's binary statistics of the machine (KVM_GET_STATS_FD), if it has them open.
+
+    Cumulative statistics become counters (``corevisor_kvm_vcpu_<name>_total``, in base
+    units: ``halt_wait_ns`` -> ``..._halt_wait_seconds_total``), instant and peak ones
+    gauges; histograms are left out. The reader is kvm/stats.py (helper "stats");
+    until a machine carries open stats files this adds nothing.
+    """
+    source = getattr(m, "stats", None)
+    if source is None:
+        return
+    for scope, labels, stats in source.live():
+        for stat_name, (desc, value) in stats.items():
+            metric = _kvm_metric(scope, stat_name, desc)
+            if metric is None or not isinstance(value, int):
+                continue
+            full, kind, scale = metric
+            f(full, kind, f"KVM statistic {scope}.{stat_name}").add(value * scale, **labels,
+                                                                     partition=name)
+
+
+_UNIT_SUFFIXES = {"seconds": ("_seconds", ("_ns", "_us", "_ms")), "bytes": ("_bytes", ())}
+
+
+def _kvm_metric(scope: str, stat: str, desc: Any) -> tuple[str, str, float] | None:
+    """(metric name without the prefix, kind, scale to base units) of one KVM statistic."""
+    if desc.is_histogram:
+        return None
+    base = stat
+    suffix = ""
+    unit = _UNIT_SUFFIXES.get(desc.unit)
+    if unit is not None:
+        suffix, strip = unit
+        for s in strip:
+            base = base.removesuffix(s)
+        base = base.removesuffix(suffix)
+    name = f"kvm_{scope}_{base}{suffix}"
+    if desc.type == "cumulative":
+        return name + "_total", "counter", desc.scale
+    return name, "gauge", desc.scale
+
+
+# ---------------------------------------------------------------------- writing
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return str(int(value))
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def to_text(families: Iterable[Family]) -> str:
+    """The Prometheus text exposition format, version 0.0.4."""
+    lines: list[str] = []
+    for fam in families:
+        lines.append(f"# HELP {fam.name} {fam.help.replace(chr(92), chr(92) * 2)}")
+        lines.append(f"# TYPE {fam.name} {fam.kind}")
+        for labels, value in fam.samples:
+            inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+            lines.append(f"{fam.name}{{{inner}}} {_number(value)}" if inner
+                         else f"{fam.name} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def to_json(families: Iterable[Family]) -> dict[str, Any]:
+    """The same metrics as JSON (what `corevisor top` reads)."""
+    return {
+        "metrics": [
+            {
+                "name": fam.name,
+                "type": fam.kind,
+                "help": fam.help,
+                "samples": [{"labels": dict(labels), "value": value}
+                            for labels, value in fam.samples],
+            }
+            for fam in families
+        ]
+    }
