@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from corevisor.api.metrics import Retired
 from corevisor.api.server import ApiServer
 from corevisor.errors import CorevisorError
 from corevisor.signals import STOP_SIGNALS
@@ -223,9 +224,23 @@ class Daemon:
         self.system = System(
             self.config, kvm_path, err=err, shared_console=True, tap_serial=True
         )
+        self.retired = Retired()
         self.system.subscribe(self.events.add)
+        self.system.subscribe(self._keep_counters)
         self.server = ApiServer(socket_path, routes.Router(self))
         self._closed = False
+
+    def _keep_counters(self, event: Event) -> None:
+        """Have each new machine's counters kept when it closes (metrics.Retired)."""
+        if event.kind == "removed":
+            self.retired.forget(event.partition)
+        elif event.kind in ("state", "restart") and event.partition != "system":
+            try:
+                m = self.system.machine(event.partition)
+            except CorevisorError:
+                return
+            if m is not None:
+                self.retired.watch(event.partition, m)
 
     @property
     def socket_path(self) -> str:

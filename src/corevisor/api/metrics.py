@@ -17,8 +17,10 @@ counters end in ``_total``; labels are ``partition``, ``vcpu``, ``reason``, ``de
 - restarts (system.py), crashes and watchdog expiries (the daemon's event log);
 - guest memory per partition and the VMM's resident memory (/proc/self/statm).
 
-Counters of a partition's machine start again from 0 when it is rebuilt (a restart), as
-a process's do; Prometheus' rate() treats that as a reset. Collecting reads plain ints
+A partition's counters survive its machines: when a machine closes (a restart, the
+guest's end, a stop), its last counts are kept (Retired) and added to those of the next
+one, so a partition's counters only grow for as long as the daemon knows the partition.
+Gauges (the host core a vCPU ran on) exist only while a machine does. Collecting reads plain ints
 other threads write (atomic under the GIL) and a few small /proc files: no lock a vCPU
 waits on. The text format is written here rather than with prometheus_client, whose
 import alone costs ~100 ms; tests parse it with prometheus_client's parser.
@@ -30,6 +32,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -51,15 +55,17 @@ Labels = tuple[tuple[str, str], ...]
 
 @dataclass
 class Family:
-    """One metric: its name (with _total for a counter), type, help, and samples."""
+    """One metric: its name (with _total for a counter), type, help, and samples by labels
+    (adding to a sample's labels again adds to its value)."""
 
     name: str
     kind: str  # "counter" | "gauge"
     help: str
-    samples: list[tuple[Labels, float]] = field(default_factory=list)
+    samples: dict[Labels, float] = field(default_factory=dict)
 
     def add(self, value: float, **labels: str) -> None:
-        self.samples.append((tuple(labels.items()), value))
+        key = tuple(labels.items())
+        self.samples[key] = self.samples.get(key, 0) + value
 
 
 # ---------------------------------------------------------------------- /proc
@@ -111,6 +117,51 @@ class _Families:
         return list(self._by_name.values())
 
 
+class Retired:
+    """The counters of machines that have closed, by partition (see the module docstring).
+
+    ``watch(name, m)`` registers m's last counts to be kept when it closes (a closer of
+    the machine: it runs after the vCPU threads have stopped).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._families = _Families()
+        self._watched: weakref.WeakSet[Machine] = weakref.WeakSet()
+
+    def watch(self, name: str, m: Machine) -> None:
+        with self._lock:
+            if m in self._watched:
+                return
+            self._watched.add(m)
+        m.at_close(lambda: self._retire(name, m))
+
+    def _retire(self, name: str, m: Machine) -> None:
+        last = _Families()
+        _machine(last, name, m, live=False)
+        with self._lock:
+            for fam in last.all():
+                if fam.kind != "counter":
+                    continue
+                into = self._families(fam.name.removeprefix(PREFIX), fam.kind, fam.help)
+                for labels, value in fam.samples.items():
+                    into.add(value, **dict(labels))
+
+    def forget(self, name: str) -> None:
+        """The partition was removed: its counters go with it."""
+        with self._lock:
+            for fam in self._families.all():
+                for labels in [k for k in fam.samples if ("partition", name) in k]:
+                    del fam.samples[labels]
+
+    def add_to(self, f: _Families) -> None:
+        with self._lock:
+            for fam in self._families.all():
+                into = f(fam.name.removeprefix(PREFIX), fam.kind, fam.help)
+                for labels, value in fam.samples.items():
+                    into.add(value, **dict(labels))
+
+
 def collect(daemon: Daemon) -> list[Family]:
     """Every metric of the daemon, now."""
     f = _Families()
@@ -138,6 +189,7 @@ def collect(daemon: Daemon) -> list[Family]:
         m = system.machine(name)
         if m is not None:
             _machine(f, name, m)
+    daemon.retired.add_to(f)
     for ch in system.channels():
         for receiver in ch.config.between:
             f("channel_doorbells_total", "counter",
@@ -151,8 +203,9 @@ def collect(daemon: Daemon) -> list[Family]:
     return f.all()
 
 
-def _machine(f: _Families, name: str, m: Machine) -> None:
-    """One partition's current machine: its vCPUs, devices, and KVM's statistics."""
+def _machine(f: _Families, name: str, m: Machine, live: bool = True) -> None:
+    """One partition's machine: its vCPUs, devices, and KVM's statistics (live: its
+    threads still run, so /proc has them)."""
     exits = f("vcpu_exits_total", "counter", "returns from KVM_RUN to corevisor, by exit reason")
     cpu = f("vcpu_cpu_seconds_total", "counter", "CPU time of the vCPU's host thread")
     core = f("vcpu_host_core", "gauge", "the host core the vCPU thread last ran on")
@@ -169,7 +222,7 @@ def _machine(f: _Families, name: str, m: Machine) -> None:
         usage = thread_cpu(tid) if tid is not None and v.alive else None
         if usage is not None:
             core.add(usage[0], partition=name, vcpu=vcpu)
-            cpu.add(usage[1], partition=name, vcpu=vcpu)
+        cpu.add(usage[1] if usage is not None else v.cpu_seconds, partition=name, vcpu=vcpu)
     f("pio_unhandled_total", "counter", "port accesses no device claimed").add(
         m.pio.unhandled, partition=name)
     for dev_name, transport in list(m.devices.items()):
@@ -184,7 +237,8 @@ def _machine(f: _Families, name: str, m: Machine) -> None:
         f("virtio_to_guest_bytes_total", "counter",
           "bytes a virtio device wrote into guest buffers (disk reads, frames received)").add(
             dev.bytes_to_guest, partition=name, device=dev_name)
-    kvm_families(f, name, m)
+    if live:
+        kvm_families(f, name, m)
 
 
 def kvm_families(f: _Families, name: str, m: Machine) -> None:
@@ -252,7 +306,7 @@ def to_text(families: Iterable[Family]) -> str:
     for fam in families:
         lines.append(f"# HELP {fam.name} {fam.help.replace(chr(92), chr(92) * 2)}")
         lines.append(f"# TYPE {fam.name} {fam.kind}")
-        for labels, value in fam.samples:
+        for labels, value in fam.samples.items():
             inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
             lines.append(f"{fam.name}{{{inner}}} {_number(value)}" if inner
                          else f"{fam.name} {_number(value)}")
@@ -268,7 +322,7 @@ def to_json(families: Iterable[Family]) -> dict[str, Any]:
                 "type": fam.kind,
                 "help": fam.help,
                 "samples": [{"labels": dict(labels), "value": value}
-                            for labels, value in fam.samples],
+                            for labels, value in fam.samples.items()],
             }
             for fam in families
         ]
