@@ -117,7 +117,8 @@ def test_bad_input_is_a_400_with_one_line(tmp_path: Path, guests: dict[str, Path
             ({"system": {}, "partitions": {}}, 'request body: unknown key "system" (known: '
              "partitions, channels) (log_dir is the daemon's)"),
             (_one("x", guests["peer"], "", memory="64Q"),
-             'partitions.x.memory: bad size "64Q" (use a number of bytes or a suffix K, M, G: 64M)'),
+             'partitions.x.memory: bad size "64Q" '
+             "(use a number of bytes or a suffix K, M, G: 64M)"),
             (_one("x", tmp_path / "missing.elf", ""),
              f"partitions.x.image: {tmp_path / 'missing.elf'} does not exist"),
             (_one("X", guests["peer"], ""),

@@ -10,15 +10,28 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 from collections.abc import Iterator
 from typing import Any
 
 from corevisor.errors import ApiError, show
 
-__all__ = ["Client"]
+__all__ = ["Client", "default_socket"]
 
 TIMEOUT = 120.0  # seconds: a request that builds a partition takes a while on a busy host
+
+
+def default_socket() -> str:
+    """$COREVISOR_SOCKET, else /run/corevisor.sock for root, else one in the user's
+    runtime directory (XDG_RUNTIME_DIR, else /tmp)."""
+    env = os.environ.get("COREVISOR_SOCKET")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/run/corevisor.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return os.path.join(runtime, f"corevisor-{os.geteuid()}.sock")
 
 
 class _UnixConnection(http.client.HTTPConnection):

@@ -22,7 +22,7 @@ EXIT_API_ERROR = 1
 
 
 def _socket(parser: argparse.ArgumentParser) -> None:
-    from corevisor.api.daemon import default_socket
+    from corevisor.api.client import default_socket
 
     parser.add_argument(
         "--socket", metavar="PATH", default=default_socket(),

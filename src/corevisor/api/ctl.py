@@ -100,27 +100,25 @@ def _documents(path: Path) -> list[dict[str, Any]]:
     return bodies
 
 
-def _add(client: Client, args: Any, out: TextIO) -> int:
-    added = []
-    for body in _documents(Path(args.file)):
-        query = "?start=true" if args.start else ""
-        added.append(client.json("POST", "/partitions" + query, body))
+def _states(partitions: list[dict[str, Any]], args: Any, out: TextIO) -> int:
+    """What add and the verbs print: each partition's new state (or the API's JSON)."""
     if args.json:
-        _print_json(added, out)
+        _print_json(partitions, out)
     else:
-        for p in added:
+        for p in partitions:
             out.write(f"{p['name']}: {p['state']}\n")
     return 0
+
+
+def _add(client: Client, args: Any, out: TextIO) -> int:
+    query = "?start=true" if args.start else ""
+    bodies = _documents(Path(args.file))
+    return _states([client.json("POST", "/partitions" + query, b) for b in bodies], args, out)
 
 
 def _verb(client: Client, args: Any, out: TextIO) -> int:
     results = [client.json("POST", f"/partitions/{name}/{args.command}") for name in args.names]
-    if args.json:
-        _print_json(results, out)
-    else:
-        for p in results:
-            out.write(f"{p['name']}: {p['state']}\n")
-    return 0
+    return _states(results, args, out)
 
 
 def _rm(client: Client, args: Any, out: TextIO) -> int:

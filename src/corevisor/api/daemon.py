@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import signal
 import sys
 import threading
@@ -46,26 +45,13 @@ from corevisor.signals import STOP_SIGNALS
 from corevisor.spec import SystemSpec
 from corevisor.system import Event, System
 
-__all__ = ["Daemon", "EventLog", "EventWatch", "serve", "DEFAULT_SOCKET", "EVENT_HISTORY"]
+__all__ = ["Daemon", "EventLog", "EventWatch", "serve", "EVENT_HISTORY"]
 
 EVENT_HISTORY = 1000  # events kept for GET /events
 WATCH_QUEUE = 10000  # events a stream may fall behind before it loses the oldest
 HEARTBEAT = 1.0  # seconds between a stream's checks that its client is still there
 
 
-def default_socket() -> str:
-    """$COREVISOR_SOCKET, else /run/corevisor.sock for root, else one in the user's
-    runtime directory (XDG_RUNTIME_DIR, else /tmp)."""
-    env = os.environ.get("COREVISOR_SOCKET")
-    if env:
-        return env
-    if os.geteuid() == 0:
-        return "/run/corevisor.sock"
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    return os.path.join(runtime, f"corevisor-{os.geteuid()}.sock")
-
-
-DEFAULT_SOCKET = "/run/corevisor.sock"
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ def _get(daemon: Daemon, request: Request) -> Response:
 def _read_body(daemon: Daemon, doc: object) -> tuple[PartitionSpec, tuple[ChannelSpec, ...]]:
     """A system document with one partition -> its spec and channels (unvalidated)."""
     from corevisor.config.parse import type_name
-    from corevisor.config.toml import channel_from_table, partition_from_table
+    from corevisor.config.toml import system_from_document
 
     if not isinstance(doc, dict):
         raise ConfigError(f"request body: expected a JSON object, got {type_name(doc)}")
@@ -159,21 +159,15 @@ def _read_body(daemon: Daemon, doc: object) -> tuple[PartitionSpec, tuple[Channe
     if not isinstance(tables, dict) or len(tables) != 1:
         shown = type_name(tables) if not isinstance(tables, dict) else f"{len(tables)} tables"
         raise ConfigError(f"partitions: expected one partition table by name, got {shown}")
-    (name, table), = tables.items()
-    spec = partition_from_table(name, table, f"partitions.{show(name)}", daemon.base)
-    channel_tables = doc.get("channels", {})
-    if not isinstance(channel_tables, dict):
-        raise ConfigError(f"channels: expected a table, got {type_name(channel_tables)}")
-    channels = tuple(
-        channel_from_table(cname, ctable, f"channels.{show(cname)}")
-        for cname, ctable in channel_tables.items()
-    )
-    for c in channels:
-        if name not in c.between:
+    system = system_from_document(doc, "", daemon.base)
+    spec = system.partitions[0]
+    for c in system.channels:
+        if spec.name not in c.between:
             raise ConfigError(
-                f"channels.{c.name}.between: a new channel must join the new partition {name}"
+                f"channels.{c.name}.between: a new channel must join the new partition "
+                f"{spec.name}"
             )
-    return spec, channels
+    return spec, system.channels
 
 
 def _create(daemon: Daemon, request: Request) -> Response:

@@ -201,6 +201,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return
             if not self.parse_request():
                 return  # parse_request answered with send_error
+            if self.headers.defects:  # e.g. a header line without a colon
+                raise HttpError(400, "malformed request headers (a line without a colon?)")
             self.close_connection = self.close_connection or self.server.closing.is_set()
             request = self._request()
             self.connection.settimeout(WRITE_TIMEOUT)
@@ -215,16 +217,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         except (ConnectionError, BrokenPipeError):
             self.close_connection = True
+        except Exception as e:  # noqa: BLE001 - a bug here must cost one answer, not the daemon
+            traceback.print_exc(file=sys.stderr)
+            self._send_json_error(500, f"internal error in the daemon: {e!r}")
 
     # --- the request ----------------------------------------------------------------
     def _request(self) -> Request:
-        url = urllib.parse.urlsplit(self.path)
-        path = urllib.parse.unquote(url.path, errors="strict") if url.path else "/"
         try:
+            url = urllib.parse.urlsplit(self.path)
+            path = urllib.parse.unquote(url.path, errors="strict") if url.path else "/"
             query = urllib.parse.parse_qs(url.query, keep_blank_values=True,
                                           strict_parsing=False, errors="strict")
         except (UnicodeDecodeError, ValueError):
-            raise HttpError(400, "query string: not valid UTF-8") from None
+            raise HttpError(400, f"request target {show(self.path)}: not valid UTF-8 "
+                                 "once decoded") from None
         return Request(self.command, path, query, self.headers, self._body())
 
     def _body(self) -> bytes:
@@ -274,10 +280,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             for chunk in stream.chunks:
                 if chunk:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                elif closing.is_set() or self._client_gone():
-                    return
                 if closing.is_set():
-                    break
+                    break  # the daemon stops: end the stream properly
+                if not chunk and self._client_gone():
+                    return
             self.wfile.write(b"0\r\n\r\n")
         finally:
             close = getattr(stream.chunks, "close", None)
@@ -307,6 +313,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = status >= 500 or status in (400, 408, 411, 413, 414, 431) \
             or self.close_connection
         body = (json.dumps({"error": message}) + "\n").encode()
+        if self.request_version == "HTTP/0.9":  # http.server's guess for a broken line:
+            self.request_version = "HTTP/1.1"  # answered with a status line all the same
         with contextlib.suppress(OSError):
             self.send_response(status)
             self._headers("application/json", headers or {})
@@ -314,6 +322,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
+
+    def version_string(self) -> str:
+        return "corevisor"
 
     def log_message(self, format: str, *args: Any) -> None:
         """No access log (a daemon's stderr is for events)."""
