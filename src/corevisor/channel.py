@@ -12,7 +12,7 @@ port 0x504 matching the channel index, the receiving VM an irqfd on GSI 16 + its
 both on the same eventfd. The two small devices here only see what the kernel did not
 take: writes to a read-only channel (ReadOnlyGuard) and rings no ioeventfd matched
 (DoorbellPort). Rings that pass through the VMM (HC_CHANNEL_NOTIFY, the doorbell =
-"thread" relay) are counted per receiving partition in ``Channel.relayed`` (a metric);
+"thread" relay) are counted per receiving partition in ``Channel.passed_on`` (a metric);
 kernel-path rings never reach userspace, so nothing here can count them. What does not
 live here: parsing and placing channels (config/), the
 KVM ioctls (builder.attach_channels), the hypercalls (hypercall.py).
@@ -63,7 +63,7 @@ class Channel:
         self.fd = -1
         self.bells: dict[str, int] = {}
         self.rings = self.bells
-        self.relayed: dict[str, int] = {}  # receiving partition -> rings the VMM passed on
+        self.passed_on: dict[str, int] = {}  # receiving partition -> rings the VMM passed on
         self._relay: DoorbellRelay | None = None
         try:
             self._open(config)
@@ -88,7 +88,7 @@ class Channel:
                 self.rings[name] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             pairs = [(self.rings[n], self.bells[n]) for n in receivers]
             who = {self.bells[n]: n for n in receivers}
-            self._relay = DoorbellRelay(pairs, f"doorbell-{config.name}", who, self.relayed)
+            self._relay = DoorbellRelay(pairs, f"doorbell-{config.name}", who, self.passed_on)
 
     def start(self) -> None:
         """Start the relay thread of a doorbell = "thread" channel (once; idempotent)."""
@@ -113,7 +113,7 @@ class Channel:
             memfd=self.fd,
             ring_fd=self.rings.get(peer),
             irq_fd=self.bells.get(partition),
-            relayed=self.relayed,
+            passed_on=self.passed_on,
         )
 
     # --- save / restore: rings not yet delivered ----------------------------------------
@@ -186,16 +186,16 @@ class DoorbellRelay:
         pairs: Sequence[tuple[int, int]],
         name: str,
         receivers: dict[int, str] | None = None,
-        relayed: dict[str, int] | None = None,
+        passed_on: dict[str, int] | None = None,
     ) -> None:
         """pairs: (ring eventfd, irqfd eventfd); receivers: irqfd eventfd -> the partition
-        it interrupts; relayed: where each ring passed on is counted, by that partition."""
+        it interrupts; passed_on: where each ring passed on is counted, by that partition."""
         self._targets = dict(pairs)
         self._name = name
         self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread: threading.Thread | None = None
         self.counted = receivers if receivers is not None else {}
-        self.relayed = relayed if relayed is not None else {}
+        self.passed_on = passed_on if passed_on is not None else {}
 
     def start(self) -> None:
         if self._thread is None:
@@ -217,7 +217,7 @@ class DoorbellRelay:
                 os.eventfd_write(target, 1)
                 who = self.counted.get(target)
                 if who is not None:
-                    self.relayed[who] = self.relayed.get(who, 0) + 1
+                    self.passed_on[who] = self.passed_on.get(who, 0) + 1
 
     def close(self) -> None:
         if self._thread is not None:
@@ -273,8 +273,8 @@ class ChannelEnd:
     memfd: int
     ring_fd: int | None  # written (by KVM's ioeventfd, or HC_CHANNEL_NOTIFY) to ring the peer
     irq_fd: int | None  # raises this partition's GSI when the peer rings
-    # The channel's count of rings the VMM passed on (Channel.relayed), shared.
-    relayed: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+    # The channel's count of rings the VMM passed on (Channel.passed_on), shared.
+    passed_on: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def gsi(self) -> int:
@@ -292,7 +292,7 @@ class ChannelEnd:
         if self.ring_fd is None:
             return False
         os.eventfd_write(self.ring_fd, 1)
-        self.relayed[self.peer] = self.relayed.get(self.peer, 0) + 1
+        self.passed_on[self.peer] = self.passed_on.get(self.peer, 0) + 1
         return True
 
     def save(self) -> ChannelEndState:

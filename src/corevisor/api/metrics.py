@@ -195,7 +195,7 @@ def collect(daemon: Daemon) -> list[Family]:
             f("channel_doorbells_total", "counter",
               "doorbells the VMM passed on (HC_CHANNEL_NOTIFY, doorbell = \"thread\"), by "
               "receiving partition; kernel-path rings are not seen").add(
-                ch.relayed.get(receiver, 0), channel=ch.name, partition=receiver)
+                ch.passed_on.get(receiver, 0), channel=ch.name, partition=receiver)
     f("vmm_resident_memory_bytes", "gauge", "resident memory of the corevisor daemon").add(
         vmm_rss())
     f("api_connections", "gauge", "API connections open").add(daemon.server.connections)
