@@ -122,7 +122,7 @@ def test_bad_input_is_a_400_with_one_line(tmp_path: Path, guests: dict[str, Path
             (_one("x", tmp_path / "missing.elf", ""),
              f"partitions.x.image: {tmp_path / 'missing.elf'} does not exist"),
             (_one("X", guests["peer"], ""),
-             'partitions.X: bad partition name "X" (use [a-z][a-z0-9_-]{0,31})'),
+             'partitions."X": bad partition name "X" (use [a-z][a-z0-9_-]{0,31})'),
             (_one("x", guests["peer"], "", cpus=500),
              "partitions.x.cpus: 500 is more than the 64 vCPUs corevisor allows"),
             ([1, 2], "request body: expected a JSON object, got an array"),
