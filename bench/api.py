@@ -175,11 +175,12 @@ def idle_cpu(serve: Serve, seconds: float) -> float:
 
 
 def bench_idle(serve: Serve, guests: Path, seconds: float) -> dict[str, Any]:
-    empty = idle_cpu(serve, seconds)
     for p in serve.client.json("GET", "/partitions")["partitions"]:
         if p["state"] != "stopped":
             serve.client.json("POST", f"/partitions/{p['name']}/stop")
         serve.client.request("DELETE", f"/partitions/{p['name']}")
+    time.sleep(1)
+    empty = idle_cpu(serve, seconds)
     _counters(serve, guests, 2, 60000)  # a tick a minute: halted in between
     time.sleep(1)
     halted = idle_cpu(serve, seconds)

@@ -7,10 +7,10 @@ connections. Partitions may then be added, driven and removed through the API
 (routes.py) while the others run; a partition that ends stays listed (stopped) until it
 is removed or restarted.
 
-The System runs with a shared console: each partition's serial output goes, prefixed
-with its name, to the daemon's stdout and to a log file in the system's log_dir (a new
-temporary directory unless the file names one), and through a tap (console.SerialTap)
-to the API's serial streams. Events (state changes, ends, crashes, restarts, watchdog
+The System runs with a shared console: a "stdout" partition's serial output goes,
+prefixed with its name, to the daemon's stdout and to a log file in the system's
+log_dir (a new temporary directory unless the file names one); every partition's goes
+through a tap (console.SerialTap) to the API's serial streams as well. Events (state changes, ends, crashes, restarts, watchdog
 expiries) go to stderr as with `corevisor run`, and into an EventLog: the newest
 EVENT_HISTORY are kept for GET /events and every later one is handed to its streams.
 
@@ -211,6 +211,7 @@ class Daemon:
             self.config, kvm_path, err=err, shared_console=True, tap_serial=True
         )
         self.retired = Retired()
+        self.creating = threading.Lock()  # one partition validated and built at a time
         self.system.subscribe(self.events.add)
         self.system.subscribe(self._keep_counters)
         self.server = ApiServer(socket_path, routes.Router(self))

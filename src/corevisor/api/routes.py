@@ -177,14 +177,16 @@ def _create(daemon: Daemon, request: Request) -> Response:
     start = request.flag("start")
     spec, channels = _read_body(daemon, request.json())
     system = daemon.system
-    running = system.spec()
-    if spec.name in {p.name for p in running.partitions}:
-        raise StateError(f"cannot add partition {spec.name}: a partition of that name exists")
-    taken = {c.name for c in running.channels} & {c.name for c in channels}
-    if taken:
-        raise StateError(f"cannot add channel {sorted(taken)[0]}: a channel of that name exists")
-    spec, placed = validate_addition(spec, running, gather(), channels=channels)
-    system.add(spec, placed)
+    with daemon.creating:  # validated against what exists, until it exists too
+        running = system.spec()
+        if spec.name in {p.name for p in running.partitions}:
+            raise StateError(f"cannot add partition {spec.name}: a partition of that name exists")
+        taken = {c.name for c in running.channels} & {c.name for c in channels}
+        if taken:
+            raise StateError(
+                f"cannot add channel {sorted(taken)[0]}: a channel of that name exists")
+        spec, placed = validate_addition(spec, running, gather(), channels=channels)
+        system.add(spec, placed)
     if start:
         try:
             system.start(spec.name)
