@@ -10,9 +10,10 @@ is removed or restarted.
 The System runs with a shared console: a "stdout" partition's serial output goes,
 prefixed with its name, to the daemon's stdout and to a log file in the system's
 log_dir (a new temporary directory unless the file names one); every partition's goes
-through a tap (console.SerialTap) to the API's serial streams as well. Events (state changes, ends, crashes, restarts, watchdog
-expiries) go to stderr as with `corevisor run`, and into an EventLog: the newest
-EVENT_HISTORY are kept for GET /events and every later one is handed to its streams.
+through a tap (console.SerialTap) to the API's serial streams as well. Events (state
+changes, ends, crashes, restarts, watchdog expiries) go to stderr as with `corevisor
+run`, and into an EventLog: the newest EVENT_HISTORY are kept for GET /events and every
+later one is handed to its streams.
 
 Stopping: SIGINT, SIGTERM or SIGHUP (waited for with sigwait on the main thread, so no
 handler runs anywhere) close the server (streams end, the socket file is removed), then

@@ -38,6 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from corevisor.errors import CorevisorError
 from corevisor.kvm.bindings import ExitReason
 
 if TYPE_CHECKING:
@@ -242,24 +243,40 @@ def _machine(f: _Families, name: str, m: Machine, live: bool = True) -> None:
 
 
 def kvm_families(f: _Families, name: str, m: Machine) -> None:
-    """KVM's binary statistics of the machine (KVM_GET_STATS_FD), if it has them open.
+    """KVM's binary statistics of the machine (KVM_GET_STATS_FD), read now.
 
-    Cumulative statistics become counters (``corevisor_kvm_vcpu_<name>_total``, in base
-    units: ``halt_wait_ns`` -> ``..._halt_wait_seconds_total``), instant and peak ones
-    gauges; histograms are left out. The reader is kvm/stats.py (helper "stats");
-    until a machine carries open stats files this adds nothing.
+    The files are opened while the machine is built (a vCPU's ioctl would wait for its
+    KVM_RUN) by runstats.StatsCollector, which the machine keeps as ``m.stats``; reading
+    them takes no lock. Cumulative statistics become counters (``corevisor_kvm_vcpu_
+    <name>_total``, in base units: ``halt_wait_ns`` -> ``..._halt_wait_seconds_total``),
+    instant and peak ones gauges; histograms are left out. A machine without them (a
+    host without KVM_CAP_BINARY_STATS_FD) adds nothing.
     """
-    source = getattr(m, "stats", None)
-    if source is None:
+    collector = getattr(m, "stats", None)
+    if collector is None:
         return
-    for scope, labels, stats in source.live():
-        for stat_name, (desc, value) in stats.items():
-            metric = _kvm_metric(scope, stat_name, desc)
-            if metric is None or not isinstance(value, int):
-                continue
-            full, kind, scale = metric
-            f(full, kind, f"KVM statistic {scope}.{stat_name}").add(value * scale, **labels,
-                                                                     partition=name)
+    files: list[tuple[str, dict[str, str], Any]] = [("vm", {}, collector.vm)]
+    files += [("vcpu", {"vcpu": str(i)}, sf) for i, sf in enumerate(collector.vcpus)]
+    for scope, labels, sf in files:
+        if sf is None or sf.fd < 0:
+            continue
+        try:
+            values = sf.read()
+        except CorevisorError:  # closed meanwhile (the machine is going away)
+            continue
+        for desc in sf.descriptors:
+            _kvm_sample(f, scope, desc, values.get(desc.name), {**labels, "partition": name})
+
+
+def _kvm_sample(
+    f: _Families, scope: str, desc: Any, value: object, labels: dict[str, str]
+) -> None:
+    metric = _kvm_metric(scope, desc.name, desc)
+    if metric is None or not isinstance(value, int):
+        return
+    full, kind, scale = metric
+    f(full, kind, f"KVM statistic {desc.name} ({scope}, {desc.type})").add(
+        value * scale, **labels)
 
 
 _UNIT_SUFFIXES = {"seconds": ("_seconds", ("_ns", "_us", "_ms")), "bytes": ("_bytes", ())}
