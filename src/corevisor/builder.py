@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -50,6 +49,7 @@ from corevisor.kvm.ioctls import Kvm
 from corevisor.loader import Initrd, LoadedImage, load_image, load_initrd
 from corevisor.machine import Machine
 from corevisor.memory import GuestMemory, MemoryRegion
+from corevisor.outputs import report_to_stderr
 from corevisor.vcpu import Vcpu
 
 if TYPE_CHECKING:  # the virtio stack is imported only by partitions that have devices
@@ -58,10 +58,6 @@ if TYPE_CHECKING:  # the virtio stack is imported only by partitions that have d
 REQUIRED_CAPS = (Cap.IRQCHIP, Cap.USER_MEMORY, Cap.IMMEDIATE_EXIT, Cap.PIT2, Cap.MP_STATE)
 # KVM memory slots: RAM takes 0 and 1 (below and above the MMIO hole), channels 16 + index.
 CHANNEL_SLOT_BASE = 16
-
-
-def _report_to_stderr(name: str, message: str) -> None:
-    print(f"corevisor: {name}: {message}", file=sys.stderr, flush=True)
 
 
 def _no_watchdog(ms: int) -> None:
@@ -78,7 +74,7 @@ class PartitionLinks:
     # config.serial for this machine alone.
     serial: SerialBackend | None = None
     watchdog: Callable[[int], None] = field(default=_no_watchdog)  # HC_WATCHDOG's ms
-    report: Callable[[str, str], None] = field(default=_report_to_stderr)  # (name, event)
+    report: Callable[[str, str], None] = field(default=report_to_stderr)  # (name, event)
 
 
 def build(
@@ -100,7 +96,7 @@ def build(
         attach_irqchip(m)
         attach_exit_policy(m, config)
         attach_vcpus(m, config)
-        serial = attach_legacy_devices(m, config, links.serial)
+        serial = attach_legacy_devices(m, config, links.serial, links.report)
         attach_hypercalls(m, config, links, serial)
         virtio = attach_virtio_devices(m, config, links, serial)
         image = load_image(m.memory, config.image)
@@ -198,15 +194,19 @@ def attach_vcpus(m: Machine, config: PartitionConfig) -> None:
 
 
 def attach_legacy_devices(
-    m: Machine, config: PartitionConfig, serial: SerialBackend | None = None
+    m: Machine,
+    config: PartitionConfig,
+    serial: SerialBackend | None = None,
+    report: Callable[[str, str], None] = report_to_stderr,
 ) -> SerialBackend:
     """The PC devices every bundled guest (and Linux) expects at their usual ports.
 
     Returns the serial backend (the hypercall console writes there too); one passed in
-    belongs to the caller and is not closed with the machine.
+    belongs to the caller and is not closed with the machine. ``report`` hears of an
+    output target that failed (outputs.py): the guest never does.
     """
     if serial is None:
-        serial = open_serial(config.serial, config.name)
+        serial = open_serial(config.serial, config.name, report)
         m.closers.append(serial.close)
     vm = m.vm
 

@@ -19,13 +19,14 @@ from pathlib import Path
 from corevisor import bundled, linuxboot
 from corevisor.config import PartitionConfig, SystemConfig, load_config, partition_from_args
 from corevisor.errors import CorevisorError
+from corevisor.outputs import ensure_std_fds, notice
 
 EXIT_USER_ERROR = 2
 
 
 
 def _err(msg: str) -> None:
-    print(f"corevisor: {msg}", file=sys.stderr, flush=True)
+    notice(f"corevisor: {msg}")  # an unwritable stderr loses the line, not the status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -135,6 +136,7 @@ def _list_guests(build: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    ensure_std_fds()
     args = _parser().parse_args(argv)
     try:
         if args.command == "guests":

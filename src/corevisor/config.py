@@ -57,6 +57,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from corevisor import inputs
 from corevisor.arch.x86_64 import layout
 from corevisor.errors import ConfigError
 from corevisor.virtio.config import VIRTIO_KEYS, VirtioConfig, virtio_from_args, virtio_from_table
@@ -488,15 +489,7 @@ def _config_path(value: object, where: str, base: Path | None) -> tuple[Path, st
 
 def _check_image(value: object, where: str, base: Path | None) -> Path:
     path, shown = _config_path(value, where, base)
-    try:
-        if not path.exists():
-            raise ConfigError(f"{where}: {shown} does not exist")
-        if not path.is_file():
-            raise ConfigError(f"{where}: {shown} is not a regular file")
-        with path.open("rb") as f:
-            head = f.read(0x206)
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read {shown}: {e.strerror or e}") from None
+    head = inputs.read_head(path, f"{where}: {shown}", 0x206)
     # A Linux bzImage has no ELF magic: its setup header's "HdrS" is at 0x202.
     if head[: len(_ELF_MAGIC)] != _ELF_MAGIC and head[0x202:0x206] != b"HdrS":
         raise ConfigError(f"{where}: {shown} is not an ELF image or a Linux bzImage")
@@ -505,9 +498,7 @@ def _check_image(value: object, where: str, base: Path | None) -> Path:
 
 def _check_initrd(value: object, where: str, base: Path | None) -> Path:
     path, shown = _config_path(value, where, base)
-    if not path.is_file():
-        what = "is not a regular file" if path.exists() else "does not exist"
-        raise ConfigError(f"{where}: {shown} {what}")
+    inputs.stat_file(path, f"{where}: {shown}")
     return path
 
 
@@ -523,10 +514,7 @@ def load_config(path: Path, *, gdb_allow_remote: bool = False) -> SystemConfig:
 
     path = Path(path)
     fname = str(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{fname}: cannot read: {e.strerror or e}") from None
+    raw = inputs.read_file(path, fname, limit=inputs.MAX_SYSTEM_FILE, why="a system file can be")
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:

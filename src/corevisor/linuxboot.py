@@ -51,15 +51,17 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
     )
 
 
-def _pack(directory: str) -> str:
+def _pack(directory: str, memory: str) -> str:
     """Build the initramfs of directory into a memfd; return a path that reads it.
 
     The fd stays open for the life of the process, which is as long as the builder
-    needs it; the archive never touches the disk.
+    needs it; the archive never touches the disk. It cannot be larger than the guest's
+    RAM, so packing stops there rather than reading the whole tree first.
     """
+    from corevisor.config import parse_size
     from corevisor.loader.initramfs import build_initramfs  # only with --initramfs-dir
 
-    data = build_initramfs(Path(directory))
+    data = build_initramfs(Path(directory), limit=parse_size(memory, "--memory"))
     fd = os.memfd_create("corevisor-initramfs")
     os.write(fd, data)
     return f"/proc/self/fd/{fd}"
@@ -94,4 +96,4 @@ def apply(args: argparse.Namespace) -> None:
     if directory is not None:
         if not Path(directory).is_dir():
             raise ConfigError(f"--initramfs-dir: {directory} is not a directory")
-        args.initrd = _pack(directory)
+        args.initrd = _pack(directory, args.memory)

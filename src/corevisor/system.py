@@ -42,6 +42,7 @@ from corevisor.config import PartitionConfig, SystemConfig
 from corevisor.console import ConsoleMux, PrefixedSerial
 from corevisor.errors import CorevisorError
 from corevisor.machine import Machine
+from corevisor.outputs import notice
 from corevisor.vcpu import StopReport
 
 __all__ = ["System", "Watchdog", "MAX_RESTARTS", "RESTART_WINDOW", "EXIT_GUEST_FAULT"]
@@ -112,9 +113,9 @@ class System:
     def event(self, name: str, message: str, registers: str = "") -> None:
         """One line on stderr, plus a register dump when there is one."""
         with self._err_lock:
-            print(f"corevisor: {name}: {message}", file=self._err, flush=True)
+            notice(f"corevisor: {name}: {message}", self._err)
             if registers:
-                print(registers, file=self._err, flush=True)
+                notice(registers, self._err)
 
     # --- the run ----------------------------------------------------------------------
     def run(self, timeout: float | None = None) -> int:
@@ -162,7 +163,7 @@ class System:
         except OSError as e:
             raise CorevisorError(f"log_dir {log_dir}: {e.strerror or e}") from None
         self.log_dir = log_dir
-        mux = ConsoleMux()
+        mux = ConsoleMux(report=self.event)
         width = max(len(p.name) for p in parts)
         serials = {}
         for part in parts:

@@ -91,7 +91,7 @@ def test_file_appends_and_is_readable_at_once(tmp_path: Path) -> None:
 
 
 def test_file_cannot_open(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r'^demo: serial "file:.*/no/such/x": cannot open: '):
+    with pytest.raises(ConfigError, match=r'^demo: serial "file:.*/no/such/x" cannot be opened: '):
         open_serial(f"file:{tmp_path}/no/such/x", "demo")
 
 

@@ -474,16 +474,13 @@ def _check_placement(mem: GuestMemory, seg: _Segment, name: str) -> None:
         raise LoaderError(f"{name}: {where} does not fit in guest RAM ({_size(mem.size)})")
 
 
-def load_image(mem: GuestMemory, path: Path) -> LoadedImage:
-    """Read a PVH or multiboot image and copy it into guest RAM at its physical addresses.
+def load_image(mem: GuestMemory, path: Path, data: bytes) -> LoadedImage:
+    """Copy a PVH or multiboot image (data, read from path by loader.read_image) into
+    guest RAM at its physical addresses.
 
     Nothing is written unless every segment fits, so a failed load leaves RAM as it was.
     """
     name = str(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise LoaderError(f"{name}: cannot read image: {e.strerror or e}") from e
     plan = _plan(data, name)
     for seg in plan.segments:
         _check_placement(mem, seg, name)

@@ -16,11 +16,10 @@ Imported by config.py, so it imports nothing heavy.
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from corevisor import inputs
 from corevisor.errors import ConfigError
 
 __all__ = [
@@ -66,23 +65,20 @@ class VirtioConfig:
 
 
 def check_image(path: Path, where: str, shown: str | None = None) -> int:
-    """Return the size of a usable raw disk image, or raise a one-line ConfigError.
-
-    Both the config check and the device when it opens the file use it, so a file that
-    changed in between is judged by the same rules."""
+    """Return the size of a usable raw disk image, or raise a one-line ConfigError."""
     shown = str(path) if shown is None else shown
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot use {shown}: {e.strerror or e}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{where}: {shown} is not a regular file")
-    if st.st_size % SECTOR:
+    return check_sectors(inputs.stat_file(path, f"{where}: {shown}").st_size, where, shown)
+
+
+def check_sectors(size: int, where: str, shown: str) -> int:
+    """A disk image holds whole sectors. Both the config check and the device when it
+    opens the file use it, so a file that changed in between is judged by the same rules."""
+    if size % SECTOR:
         raise ConfigError(
-            f"{where}: {shown} is {st.st_size} bytes, not a multiple of {SECTOR} "
+            f"{where}: {shown} is {size} bytes, not a multiple of {SECTOR} "
             "(a disk image holds whole sectors)"
         )
-    return st.st_size
+    return size
 
 
 def _check_image(shown: str, where: str, base: Path | None) -> Path:
