@@ -3,8 +3,10 @@
 User errors (bad config, bad image, missing /dev/kvm) print one line prefixed with
 "corevisor:" and exit 2; a guest that stops abnormally prints a report with its
 registers and exits 1; a guest that writes its status to the exit port makes corevisor
-exit with that status. With several partitions: 0 if all of them ended with 0, else the
-first non-zero status (system.py). Only bugs keep their traceback.
+exit with that status (255 for any value above 255: devices/debug_exit.py). Output the
+host cannot take (a closed stdout, a full disk, an unwritable stderr) changes neither
+the guest nor the status (outputs.py). With several partitions: 0 if all of them ended
+with 0, else the first non-zero status (system.py). Only bugs keep their traceback.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corevisor.bus import Bus
+from corevisor.devices.debug_exit import exit_message, exit_status
 from corevisor.kvm.ioctls import Kvm, VmFd
 from corevisor.memory import GuestMemory
 from corevisor.vcpu import StopReport, Vcpu
@@ -51,8 +52,9 @@ class Machine:
         self.finish(StopReport("stopped", why))
 
     def guest_exit(self, code: int) -> None:
-        """The guest wrote its exit status to the debug-exit port."""
-        self.finish(StopReport("exit", f"guest exited with status {code}", code=code))
+        """The guest wrote its exit status to the debug-exit port (code: the value written;
+        the report carries the process status it maps to, devices/debug_exit.py)."""
+        self.finish(StopReport("exit", exit_message(code), code=exit_status(code)))
 
     def guest_reset(self) -> None:
         """The guest pulsed the reset line (i8042 command 0xFE)."""
