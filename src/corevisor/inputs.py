@@ -55,6 +55,7 @@ __all__ = [
     "open_output",
     "lock_file",
     "describe_type",
+    "size_text",
     "MAX_SYSTEM_FILE",
 ]
 
@@ -85,11 +86,13 @@ def describe_type(mode: int) -> str:
     return "an unknown kind of file"
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
+    """64M, 30G, 1.5G; exact bytes below a mebibyte unless a whole number of K."""
     for suffix, unit in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= unit:
-            value = n / unit
-            return f"{value:.0f}{suffix}" if n % unit == 0 else f"{value:.1f}{suffix}"
+        if n >= unit and n % unit == 0:
+            return f"{n // unit}{suffix}"
+        if n >= unit and unit > 1 << 10:
+            return f"{n / unit:.1f}{suffix}"
     return f"{n} bytes"
 
 
@@ -123,7 +126,7 @@ def _check_regular(st: os.stat_result, label: Label, limit: int | None, why: str
         raise _fail(label, f"is {describe_type(st.st_mode)}, not a regular file", error)
     if limit is not None and st.st_size > limit:
         raise _fail(
-            label, f"is {_size(st.st_size)}, more than the {_size(limit)} {why}", error
+            label, f"is {size_text(st.st_size)}, more than the {size_text(limit)} {why}", error
         )
 
 
@@ -354,8 +357,10 @@ def lock_file(f: OpenFile, *, exclusive: bool, error: ErrorClass = ConfigError) 
     (F_OFD_SETLK) belong to the open file, so two opens in one process (two partitions
     of one system given the same disk) conflict too, and the lock goes away with the
     last descriptor of that open file, whatever ends the process. They are advisory:
-    they stop other corevisor runs and QEMU (whose byte-range locks lie inside the
-    whole-file range), not a plain ``dd``.
+    they stop other corevisor runs, and QEMU both ways for a writer (QEMU's shared
+    byte-range locks, at bytes 100 and up, lie inside our whole-file range; a read-only
+    corevisor beside a writing QEMU is not caught, as QEMU's locks are all shared), but
+    not a plain ``dd``.
     """
     kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
     try:
@@ -366,13 +371,13 @@ def lock_file(f: OpenFile, *, exclusive: bool, error: ErrorClass = ConfigError) 
             raise _fail(f.label, f"cannot be locked: {e.strerror or e}", error) from None
     probe = fcntl.fcntl(f.fd, fcntl.F_OFD_GETLK, _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0))
     held = _FLOCK.unpack(probe)[0]
-    how = "read-write" if held == fcntl.F_WRLCK else "read-only"
+    how = "an exclusive (read-write)" if held == fcntl.F_WRLCK else "a shared (read-only)"
     pids = _holders(os.fstat(f.fd))
     by = ", ".join(_who(p) for p in pids) if pids else "another process"
     want = "read-write" if exclusive else "read-only"
     raise _fail(
         f.label,
-        f"is in use: {by} has it open {how}, so it cannot be opened {want} "
-        "(a disk can have one writer or many readers)",
+        f"is in use: {by} holds {how} lock on it, so it cannot be opened {want} "
+        "(a disk has one writer or any number of readers)",
         error,
     )

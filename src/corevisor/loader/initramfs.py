@@ -142,8 +142,8 @@ class Budget:
         cost = _HEADER_SIZE + len(name) + 4 + size + 3
         if cost > self.left:
             raise LoaderError(
-                f"initramfs: {host}: the archive would be more than {self.limit >> 20} MiB, "
-                "the most this guest can take (its RAM; at most 4 GiB below the MMIO hole)"
+                f"initramfs: {host}: the archive would be more than "
+                f"{inputs.size_text(self.limit)}, the most this guest can take (its RAM)"
             )
         self.left -= cost
 
