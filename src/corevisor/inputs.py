@@ -154,13 +154,22 @@ def stat_file(
 
     ``why`` completes "more than the LIMIT ..." in the message ("a system file can be").
     """
+    pfd, st = _checked(path, label, limit, why, follow, error)
+    os.close(pfd)
+    return st
+
+
+def _checked(path: Path | str, label: Label, limit: int | None, why: str, follow: bool,
+             error: ErrorClass) -> tuple[int, os.stat_result]:
+    """An O_PATH descriptor of a regular file within limit, and its stat (caller closes)."""
     pfd = _path_fd(path, label, follow, error)
     try:
         st = os.fstat(pfd)
-    finally:
+        _check_regular(st, label, limit, why, error)
+    except BaseException:
         os.close(pfd)
-    _check_regular(st, label, limit, why, error)
-    return st
+        raise
+    return pfd, st
 
 
 def _reopen(pfd: int, path: Path | str, st: os.stat_result, flags: int, label: Label,
@@ -200,10 +209,8 @@ def open_file(
     The caller owns ``OpenFile.fd`` and closes it. ``follow=False`` refuses a symlink
     (initramfs members: a link is archived as a link, never followed).
     """
-    pfd = _path_fd(path, label, follow, error)
+    pfd, st = _checked(path, label, limit, why, follow, error)
     try:
-        st = os.fstat(pfd)
-        _check_regular(st, label, limit, why, error)
         fd = _reopen(pfd, path, st, os.O_RDWR if writable else os.O_RDONLY, label, error)
     finally:
         os.close(pfd)

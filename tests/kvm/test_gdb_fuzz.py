@@ -173,3 +173,15 @@ def test_cli_gdb_with_timeout_still_ends(guests: dict[str, Path]) -> None:
     )
     assert "timed out" in r.stderr
     assert r.returncode == 1
+
+
+def test_gdb_server_fuzz_corpus_replays_clean() -> None:
+    """The gdb_server fuzz target's corpus (fuzz/corpus/gdb_server) on a real parked
+    machine: a crash the coverage-guided fuzzer found stays fixed."""
+    from fuzz.run import CORPUS
+    from fuzz.targets import gdb_server
+
+    files = sorted((CORPUS / "gdb_server").glob("*"))
+    assert files
+    for path in files:
+        gdb_server.one_input(path.read_bytes())
