@@ -81,6 +81,23 @@ def _virtio_mmio() -> dict[str, bytes]:
     return {f"dev{i}": bytes([i]) + struct.pack("<H", 0) + ops for i in range(3)}
 
 
+def _ports() -> dict[str, bytes]:
+    from corevisor.hypercall import HYPERCALL_PORT
+    from fuzz.targets import ports
+
+    _, port_list = ports._bus()
+    hc = port_list.index(HYPERCALL_PORT)
+    blocks = bytearray(0x1000)
+    for nr in range(9):  # every call of ABI 1.0, and one unknown number
+        # console write: gpa 0x1800 (inside the blocks), 16 bytes; others: small args
+        args = (0x1800, 16, 0, 0, 0) if nr == 1 else (nr % 3, 100, 0, 0, 0)
+        struct.pack_into("<6Q", blocks, 64 * nr, nr, *args)
+    calls = b"".join(bytes([0xE2, hc, i]) for i in range(4))  # _GPAS[0..3]: blocks 0..3
+    calls += b"".join(bytes([0xE2, hc, 0]) for _ in range(2))
+    head = struct.pack("<H", len(blocks)) + bytes(blocks)
+    return {"calls": head + calls, "uart-rtc": struct.pack("<H", 0) + _device(8)["walk"]}
+
+
 def _device(span: int) -> dict[str, bytes]:
     return {"walk": bytes(b for off in range(span) for b in (0x80, off, 0x55, 0x00, off)),
             "save": bytes([0x3F, 0]) * 4}
@@ -94,6 +111,7 @@ SEEDS: dict[str, Callable[[], dict[str, bytes]]] = {
     "gdb_server": _gdb,
     "virtqueue": _virtqueue,
     "virtio_mmio": _virtio_mmio,
+    "ports": _ports,
     "uart": lambda: _device(8),
     "rtc": lambda: _device(2),
     "i8042": lambda: _device(5),

@@ -14,5 +14,6 @@ TARGETS = (
     "uart",
     "rtc",
     "i8042",
+    "ports",
 )
 KVM = ("gdb_server",)

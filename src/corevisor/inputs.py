@@ -173,7 +173,7 @@ def _checked(path: Path | str, label: Label, limit: int | None, why: str, follow
 
 
 def _reopen(pfd: int, path: Path | str, st: os.stat_result, flags: int, label: Label,
-            error: ErrorClass) -> int:
+            follow: bool, error: ErrorClass) -> int:
     """Open the inode behind an O_PATH descriptor for I/O, without going by name again.
 
     /proc/self/fd/N names exactly that inode. Without /proc (a jail may lack it) the
@@ -184,7 +184,7 @@ def _reopen(pfd: int, path: Path | str, st: os.stat_result, flags: int, label: L
         try:
             fd = os.open(f"/proc/self/fd/{pfd}", flags)
         except FileNotFoundError:
-            fd = os.open(path, flags | os.O_NOFOLLOW)
+            fd = os.open(path, flags | (0 if follow else os.O_NOFOLLOW))
     except OSError as e:
         raise _fail(label, _reason(e), error) from None
     now = os.fstat(fd)
@@ -211,7 +211,8 @@ def open_file(
     """
     pfd, st = _checked(path, label, limit, why, follow, error)
     try:
-        fd = _reopen(pfd, path, st, os.O_RDWR if writable else os.O_RDONLY, label, error)
+        mode = os.O_RDWR if writable else os.O_RDONLY
+        fd = _reopen(pfd, path, st, mode, label, follow, error)
     finally:
         os.close(pfd)
     return OpenFile(fd, st.st_size, label)
