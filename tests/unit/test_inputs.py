@@ -222,3 +222,27 @@ def test_initramfs_bound_counts_data_and_headers(tmp_path: Path) -> None:
     with pytest.raises(LoaderError, match="the archive would be more than"):
         build_initramfs(many, limit=16 << 10)
     assert build_initramfs(many, limit=64 << 10)
+
+
+def test_without_proc_the_name_is_reopened_and_must_be_the_same_inode(tmp_path: Path) -> None:
+    """A jail may have no /proc: the fallback reopens the name and checks the inode."""
+    import subprocess
+    import sys
+
+    f = tmp_path / "f"
+    f.write_bytes(b"abc")
+    (tmp_path / "l").symlink_to(f)
+    script = (
+        "import os, sys\n"
+        "from corevisor import inputs\n"
+        "assert not os.path.exists('/proc/self/fd')\n"
+        f"print(inputs.read_file({str(tmp_path / 'l')!r}, 'l', limit=10).decode())\n"
+        f"os.close(inputs.open_file({str(f)!r}, 'f', writable=True).fd)\n"
+    )
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'umount -l /proc && exec "$0" -c "$1"', sys.executable, script],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "abc\n"
