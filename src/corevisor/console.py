@@ -447,11 +447,10 @@ class PrefixedSerial:
         self._log_out: GuardedOutput | None = None
         self.log_path = log_path
         if log_path is not None:
-            try:
-                # Truncated per run; unbuffered so the log is current while guests run.
-                self._log = open(log_path, "wb", buffering=0)
-            except OSError as e:
-                raise ConfigError(f"{name}: log file {log_path}: {e.strerror or e}") from None
+            # Truncated per run; unbuffered so the log is current while guests run. A
+            # FIFO or a device planted under the log's name is refused (inputs.py).
+            fd = inputs.open_output(log_path, f"{name}: log file {log_path}", truncate=True)
+            self._log = open(fd, "wb", buffering=0)
             self._log_out = GuardedOutput(self._log.write, f"log {log_path}", name, mux.report)
 
     def write(self, data: bytes) -> None:

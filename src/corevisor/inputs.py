@@ -281,11 +281,15 @@ def _check_output_type(mode: int, label: Label, error: ErrorClass) -> None:
     )
 
 
-def open_output(path: Path | str, label: Label, *, error: ErrorClass = ConfigError) -> int:
-    """An fd appending to path (created if missing): a regular file or character device.
+def open_output(
+    path: Path | str, label: Label, *, truncate: bool = False, error: ErrorClass = ConfigError
+) -> int:
+    """An fd appending to path (created if missing; emptied first with truncate): a
+    regular file or a character device.
 
     The descriptor is blocking once checked (a terminal must not drop output on a busy
-    moment); only the open itself is non-blocking.
+    moment); only the open itself is non-blocking. A regular file is truncated only
+    once it is known to be one (O_TRUNC on the open would act before the check).
     """
     try:
         st: os.stat_result | None = os.stat(path)
@@ -304,8 +308,11 @@ def open_output(path: Path | str, label: Label, *, error: ErrorClass = ConfigErr
                         "character device (for a live reader use unix:PATH)", error) from None
         raise _fail(label, f"cannot be opened: {e.strerror or e}", error) from None
     with _closing_on_error(fd):
-        _check_output_type(os.fstat(fd).st_mode, label, error)
+        mode = os.fstat(fd).st_mode
+        _check_output_type(mode, label, error)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        if truncate and stat.S_ISREG(mode):
+            os.ftruncate(fd, 0)
     return fd
 
 

@@ -17,6 +17,7 @@ import fcntl
 import os
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -135,6 +136,26 @@ def test_hostile_input_files_in_a_system_file(
     r = corevisor("run", toml(tmp_path, guests, text))
     assert r.returncode == 2, r.stderr
     one_line(r.stderr, needle)
+
+
+@pytest.mark.parametrize("plant", ["fifo", "blockdev", "dir"])
+def test_a_log_dir_with_a_trap_under_a_log_name(
+    tmp_path: Path, guests: dict[str, Path], plant: str
+) -> None:
+    """The per-partition log is an output file too: a FIFO (which would block the open),
+    a device or a directory planted at <log_dir>/<name>.log is one line."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    trap = logs / "a.log"
+    if plant == "fifo":
+        os.mkfifo(trap)
+    elif plant == "blockdev":
+        os.mknod(trap, stat.S_IFBLK | 0o600, os.makedev(7, 0))
+    else:
+        trap.mkdir()
+    r = corevisor("run", toml(tmp_path, guests, f'[system]\nlog_dir = "{logs}"'))
+    assert r.returncode == 2, r.stderr
+    one_line(r.stderr, f"a: log file {trap} is a")
 
 
 def test_initramfs_dir_is_bounded_and_archives_fifos(

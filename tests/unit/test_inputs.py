@@ -186,6 +186,18 @@ def test_output_to_a_regular_file_or_a_character_device(
         os.close(inputs.open_output(dev, "OUT"))
 
 
+def test_truncated_output_empties_only_a_regular_file(
+    tmp_path: Path, hostile: dict[str, Path]
+) -> None:
+    log = tmp_path / "run.log"
+    log.write_bytes(b"last run")
+    fd = inputs.open_output(log, "LOG", truncate=True)
+    os.write(fd, b"this run")
+    os.close(fd)
+    assert log.read_bytes() == b"this run"
+    os.close(inputs.open_output(hostile["chardev"], "LOG", truncate=True))
+
+
 def test_output_in_a_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="^OUT cannot be opened: No such file"):
         inputs.open_output(tmp_path / "no" / "x", "OUT")
