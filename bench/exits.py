@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from corevisor.builder import build  # noqa: E402
-from corevisor.config import PartitionConfig  # noqa: E402
+from corevisor.spec import ExitMode, PartitionSpec, SerialSpec  # noqa: E402
 from tests.kvm.asm import guest  # noqa: E402
 
 IDLE = r"""
@@ -133,14 +133,14 @@ def spin_until(t_ns: int) -> None:
 
 
 def run_mode(
-    cfg: PartitionConfig, quiet: PartitionConfig, idle_s: float, rings: int
+    cfg: PartitionSpec, quiet: PartitionSpec, idle_s: float, rings: int
 ) -> dict[str, float]:
     """Idle CPU per second (cfg: timer on) and wake-up latencies (quiet: no timer)."""
     result: dict[str, float] = {}
     # (a) idle with a 1 kHz timer
     with build(cfg) as m:
         stats = VcpuStats(m.vcpus[0].fd.fd, HALT_STATS)
-        m.closers.append(stats.close)
+        m.at_close(stats.close)
         m.start()
         time.sleep(0.3)  # boot (CPL0 set-up is emulated)
         tid = m.vcpus[0].native_id
@@ -194,20 +194,20 @@ def main() -> int:
     guest(image, IDLE + "ticks_on: .long 1\n")
     quiet_image = out / "idle-quiet.elf"
     guest(quiet_image, IDLE + "ticks_on: .long 0\n")
-    base = PartitionConfig(
+    base = PartitionSpec(
         name="bench",
         image=image,
         memory=16 << 20,
         pin=(cores[-1],),
         dedicated=True,
-        serial="null",
+        serial=SerialSpec.null(),
     )
     modes = {
         "normal": base,
-        "halt-poll 50us": replace(base, exits="halt-poll", halt_poll_ns=50_000),
-        "halt-poll 200us": replace(base, exits="halt-poll", halt_poll_ns=200_000),
-        "halt-poll 10ms": replace(base, exits="halt-poll", halt_poll_ns=10_000_000),
-        "disabled": replace(base, exits="disabled"),
+        "halt-poll 50us": replace(base, exits=ExitMode.HALT_POLL, halt_poll_ns=50_000),
+        "halt-poll 200us": replace(base, exits=ExitMode.HALT_POLL, halt_poll_ns=200_000),
+        "halt-poll 10ms": replace(base, exits=ExitMode.HALT_POLL, halt_poll_ns=10_000_000),
+        "disabled": replace(base, exits=ExitMode.DISABLED),
     }
     idle_s, rings = (1.0, 50) if args.quick else (3.0, 200)
     results: dict[str, dict[str, float]] = {}

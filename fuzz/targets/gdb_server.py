@@ -27,15 +27,16 @@ def _stub() -> tuple[Any, socket.socket, socket.socket]:
     """(target, server end, client end), built once per fuzzing process."""
     from corevisor import bundled
     from corevisor.builder import build
-    from corevisor.config import PartitionConfig
-    from corevisor.gdb.target import DebugTarget
+    from corevisor.gdb.target import DEBUGGER, DebugTarget
+    from corevisor.spec import PartitionSpec, SerialSpec
 
     image = bundled.ensure_built("hello")
-    machine = build(PartitionConfig(name="fuzz", image=image, memory=32 << 20, serial="null"))
+    spec = PartitionSpec(name="fuzz", image=image, memory=32 << 20, serial=SerialSpec.null())
+    machine = build(spec)
     target = DebugTarget(machine, halted=True)
     machine.start()
     for v in machine.vcpus:
-        v.pause(wait=True)
+        v.hold(DEBUGGER)  # parked: the debugger's all-stop hold, acknowledged
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)

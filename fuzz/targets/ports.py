@@ -15,13 +15,13 @@ from typing import Any
 
 from corevisor.bus import Bus
 from corevisor.channel import DOORBELL_PORT, DoorbellPort, ends_for, open_channels
-from corevisor.config import ChannelConfig
 from corevisor.devices.debug_exit import DebugExit
 from corevisor.devices.i8042 import I8042
 from corevisor.devices.postcode import PostCode
 from corevisor.devices.rtc import Rtc
 from corevisor.devices.uart16550 import Uart16550
 from corevisor.hypercall import HYPERCALL_PORT, HypercallHost, Hypercalls, handler_table
+from corevisor.spec import ChannelSpec
 from fuzz.common import Cursor, guest_memory
 
 RAM = 2 << 20
@@ -34,8 +34,8 @@ _GPAS = (0x1000, 0x1040, 0x1080, 0x10C0, 0x1F00, 0x1FC0, 0x1004, RAM - 64, RAM -
 def _bus() -> tuple[Bus, list[int]]:
     mem = guest_memory(RAM)
     channels = open_channels([
-        ChannelConfig("two-way", ("a", "b"), 4096, 0xD000_0000),
-        ChannelConfig("one-way", ("b", "a"), 4096, 0xD000_1000, writer="b", reader="a"),
+        ChannelSpec("two-way", ("a", "b"), 4096, 0xD000_0000),
+        ChannelSpec("one-way", ("b", "a"), 4096, 0xD000_1000, writer="b", reader="a"),
     ])
     host = HypercallHost(memory=mem, console=lambda data: None, partition_id=1, vcpus=2,
                          channels=ends_for("a", channels), watchdog=lambda ms: None)

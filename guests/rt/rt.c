@@ -778,7 +778,7 @@ static void madt_parse(const u8 *t)
     }
 }
 
-static int acpi_parse(void)
+const void *rt_acpi_table(const char *sig)
 {
     const u8 *rsdp = rsdp_paddr ? phys(rsdp_paddr) : NULL;
     if (!rsdp) {
@@ -789,7 +789,7 @@ static int acpi_parse(void)
     if (!rsdp)
         rsdp = rsdp_scan(0xE0000, 0x20000);
     if (!rsdp || memcmp(rsdp, "RSD PTR ", 8))
-        return 0;
+        return NULL;
     u64 sdt;
     u32 esize;
     if (rsdp[15] >= 2 && *(const u64 *)(rsdp + 24)) {
@@ -804,11 +804,17 @@ static int acpi_parse(void)
     for (u32 off = 36; off + esize <= slen; off += esize) {
         u64 a = esize == 8 ? *(const u64 *)(s + off) : *(const u32 *)(s + off);
         const u8 *t = phys(a);
-        if (!memcmp(t, "APIC", 4)) {
-            madt_parse(t);
-            break;
-        }
+        if (!memcmp(t, sig, 4))
+            return t;
     }
+    return NULL;
+}
+
+static int acpi_parse(void)
+{
+    const u8 *madt = rt_acpi_table("APIC");
+    if (madt)
+        madt_parse(madt);
     return rt_ncpus;
 }
 

@@ -85,6 +85,9 @@ u64 rt_cmdline_uint(const char *key, u64 dflt);
 int rt_cmdline_str(const char *key, char *out, size_t n);
 u64 rt_mem_kib(void);           /* usable RAM (type 1) in KiB from the memory map */
 u64 rt_rsdp_paddr(void);        /* from PVH start_info, or 0 */
+/* The ACPI table with signature sig (e.g. "FACP") through the RSDP (PVH's, or the BIOS-area
+ * scan) and the XSDT/RSDT, or NULL. */
+const void *rt_acpi_table(const char *sig);
 
 /* ---- CPUs: MP table, else ACPI MADT ---- */
 extern int rt_ncpus;

@@ -10,12 +10,21 @@ import importlib
 from typing import Any
 
 _API = {
+    "PartitionSpec": "corevisor.spec",
+    "ChannelSpec": "corevisor.spec",
+    "SystemSpec": "corevisor.spec",
     "PartitionConfig": "corevisor.config",
     "SystemConfig": "corevisor.config",
     "load_config": "corevisor.config",
+    "partition_from_args": "corevisor.config",
+    "validate_system": "corevisor.config",
+    "validate_addition": "corevisor.config",
+    "HostFacts": "corevisor.config",
     "build": "corevisor.builder",
     "Machine": "corevisor.machine",
     "System": "corevisor.system",
+    "PartitionState": "corevisor.system",
+    "MachineState": "corevisor.machine",
     "CorevisorError": "corevisor.errors",
     "ConfigError": "corevisor.errors",
     "KvmError": "corevisor.errors",
@@ -23,6 +32,8 @@ _API = {
     "LoaderError": "corevisor.errors",
     "DeviceError": "corevisor.errors",
     "GuestStopped": "corevisor.errors",
+    "StateError": "corevisor.errors",
+    "NotFoundError": "corevisor.errors",
     "SnapshotError": "corevisor.errors",
 }
 __all__ = sorted(_API)

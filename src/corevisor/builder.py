@@ -1,10 +1,13 @@
-"""build(config): the recipe that turns a PartitionConfig into a ready, unstarted Machine.
+"""build(config): the recipe that turns a PartitionSpec into a ready, unstarted Machine.
 
 Read it top to bottom: create VM -> memory -> irqchip -> exit policy -> vCPUs ->
-devices -> hypercalls -> virtio devices -> load the image -> boot tables -> boot
-registers -> channels.
+devices -> ACPI PM devices -> hypercalls -> virtio devices -> load the image (and its
+initrd or multiboot modules) -> boot tables -> boot registers -> fw_cfg -> channels.
 Each step is an attach_* function, so a later restore path (and a system restarting a
-partition) can reuse the same steps. What a partition gets from the system around it
+partition) can reuse the same steps. Each step hands what it creates to the machine at
+once (Machine.own / at_close) and registers its threads with Machine.at_start: a
+build that fails at any point leaves no fd and no thread behind, and a built machine
+runs nothing until start(). What a partition gets from the system around it
 (its channel ends, a serial backend that outlives restarts, its watchdog) comes in as
 PartitionLinks; a lone machine gets the defaults.
 """
@@ -12,8 +15,8 @@ PartitionLinks; a lone machine gets the defaults.
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,18 +29,19 @@ from corevisor.arch.x86_64.bootparams import (
     write_zero_page,
 )
 from corevisor.arch.x86_64.mptable import write_mptable
-from corevisor.bus import Bus
 from corevisor.channel import DOORBELL_PORT, ChannelEnd, DoorbellPort, ReadOnlyGuard
-from corevisor.config import PartitionConfig
 from corevisor.console import SerialBackend, open_serial
 from corevisor.devices import Device
 from corevisor.devices.debug_exit import DebugExit
+from corevisor.devices.fw_cfg import FwCfg
 from corevisor.devices.i8042 import I8042
+from corevisor.devices.pm1 import Pm1
+from corevisor.devices.pm_timer import PmTimer
 from corevisor.devices.postcode import PostCode
 from corevisor.devices.rtc import Rtc
 from corevisor.devices.uart16550 import Uart16550
 from corevisor.errors import ConfigError, KvmError
-from corevisor.hypercall import HYPERCALL_PORT, HypercallHost, Hypercalls, handler_table
+from corevisor.hypercall import HypercallHost, Hypercalls, handler_table
 from corevisor.kvm.bindings import (
     KVM_MEM_READONLY,
     KVM_PIT_SPEAKER_DUMMY,
@@ -46,18 +50,25 @@ from corevisor.kvm.bindings import (
     Cap,
 )
 from corevisor.kvm.ioctls import Kvm
-from corevisor.loader import Initrd, LoadedImage, load_image, load_initrd
+from corevisor.loader import (
+    Initrd,
+    LoadedImage,
+    LoadedModule,
+    load_image,
+    load_initrd,
+    load_modules,
+)
 from corevisor.machine import Machine
 from corevisor.memory import GuestMemory, MemoryRegion
 from corevisor.outputs import report_to_stderr
-from corevisor.vcpu import Vcpu
+from corevisor.resources import CHANNEL_SLOTS, FIXED_GSIS, Resources, Space, machine_map
+from corevisor.spec import ExitMode, PartitionSpec
+from corevisor.vcpu import StopReport
 
 if TYPE_CHECKING:  # the virtio stack is imported only by partitions that have devices
     from corevisor.virtio.attach import VirtioSlot
 
 REQUIRED_CAPS = (Cap.IRQCHIP, Cap.USER_MEMORY, Cap.IMMEDIATE_EXIT, Cap.PIT2, Cap.MP_STATE)
-# KVM memory slots: RAM takes 0 and 1 (below and above the MMIO hole), channels 16 + index.
-CHANNEL_SLOT_BASE = 16
 
 
 def _no_watchdog(ms: int) -> None:
@@ -78,32 +89,43 @@ class PartitionLinks:
 
 
 def build(
-    config: PartitionConfig, kvm_path: str = "/dev/kvm", links: PartitionLinks | None = None
+    config: PartitionSpec, kvm_path: str = "/dev/kvm", links: PartitionLinks | None = None
 ) -> Machine:
-    """Assemble a Machine for config; the caller starts it with run()."""
+    """Assemble a Machine for config; the caller starts it with start() or run().
+
+    Every resource is owned by the machine (or, before it exists, by the ExitStack that
+    becomes its own) from the moment it is created, so a failure at any step releases
+    every fd and mapping made so far. No thread starts here: each step registers what
+    start() must start.
+    """
     links = links if links is not None else PartitionLinks()
-    kvm = Kvm(kvm_path)
-    try:
+    with ExitStack() as owned:
+        kvm = Kvm(kvm_path)
+        owned.callback(kvm.close)
         _check_host(kvm, config)
         vm = kvm.create_vm()
-    except BaseException:
-        kvm.close()
-        raise
-    memory = GuestMemory.anonymous(layout.ram_layout(config.memory), name=f"{config.name}-ram")
-    m = Machine(config.name, kvm, vm, memory, Bus("pio", dense=True), Bus("mmio", dense=False))
+        owned.callback(vm.close)
+        memory = GuestMemory.anonymous(layout.ram_layout(config.memory), name=f"{config.name}-ram")
+        owned.callback(memory.close)
+        m = Machine(config.name, kvm, vm, memory, owned.pop_all())
+    res = machine_map(config.name, config.memory)  # every GSI, window, port and slot
     try:
-        attach_memory(m)
+        attach_memory(m, res)
         attach_irqchip(m)
         attach_exit_policy(m, config)
         attach_vcpus(m, config)
-        serial = attach_legacy_devices(m, config, links.serial, links.report)
-        attach_hypercalls(m, config, links, serial)
-        virtio = attach_virtio_devices(m, config, links, serial)
+        serial = attach_legacy_devices(m, config, links.serial, res, links.report)
+        attach_acpi_pm(m, res)
+        attach_hypercalls(m, config, links, serial, res)
+        virtio = attach_virtio_devices(m, config, links, serial, res)
         image = load_image(m.memory, config.image)
         initrd = load_initrd(m.memory, config.initrd, image) if config.initrd else None
+        modules = load_modules(m.memory, config.modules, image)
         rsdp = attach_boot_tables(m, config, virtio)
-        boot_bsp(m, image, _with_virtio_devices(config.cmdline, virtio), rsdp, initrd)
-        attach_channels(m, links)
+        cmdline = _guest_cmdline(image, _with_virtio_devices(config.cmdline, virtio))
+        boot_bsp(m, image, cmdline, rsdp, initrd, modules)
+        attach_fw_cfg(m, config, image, cmdline, initrd, res)
+        attach_channels(m, links, res)
         if config.gdb is not None:
             attach_debugger(m, config, links)
     except BaseException:
@@ -112,7 +134,7 @@ def build(
     return m
 
 
-def attach_debugger(m: Machine, config: PartitionConfig, links: PartitionLinks) -> None:
+def attach_debugger(m: Machine, config: PartitionSpec, links: PartitionLinks) -> None:
     """Last step: a GDB stub on config.gdb; the vCPUs stay parked until GDB continues
     (or, with gdb_attach, run until GDB connects). docs/debugging.md shows a session."""
     from corevisor.gdb.server import attach_gdb  # only partitions that ask pay for it
@@ -123,7 +145,7 @@ def attach_debugger(m: Machine, config: PartitionConfig, links: PartitionLinks) 
     )
 
 
-def _check_host(kvm: Kvm, config: PartitionConfig) -> None:
+def _check_host(kvm: Kvm, config: PartitionSpec) -> None:
     for cap in REQUIRED_CAPS:
         if not kvm.check_extension(cap):
             raise KvmError(
@@ -134,9 +156,11 @@ def _check_host(kvm: Kvm, config: PartitionConfig) -> None:
         raise ConfigError(f"{config.name}: {config.cpus} vCPUs, but this host's KVM allows {limit}")
 
 
-def attach_memory(m: Machine) -> None:
-    """Register every RAM region as a KVM memory slot."""
-    for slot, region in enumerate(m.memory.regions):
+def attach_memory(m: Machine, res: Resources) -> None:
+    """Register every RAM region as a KVM memory slot (the lowest free ones)."""
+    for region in m.memory.regions:
+        slot = res.allocate_from(Space.SLOT, range(CHANNEL_SLOTS[0]), f"RAM at {region.gpa:#x}")
+        assert slot is not None, "more RAM regions than memory slots below the channels'"
         m.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
 
 
@@ -150,7 +174,7 @@ def attach_irqchip(m: Machine) -> None:
     m.vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
 
 
-def attach_exit_policy(m: Machine, config: PartitionConfig) -> None:
+def attach_exit_policy(m: Machine, config: PartitionSpec) -> None:
     """HLT/PAUSE handling of a dedicated partition; KVM takes it only before any vCPU exists.
 
     "disabled": HLT and PAUSE stay in the guest (the vCPU keeps its core busy, wakes
@@ -158,7 +182,7 @@ def attach_exit_policy(m: Machine, config: PartitionConfig) -> None:
     before its thread sleeps. docs/partitioning.md measures both.
     """
     where = f"partitions.{config.name}.exits"
-    if config.exits == "disabled":
+    if config.exits is ExitMode.DISABLED:
         want = KVM_X86_DISABLE_EXITS_HLT | KVM_X86_DISABLE_EXITS_PAUSE
         have = m.vm.check_extension(Cap.X86_DISABLE_EXITS)
         if have & want != want:
@@ -169,7 +193,7 @@ def attach_exit_policy(m: Machine, config: PartitionConfig) -> None:
                 f"guest (KVM_CAP_X86_DISABLE_EXITS = {have:#x})",
             )
         m.vm.enable_cap(Cap.X86_DISABLE_EXITS, want)
-    elif config.exits == "halt-poll":
+    elif config.exits is ExitMode.HALT_POLL:
         if not m.vm.check_extension(Cap.HALT_POLL):
             raise KvmError(
                 "KVM_ENABLE_CAP",
@@ -179,57 +203,102 @@ def attach_exit_policy(m: Machine, config: PartitionConfig) -> None:
         m.vm.enable_cap(Cap.HALT_POLL, config.halt_poll_ns)
 
 
-def attach_vcpus(m: Machine, config: PartitionConfig) -> None:
+def attach_vcpus(m: Machine, config: PartitionSpec) -> None:
     """Create the vCPUs with CPUID, MSRs and FPU state; pin each to its host core."""
     supported = m.kvm.supported_cpuid()
     for i in range(config.cpus):
-        fd = m.vm.create_vcpu(i)
-        fd.set_cpuid2(cpu.vcpu_cpuid(supported, i, config.cpus, fd.get_tsc_khz()))
-        fd.set_msrs(cpu.boot_msrs())
-        cpu.setup_fpu(fd)
         core = None
         if config.pin:
             core = config.pin[i] if len(config.pin) > 1 else config.pin[0]
-        m.vcpus.append(Vcpu(fd, m.pio, m.mmio, m.finish, host_core=core, memory=m.memory))
+        fd = m.add_vcpu(m.vm.create_vcpu(i), host_core=core).fd
+        fd.set_cpuid2(cpu.vcpu_cpuid(supported, i, config.cpus, fd.get_tsc_khz()))
+        fd.set_msrs(cpu.boot_msrs())
+        cpu.setup_fpu(fd)
 
 
 def attach_legacy_devices(
     m: Machine,
-    config: PartitionConfig,
-    serial: SerialBackend | None = None,
+    config: PartitionSpec,
+    serial: SerialBackend | None,
+    res: Resources,
     report: Callable[[str, str], None] = report_to_stderr,
 ) -> SerialBackend:
     """The PC devices every bundled guest (and Linux) expects at their usual ports.
 
     Returns the serial backend (the hypercall console writes there too); one passed in
-    belongs to the caller and is not closed with the machine. ``report`` hears of an
-    output target that failed (outputs.py): the guest never does.
+    belongs to the caller and is not closed with the machine. Host input starts with
+    the machine (a terminal goes raw only then). ``report`` hears of an output target
+    that failed (outputs.py): the guest never does.
     """
     if serial is None:
-        serial = open_serial(config.serial, config.name, report)
-        m.closers.append(serial.close)
+        serial = m.own(open_serial(config.serial, config.name, report))
     vm = m.vm
 
     def com1_irq(level: bool) -> None:
         vm.irq_line(layout.COM1_IRQ, 1 if level else 0)
 
     uart = Uart16550(serial.write, com1_irq)
-    serial.start_input(uart.enqueue_input)
-    devices: dict[str, tuple[int, int, Device]] = {
-        "com1": (layout.COM1_PORT, 8, uart),
-        "i8042": (0x60, 5, I8042(m.guest_reset)),
-        "rtc": (0x70, 2, Rtc()),
-        "postcode": (0x80, 1, PostCode()),
-        "debug-exit": (0xF4, 4, DebugExit(m.guest_exit)),
+    m.at_start(lambda: serial.start_input(uart.enqueue_input))
+    devices: dict[str, Device] = {
+        "com1": uart,
+        "i8042": I8042(m.guest_reset),
+        "rtc": Rtc(),
+        "postcode": PostCode(),
+        "debug-exit": DebugExit(m.guest_exit),
     }
-    for name, (port, size, dev) in devices.items():
-        m.pio.attach(port, size, dev, name)
-        m.devices[name] = dev
+    _attach_ports(m, devices, res)
     return serial
 
 
+def _attach_ports(m: Machine, devices: dict[str, Device], res: Resources) -> None:
+    """Put devices on the PIO bus at the ports the machine's map gives them."""
+    for name, dev in devices.items():
+        claim = res.owner_of(Space.PIO, name)
+        m.pio.attach(claim.start, claim.end - claim.start, dev, name)
+        m.devices[name] = dev
+
+
+def attach_acpi_pm(m: Machine, res: Resources) -> None:
+    """The ACPI fixed hardware the FADT declares (acpi.py): PM1a event and control blocks
+    (SCI_EN set; S5 powers the machine off, exit status 0) and the 3.58 MHz PM timer."""
+
+    def poweroff() -> None:
+        m.finish(StopReport("exit", "guest powered off (ACPI S5)", code=0))
+
+    _attach_ports(m, {"pm1": Pm1(poweroff), "pm-timer": PmTimer()}, res)
+
+
+def attach_fw_cfg(
+    m: Machine,
+    config: PartitionSpec,
+    image: LoadedImage,
+    cmdline: str,
+    initrd: Initrd | None,
+    res: Resources,
+) -> None:
+    """QEMU's fw_cfg at 0x510 (devices/fw_cfg.py), with the items of firmware/fw_cfg.py:
+    CPUs, RAM, e820, boot order, and the kernel/command-line/initrd the guest was given.
+    After the boot tables, so the items describe what was actually placed."""
+    from corevisor.firmware import fw_cfg as items
+
+    ramdisk = (initrd, config.initrd) if initrd is not None and config.initrd else None
+    boot, opened = items.boot_items(image, cmdline.encode(), ramdisk)
+    for f in opened:
+        m.own(f)
+    dev = FwCfg(
+        m.memory,
+        {**items.machine_items(config.cpus, m.memory), **boot},
+        items.machine_files(m.memory),
+    )
+    _attach_ports(m, {"fw-cfg": dev}, res)
+
+
 def attach_hypercalls(
-    m: Machine, config: PartitionConfig, links: PartitionLinks, serial: SerialBackend
+    m: Machine,
+    config: PartitionSpec,
+    links: PartitionLinks,
+    serial: SerialBackend,
+    res: Resources,
 ) -> None:
     """The paravirtual ports (docs/paravirt-abi.md): hypercalls at 0x500, doorbells at 0x504.
 
@@ -244,13 +313,11 @@ def attach_hypercalls(
         channels=links.channels,
         watchdog=links.watchdog,
     )
-    paravirt: dict[str, tuple[int, Device]] = {
-        "hypercall": (HYPERCALL_PORT, Hypercalls(m.memory, handler_table(host))),
-        "doorbell": (DOORBELL_PORT, DoorbellPort()),
+    paravirt: dict[str, Device] = {
+        "hypercall": Hypercalls(m.memory, handler_table(host)),
+        "doorbell": DoorbellPort(),
     }
-    for name, (port, dev) in paravirt.items():
-        m.pio.attach(port, 4, dev, name)
-        m.devices[name] = dev
+    _attach_ports(m, paravirt, res)
 
 
 def _with_virtio_devices(cmdline: str, slots: list[VirtioSlot]) -> str:
@@ -263,43 +330,61 @@ def _with_virtio_devices(cmdline: str, slots: list[VirtioSlot]) -> str:
 
 
 def attach_virtio_devices(
-    m: Machine, config: PartitionConfig, links: PartitionLinks, serial: SerialBackend
+    m: Machine,
+    config: PartitionSpec,
+    links: PartitionLinks,
+    serial: SerialBackend,
+    res: Resources,
 ) -> list[VirtioSlot]:
-    """virtio-mmio devices (virtio/attach.py): windows from 0xC000_0000, GSIs 5, 6, 7, ...,
-    kicks by ioeventfd and interrupts by irqfd, each device served by its own I/O thread.
-    Closed before the memory they address (closers run in reverse)."""
+    """virtio-mmio devices (virtio/attach.py): windows and GSIs from the machine's map
+    (resources.py), kicks by ioeventfd and interrupts by irqfd, each device served by its
+    own I/O thread (started with the machine). Owned by the machine as each is made, so
+    they close before the memory they address (newest first)."""
     if not config.virtio.count:
         return []
     from corevisor.virtio import attach as virtio_attach
 
-    devices = virtio_attach.make_devices(config.virtio, config.name, serial.write)
+    devices = virtio_attach.make_devices(config.virtio, config.name, serial.write, m)
     slots = virtio_attach.attach(
-        m.vm, m.memory, m.mmio.attach, devices, lambda msg: links.report(m.name, msg)
+        m.vm, m.memory, m.mmio.attach, devices, lambda msg: links.report(m.name, msg), m, res
     )
     for slot in slots:
         m.devices[slot.name] = slot.transport
-        m.closers.append(slot.close)
     return slots
 
 
 def attach_boot_tables(
-    m: Machine, config: PartitionConfig, virtio: list[VirtioSlot] | None = None
+    m: Machine, config: PartitionSpec, virtio: list[VirtioSlot] | None = None
 ) -> int:
     """Tables a guest reads to find its CPUs: boot GDT, MP table, ACPI; returns the RSDP."""
     cpu.write_boot_gdt(m.memory)
     # KVM's default GSI routing wires the PIT (IRQ0) to IOAPIC pin 0, not pin 2 as on PCs.
-    write_mptable(m.memory, config.cpus, irq0_pin=0)
+    write_mptable(m.memory, config.cpus, irq0_pin=FIXED_GSIS["the PIT"])
     windows = [(s.base, s.size, s.gsi) for s in virtio or ()]
     return write_acpi_tables(m.memory, config.cpus, windows)
 
 
+def _guest_cmdline(image: LoadedImage, cmdline: str) -> str:
+    """The command line as the guest gets it: a multiboot kernel's starts with the
+    kernel's own name, as GRUB and QEMU pass it (programs take it as argv[0])."""
+    if image.kind != "multiboot":
+        return cmdline
+    return " ".join(part for part in (str(image.path), cmdline) if part)
+
+
 def boot_bsp(
-    m: Machine, image: LoadedImage, cmdline: str, rsdp: int, initrd: Initrd | None = None
+    m: Machine,
+    image: LoadedImage,
+    cmdline: str,
+    rsdp: int,
+    initrd: Initrd | None = None,
+    modules: list[LoadedModule] | None = None,
 ) -> None:
     """Write the boot-information block for the image's protocol and set vCPU 0's entry.
 
     A bzImage enters at startup_64 in long mode with rsi = zero page (boot.rst's 64-bit
-    protocol); PVH gets the initrd as its first module, which is where Linux looks.
+    protocol); PVH gets the initrd as its first module, which is where Linux looks; a
+    multiboot image gets its modules in the multiboot information.
     """
     bsp = m.vcpus[0].fd
     if image.kind == "bzimage":
@@ -307,17 +392,18 @@ def boot_bsp(
         rsi = write_zero_page(m.memory, image.boot_header, cmdline.encode(), rsdp, ramdisk)
         cpu.setup_long_mode(bsp, m.memory, image.entry, rsi=rsi)
     elif image.kind == "pvh":
-        modules = [(initrd.gpa, initrd.size, b"")] if initrd else []
-        ebx = write_pvh_boot_info(m.memory, cmdline.encode(), rsdp=rsdp, modules=modules)
+        ramdisk_module = [(initrd.gpa, initrd.size, b"")] if initrd else []
+        ebx = write_pvh_boot_info(m.memory, cmdline.encode(), rsdp=rsdp, modules=ramdisk_module)
         cpu.setup_protected_mode(bsp, m.memory, image.entry, eax=0, ebx=ebx)
     else:
-        ebx = write_multiboot_info(m.memory, cmdline.encode())
+        mods = [(mod.gpa, mod.size, mod.string) for mod in modules or ()]
+        ebx = write_multiboot_info(m.memory, cmdline.encode(), mods)
         cpu.setup_protected_mode(
             bsp, m.memory, image.entry, eax=MULTIBOOT_BOOTLOADER_MAGIC, ebx=ebx
         )
 
 
-def attach_channels(m: Machine, links: PartitionLinks) -> None:
+def attach_channels(m: Machine, links: PartitionLinks, res: Resources) -> None:
     """Map each channel as an extra memory slot and wire its doorbells in the kernel.
 
     Runs after the boot tables on purpose: a channel is not RAM, so it must not be in
@@ -333,10 +419,14 @@ def attach_channels(m: Machine, links: PartitionLinks) -> None:
             "one-way channels need KVM_CAP_READONLY_MEM, which this host's KVM lacks",
         )
     for end in links.channels:
-        region = MemoryRegion(end.gpa, end.size, fd=os.dup(end.memfd), readonly=end.readonly)
-        m.memory.add_region(region)
+        owner = f"channel {end.name}"
+        res.claim(Space.GPA, end.gpa, end.size, owner)
+        res.claim(Space.GSI, end.gsi, 1, owner)
+        slot = res.allocate_from(Space.SLOT, CHANNEL_SLOTS, owner)
+        assert slot is not None, "validation caps the channels of a partition"
+        region = MemoryRegion.shared(end.gpa, end.size, end.memfd, end.readonly)
+        m.memory.add_region(region)  # owned by the memory from here on
         flags = KVM_MEM_READONLY if end.readonly else 0
-        slot = CHANNEL_SLOT_BASE + end.index
         m.vm.set_user_memory_region(slot, end.gpa, end.size, region.host_address, flags)
         if end.readonly:
             guard = ReadOnlyGuard(end.name, lambda msg: links.report(m.name, msg))

@@ -22,6 +22,8 @@ DEMO_GUESTS = ("rtos", "peer")
 GUESTS = {
     "hello": "prints a greeting, its command line, CPU count and RAM; exits with exit=N",
     "hello-mb": "hello as a multiboot-only ELF32 image",
+    "fwcfg": "reads fw_cfg by port and by DMA (CPUs, RAM, etc/e820); PM timer rate vs TSC",
+    "fwcfg-mb": "fwcfg as a multiboot-only ELF32 image",
     "smp": "starts every CPU with INIT/SIPI; each checks in",
     "timer": "LAPIC timer ticks interrupting a user-mode loop; UART interrupt check",
     "fault": "triple-faults on purpose",

@@ -11,7 +11,7 @@ The doorbell path runs entirely in the host kernel: the ringing VM has an ioeven
 port 0x504 matching the channel index, the receiving VM an irqfd on GSI 16 + its index,
 both on the same eventfd. The two small devices here only see what the kernel did not
 take: writes to a read-only channel (ReadOnlyGuard) and rings no ioeventfd matched
-(DoorbellPort). What does not live here: parsing and placing channels (config.py), the
+(DoorbellPort). What does not live here: parsing and placing channels (config/), the
 KVM ioctls (builder.attach_channels), the hypercalls (hypercall.py).
 """
 
@@ -23,7 +23,10 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from corevisor.config import MAX_CHANNELS, ChannelConfig
+from corevisor.arch.x86_64.layout import DOORBELL_PORT
+from corevisor.resources import CHANNEL_GSIS
+from corevisor.signals import start_thread
+from corevisor.spec import MAX_CHANNELS, ChannelSpec, Doorbell
 
 __all__ = [
     "DOORBELL_PORT",
@@ -38,8 +41,7 @@ __all__ = [
     "ends_for",
 ]
 
-DOORBELL_PORT = 0x504
-FIRST_GSI = 16  # IOAPIC pins 16..23: above the ISA interrupts, in KVM's default routing
+FIRST_GSI = CHANNEL_GSIS[0]  # IOAPIC pins 16..23: above the ISA interrupts (resources.py)
 FLAG_READONLY = 1 << 0
 FLAG_CAN_RING = 1 << 1
 
@@ -47,26 +49,40 @@ FLAG_CAN_RING = 1 << 1
 class Channel:
     """A channel's shared memory and doorbell eventfds (closed only when the system ends)."""
 
-    def __init__(self, config: ChannelConfig) -> None:
+    def __init__(self, config: ChannelSpec) -> None:
         self.config = config
+        self.fd = -1
+        self.bells: dict[str, int] = {}
+        self.rings = self.bells
+        self._relay: DoorbellRelay | None = None
+        try:
+            self._open(config)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, config: ChannelSpec) -> None:
         self.fd = os.memfd_create(f"channel-{config.name}", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, config.size)
         # Receiving partition -> the eventfd its peer rings. A one-way channel only
         # interrupts its reader: the reader has nothing to announce.
         receivers = (config.reader,) if config.reader is not None else config.between
-        self.bells: dict[str, int] = {
-            name: os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for name in receivers
-        }
+        for name in receivers:
+            self.bells[name] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         # What the ringing VM writes. On the kernel path it is the receiver's irqfd
-        # eventfd itself; with doorbell = "thread" a relay thread copies rings across.
-        self.rings = self.bells
-        self._relay: DoorbellRelay | None = None
-        if config.doorbell == "thread":
-            self.rings = {
-                name: os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for name in receivers
-            }
+        # eventfd itself; with doorbell = "thread" a relay thread (started by start)
+        # copies rings across.
+        if config.doorbell is Doorbell.THREAD:
+            self.rings = {}
+            for name in receivers:
+                self.rings[name] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             pairs = [(self.rings[n], self.bells[n]) for n in receivers]
             self._relay = DoorbellRelay(pairs, f"doorbell-{config.name}")
+
+    def start(self) -> None:
+        """Start the relay thread of a doorbell = "thread" channel (once; idempotent)."""
+        if self._relay is not None:
+            self._relay.start()
 
     @property
     def name(self) -> str:
@@ -79,7 +95,7 @@ class Channel:
         return ChannelEnd(
             name=self.name,
             index=index,
-            gpa=self.config.gpa,
+            gpa=self.config.placed_gpa,
             size=self.config.size,
             peer=peer,
             readonly=self.config.reader == partition,
@@ -89,9 +105,14 @@ class Channel:
         )
 
     def close(self) -> None:
+        """Stop the relay and close the memfd and eventfds; idempotent."""
         if self._relay is not None:
             self._relay.close()
-        fds = {self.fd, *self.bells.values(), *self.rings.values()}
+            self._relay = None
+        fds = {self.fd, *self.bells.values(), *self.rings.values()} - {-1}
+        self.fd = -1
+        self.bells.clear()
+        self.rings.clear()
         for fd in fds:
             os.close(fd)
 
@@ -105,9 +126,13 @@ class DoorbellRelay:
 
     def __init__(self, pairs: Sequence[tuple[int, int]], name: str) -> None:
         self._targets = dict(pairs)
+        self._name = name
         self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = start_thread(self._run, self._name)
 
     def _run(self) -> None:
         poller = select.poll()
@@ -124,8 +149,9 @@ class DoorbellRelay:
                 os.eventfd_write(self._targets[fd], 1)
 
     def close(self) -> None:
-        os.eventfd_write(self._stop, 1)
-        self._thread.join(5)
+        if self._thread is not None:
+            os.eventfd_write(self._stop, 1)
+            self._thread.join(5)
         os.close(self._stop)
 
 
@@ -162,7 +188,7 @@ class ChannelEnd:
         return True
 
 
-def open_channels(configs: Sequence[ChannelConfig]) -> list[Channel]:
+def open_channels(configs: Sequence[ChannelSpec]) -> list[Channel]:
     """Create every channel's memfd and eventfds; on failure nothing is left open."""
     channels: list[Channel] = []
     try:
@@ -178,7 +204,7 @@ def open_channels(configs: Sequence[ChannelConfig]) -> list[Channel]:
 def ends_for(partition: str, channels: Sequence[Channel]) -> tuple[ChannelEnd, ...]:
     """The partition's channel list: its channels in config order, indexed from 0."""
     mine = [ch for ch in channels if partition in ch.config.between]
-    assert len(mine) <= MAX_CHANNELS, "config.py caps channels per partition"
+    assert len(mine) <= MAX_CHANNELS, "config/validate.py caps channels per partition"
     return tuple(ch.end(partition, i) for i, ch in enumerate(mine))
 
 

@@ -1,12 +1,16 @@
 """The `corevisor` command: run a guest, a system file or the bundled demo; list guests.
 
-User errors (bad config, bad image, missing /dev/kvm) print one line prefixed with
-"corevisor:" and exit 2; a guest that stops abnormally prints a report with its
+User errors (bad config, bad image, missing /dev/kvm, a bad option: argparse's usage
+dump is replaced by the same one line) print one line prefixed with "corevisor:", safe
+to print whatever the user typed (errors.show), and exit 2; a guest that stops
+abnormally (including one halted with interrupts off) prints a report with its
 registers and exits 1; a guest that writes its status to the exit port makes corevisor
 exit with that status (255 for any value above 255: devices/debug_exit.py). Output the
 host cannot take (a closed stdout, a full disk, an unwritable stderr) changes neither
 the guest nor the status (outputs.py). With several partitions: 0 if all of them ended
-with 0, else the first non-zero status (system.py). Only bugs keep their traceback.
+with 0, else the first non-zero status (system.py). SIGINT (Ctrl-C), SIGTERM and SIGHUP
+stop the run cleanly and exit 128 + the signal number: 130, 143, 129 (signals.py). Only
+bugs keep their traceback.
 """
 
 from __future__ import annotations
@@ -17,24 +21,53 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 from corevisor import bundled, linuxboot
-from corevisor.config import PartitionConfig, SystemConfig, load_config, partition_from_args
-from corevisor.errors import CorevisorError
+from corevisor.errors import CorevisorError, show
 from corevisor.outputs import ensure_std_fds, notice
+from corevisor.spec import SystemSpec
 
 EXIT_USER_ERROR = 2
+# The `run` options that describe one partition, and the partition key a system file
+# has for each: with a system file they would be ambiguous, so they are refused.
+PARTITION_OPTIONS = {
+    "cpus": "cpus",
+    "memory": "memory",
+    "pin": "pin",
+    "cmdline": "cmdline",
+    "serial": "serial",
+    "gdb": "gdb",
+    "disk": "blk",
+    "net": "net",
+    "rng": "rng",
+    "module": "modules",
+}
 
+
+class UsageError(CorevisorError):
+    """A command line argparse refused: one line, with where to find the usage."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        command = prog.removeprefix("corevisor").strip()
+        where = f"{command}: " if command else ""
+        super().__init__(f"{where}{message} (see {prog} --help)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, failing as a UsageError instead of printing its usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, message)
 
 
 def _err(msg: str) -> None:
-    notice(f"corevisor: {msg}")  # an unwritable stderr loses the line, not the status
+    # an unwritable stderr loses the line, not the status (outputs.py)
+    notice(f"corevisor: {show(msg, limit=None)}")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="corevisor", description="A multicore partitioning hypervisor on Linux KVM."
-    )
+    p = _Parser(prog="corevisor", description="A multicore partitioning hypervisor on Linux KVM.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",
@@ -45,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", default=None, help="guest RAM, e.g. 64M or 1G (default 64M)")
     run.add_argument("--pin", default=None, help="host cores for the vCPUs, e.g. 0,1 or 0-3")
     run.add_argument("--cmdline", default=None, help="guest command line")
-    run.add_argument("--serial", default="stdout", help="stdout | file:PATH | unix:PATH | null")
+    run.add_argument(
+        "--serial", default=None, help="stdout | file:PATH | unix:PATH | null (default stdout)"
+    )
     run.add_argument("--timeout", type=float, default=None, help="stop the guest after S s")
     run.add_argument(
         "--gdb",
@@ -68,14 +103,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--net", action="append", metavar="TAP", help="a virtio-net on a host TAP")
     run.add_argument("--rng", action="store_true", help="a virtio-rng entropy device")
+    run.add_argument(
+        "--module",
+        action="append",
+        metavar="FILE[,STRING]",
+        help="a multiboot module, with its string (default FILE); repeatable",
+    )
     linuxboot.add_arguments(run)
     guests = sub.add_parser("guests", help="list the bundled guests and their image paths")
     guests.add_argument("--build", action="store_true", help="(re)build them first")
     return p
 
 
-def _resolve(args: argparse.Namespace) -> SystemConfig:
-    """Turn the run arguments into a validated SystemConfig."""
+def _given(args: argparse.Namespace) -> list[str]:
+    """The per-partition options the user gave (before any default is filled in)."""
+    return [
+        flag
+        for flag in PARTITION_OPTIONS
+        if getattr(args, flag) not in (None, False)
+    ]
+
+
+def _resolve(args: argparse.Namespace) -> SystemSpec:
+    """Turn the run arguments into a validated SystemSpec."""
+    given = _given(args)
     linuxboot.apply(args)  # --kernel/--initrd/--initramfs-dir and the defaults they change
     target = args.target
     cpus = args.cpus
@@ -88,11 +139,14 @@ def _resolve(args: argparse.Namespace) -> SystemConfig:
             bundled.ensure_built(name)
         target = str(bundled.DEMO_SYSTEM)
     if target.endswith(".toml"):
-        flags = [f for f in ("cpus", "pin", "gdb", "disk", "net") if getattr(args, f) is not None]
-        flags += ["rng"] if args.rng else []
-        if flags:
-            hint = " (give each partition a gdb key instead)" if flags[0] == "gdb" else ""
-            raise CorevisorError(f"--{flags[0]} cannot be combined with a system file{hint}")
+        if given:
+            flag = given[0]
+            raise CorevisorError(
+                f"--{flag} cannot be combined with a system file ({show(target)}): give "
+                f"each partition a {PARTITION_OPTIONS[flag]} key instead"
+            )
+        from corevisor.config.toml import load_config  # the readers only when needed
+
         system = load_config(Path(target), gdb_allow_remote=args.gdb_allow_remote)
         if args.gdb_attach:
             parts = tuple(replace(p, gdb_attach=p.gdb is not None) for p in system.partitions)
@@ -102,13 +156,15 @@ def _resolve(args: argparse.Namespace) -> SystemConfig:
         raise CorevisorError("--gdb-attach needs --gdb HOST:PORT")
     if target in bundled.GUESTS and not Path(target).exists():
         target = str(bundled.ensure_built(target))
+    from corevisor.config.args import partition_from_args
+
     part = partition_from_args(
         target,
         cpus=1 if cpus is None else cpus,
         memory=args.memory,
         pin=args.pin,
         cmdline=cmdline,
-        serial=args.serial,
+        serial=args.serial if args.serial is not None else "stdout",
         initrd=args.initrd,
         gdb=args.gdb,
         gdb_attach=args.gdb_attach,
@@ -116,15 +172,23 @@ def _resolve(args: argparse.Namespace) -> SystemConfig:
         disks=args.disk,
         nets=args.net,
         rng=args.rng,
+        modules=args.module,
     )
-    return SystemConfig(partitions=(part,))
+    return SystemSpec(partitions=(part,))
 
 
-def _run_system(system: SystemConfig, timeout: float | None) -> int:
-    """Run every partition under the health monitor; see system.py for the exit status."""
-    from corevisor.system import System  # KVM imports only when running
+def _run_system(config: SystemSpec, timeout: float | None) -> int:
+    """Run every partition under the health monitor; see system.py for the exit status.
 
-    return System(system).run(timeout)
+    SIGINT, SIGTERM and SIGHUP stop every partition cleanly (terminal restored, unix:
+    sockets removed) and the run exits with 128 + the signal's number.
+    """
+    from corevisor.signals import stop_signals  # KVM imports only when running
+    from corevisor.system import System
+
+    system = System(config)
+    with stop_signals(system.request_stop):
+        return system.run(timeout)
 
 
 def _list_guests(build: bool) -> int:
@@ -139,8 +203,8 @@ def _list_guests(build: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ensure_std_fds()
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         if args.command == "guests":
             return _list_guests(args.build)
         system = _resolve(args)
@@ -154,12 +218,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # stdout's reader went away (e.g. `| head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-
-
-def describe(part: PartitionConfig) -> str:
-    """One line describing a partition, for logs."""
-    pin = ",".join(map(str, part.pin)) or "any"
-    return f"{part.name}: {part.image} cpus={part.cpus} memory={part.memory >> 20}M pin={pin}"
 
 
 if __name__ == "__main__":

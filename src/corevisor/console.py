@@ -1,6 +1,7 @@
 """Serial backends: the host end of a guest's UART (stdout, a file, a Unix socket, nothing).
 
-``open_serial(spec, name)`` turns a validated ``serial`` setting into a backend:
+``open_serial(spec, name)`` turns a validated serial setting (a spec.SerialSpec) into a
+backend:
 
 - ``stdout``: output to ``sys.stdout.buffer``, flushed on every write. Input is read from
   stdin only if stdin is a terminal; the terminal is then put in no-echo, no-line-buffer
@@ -30,9 +31,10 @@ each target's first failure is reported once and its output dropped from then on
 
 ``write`` runs on a vCPU thread once per guest byte, so it does the least it can. Input
 arrives on a daemon thread per backend that calls ``feed`` (the UART's
-``enqueue_input``).
+``enqueue_input``); that thread starts in ``start_input``, which the machine calls
+from its start(), never while it is being built.
 
-What does not live here: parsing and validating the spec (config.py) and the UART
+What does not live here: parsing and validating the setting (config/) and the UART
 itself (devices/uart16550.py).
 """
 
@@ -51,8 +53,10 @@ from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
 
 from corevisor import inputs
-from corevisor.errors import ConfigError
+from corevisor.errors import ConfigError, show
 from corevisor.outputs import GuardedOutput, Report, report_to_stderr, silence
+from corevisor.signals import start_thread
+from corevisor.spec import SerialKind, SerialSpec
 
 __all__ = [
     "SerialBackend",
@@ -101,8 +105,12 @@ class _InputPump:
         self._fd = fd
         self._feed = feed
         self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, name=f"serial-in-{name}", daemon=True)
-        self._thread.start()
+        try:
+            self._thread = start_thread(self._run, f"serial-in-{name}")
+        except BaseException:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            raise
 
     def _run(self) -> None:
         with selectors.DefaultSelector() as sel:
@@ -147,7 +155,7 @@ class FileSerial:
     test can read). A FIFO, socket, directory or block device is refused (inputs.py)."""
 
     def __init__(self, path: str, name: str, report: Report = report_to_stderr) -> None:
-        fd = inputs.open_output(path, f'{name}: serial "file:{path}"')
+        fd = inputs.open_output(path, inputs.Named(f'{name}: serial "file:{show(path)}"'))
         # Unbuffered: each write is one write(2), so readers see it immediately.
         self._file: BinaryIO = open(fd, "ab", buffering=0)
         self.path = path
@@ -240,13 +248,17 @@ class UnixSocketSerial:
         self._backlog = bytearray()
         self._feed: Feed | None = None
         self._closed = False
+        self._thread: threading.Thread | None = None  # accepts clients; start_input starts it
         self._listener = self._listen()
-        self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, name=f"serial-{name}", daemon=True)
-        self._thread.start()
+        try:
+            self._wake_r, self._wake_w = os.pipe()
+        except BaseException:
+            self._listener.close()
+            self._unlink()
+            raise
 
     def _error(self, reason: str) -> ConfigError:
-        return ConfigError(f'{self._name}: serial "unix:{self.path}": {reason}')
+        return ConfigError(f'{self._name}: serial "unix:{show(self.path)}": {reason}')
 
     def _listen(self) -> socket.socket:
         path = self.path
@@ -299,8 +311,14 @@ class UnixSocketSerial:
                     client.shutdown(socket.SHUT_RDWR)
 
     def start_input(self, feed: Feed) -> None:
-        """Deliver what clients send to ``feed`` (bytes arriving earlier were dropped)."""
+        """Start accepting clients and deliver what they send to ``feed``.
+
+        Until then (a machine built but not started) a client's connection waits in
+        the listen backlog, and output is kept for it as for any absent client.
+        """
         self._feed = feed
+        if self._thread is None and not self._closed:
+            self._thread = start_thread(self._run, f"serial-{self._name}")
 
     @property
     def connected(self) -> bool:
@@ -314,14 +332,19 @@ class UnixSocketSerial:
         self._closed = True
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
-        self._thread.join(_JOIN_TIMEOUT)
+        thread = self._thread
+        if thread is not None:
+            thread.join(_JOIN_TIMEOUT)
         self._listener.close()
+        self._unlink()
+        if thread is None or not thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _unlink(self) -> None:
         with contextlib.suppress(OSError):
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 os.unlink(self.path)
-        if not self._thread.is_alive():
-            os.close(self._wake_r)
-            os.close(self._wake_w)
 
     def _run(self) -> None:
         current: socket.socket | None = None
@@ -449,7 +472,8 @@ class PrefixedSerial:
         if log_path is not None:
             # Truncated per run; unbuffered so the log is current while guests run. A
             # FIFO or a device planted under the log's name is refused (inputs.py).
-            fd = inputs.open_output(log_path, f"{name}: log file {log_path}", truncate=True)
+            label = inputs.Named(f"{name}: log file {show(log_path)}")
+            fd = inputs.open_output(log_path, label, truncate=True)
             self._log = open(fd, "wb", buffering=0)
             self._log_out = GuardedOutput(self._log.write, f"log {log_path}", name, mux.report)
 
@@ -500,16 +524,14 @@ def _stdout_binary() -> BinaryIO:
     return buffer if buffer is not None else open(1, "wb", buffering=0, closefd=False)
 
 
-def open_serial(spec: str, name: str, report: Report = report_to_stderr) -> SerialBackend:
+def open_serial(spec: SerialSpec, name: str, report: Report = report_to_stderr) -> SerialBackend:
     """Open the backend a ``serial`` setting names; ``name`` labels threads and errors,
     ``report`` receives the one line about an output target that failed (outputs.py)."""
-    if spec == "stdout":
+    if spec.kind is SerialKind.STDOUT:
         return StdoutSerial(name, report=report)
-    if spec == "null":
+    if spec.kind is SerialKind.NULL:
         return NullSerial()
-    kind, sep, path = spec.partition(":")
-    if sep and path and kind == "file":
-        return FileSerial(path, name, report)
-    if sep and path and kind == "unix":
-        return UnixSocketSerial(path, name)
-    raise ConfigError(f'{name}: bad serial "{spec}" (use stdout, null, file:PATH or unix:PATH)')
+    assert spec.path is not None  # SerialSpec guarantees a path for file: and unix:
+    if spec.kind is SerialKind.FILE:
+        return FileSerial(str(spec.path), name, report)
+    return UnixSocketSerial(str(spec.path), name)

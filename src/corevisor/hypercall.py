@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from corevisor.arch.x86_64.layout import HYPERCALL_PORT
 from corevisor.channel import ChannelEnd
 from corevisor.errors import GuestMemoryError
 from corevisor.memory import GuestMemory
@@ -42,7 +43,6 @@ __all__ = [
     "handler_table",
 ]
 
-HYPERCALL_PORT = 0x500
 ABI_VERSION = 0x0001_0000  # major 1, minor 0
 BLOCK_SIZE = 64
 MAX_CONSOLE_WRITE = 4096

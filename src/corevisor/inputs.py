@@ -65,7 +65,29 @@ __all__ = [
 MAX_SYSTEM_FILE = 1 << 20
 
 ErrorClass = type[CorevisorError]
-Label = str
+
+
+@dataclass(frozen=True)
+class Named:
+    """How a message names a file: the key or option (``where``) and the path as the
+    user wrote it (``shown``). Messages read ``WHERE: SHOWN does not exist``, ``WHERE:
+    SHOWN is a FIFO, not a regular file``, ``WHERE: cannot use SHOWN: <strerror>``."""
+
+    where: str
+    shown: str = ""  # empty: where names the file itself (a serial target, "x.toml")
+
+    def says(self, predicate: str) -> str:
+        subject = ": ".join(part for part in (self.where, self.shown) if part)
+        return f"{subject} {predicate}"
+
+    def cannot(self, verb: str, why: str) -> str:
+        if not self.shown:
+            return f"{self.where}: cannot {verb}: {why}"
+        prefix = f"{self.where}: " if self.where else ""
+        return f"{prefix}cannot {verb} {self.shown}: {why}"
+
+
+Label = Named | str  # a bare string is a path shown with no key before it
 
 _TYPES = (
     (stat.S_ISDIR, "a directory"),
@@ -96,15 +118,15 @@ def size_text(n: int) -> str:
     return f"{n} bytes"
 
 
-def _reason(e: OSError) -> str:
-    """An OSError from opening or reading a path, as a predicate."""
-    if e.errno == errno.ENOENT:
-        return "does not exist"
-    if e.errno == errno.ENAMETOOLONG:
-        return "cannot be used: the path is too long"
-    if e.errno == errno.ELOOP:
-        return "cannot be used: too many levels of symbolic links (or it changed into one)"
-    return f"cannot be read: {e.strerror or e}"
+def _named(label: Label) -> Named:
+    return label if isinstance(label, Named) else Named(label)
+
+
+def _os_error(label: Label, e: OSError, verb: str, error: ErrorClass) -> CorevisorError:
+    """An OSError from opening or reading a path, as one line."""
+    if e.errno == errno.ENOENT and verb != "open":  # opening to create: a missing dir
+        return error(_named(label).says("does not exist"))
+    return error(_named(label).cannot(verb, e.strerror or str(e)))
 
 
 @dataclass(frozen=True)
@@ -116,8 +138,8 @@ class OpenFile:
     label: Label
 
 
-def _fail(label: Label, reason: str, error: ErrorClass) -> CorevisorError:
-    return error(f"{label} {reason}")
+def _fail(label: Label, predicate: str, error: ErrorClass) -> CorevisorError:
+    return error(_named(label).says(predicate))
 
 
 def _check_regular(st: os.stat_result, label: Label, limit: int | None, why: str,
@@ -130,13 +152,15 @@ def _check_regular(st: os.stat_result, label: Label, limit: int | None, why: str
         )
 
 
-def _path_fd(path: Path | str, label: Label, follow: bool, error: ErrorClass) -> int:
+def _path_fd(
+    path: Path | str, label: Label, follow: bool, error: ErrorClass, verb: str = "use"
+) -> int:
     """An O_PATH descriptor: opens nothing but the name (no driver open, no blocking)."""
     flags = os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
         return os.open(path, flags)
     except OSError as e:
-        raise _fail(label, _reason(e), error) from None
+        raise _os_error(label, e, verb, error) from None
     except ValueError:  # an embedded NUL: the config checks catch it first, but be safe
         raise _fail(label, "is not a valid path", error) from None
 
@@ -160,9 +184,9 @@ def stat_file(
 
 
 def _checked(path: Path | str, label: Label, limit: int | None, why: str, follow: bool,
-             error: ErrorClass) -> tuple[int, os.stat_result]:
+             error: ErrorClass, verb: str = "use") -> tuple[int, os.stat_result]:
     """An O_PATH descriptor of a regular file within limit, and its stat (caller closes)."""
-    pfd = _path_fd(path, label, follow, error)
+    pfd = _path_fd(path, label, follow, error, verb)
     try:
         st = os.fstat(pfd)
         _check_regular(st, label, limit, why, error)
@@ -173,7 +197,7 @@ def _checked(path: Path | str, label: Label, limit: int | None, why: str, follow
 
 
 def _reopen(pfd: int, path: Path | str, st: os.stat_result, flags: int, label: Label,
-            follow: bool, error: ErrorClass) -> int:
+            follow: bool, error: ErrorClass, verb: str) -> int:
     """Open the inode behind an O_PATH descriptor for I/O, without going by name again.
 
     /proc/self/fd/N names exactly that inode. Without /proc (a jail may lack it) the
@@ -186,7 +210,7 @@ def _reopen(pfd: int, path: Path | str, st: os.stat_result, flags: int, label: L
         except FileNotFoundError:
             fd = os.open(path, flags | (0 if follow else os.O_NOFOLLOW))
     except OSError as e:
-        raise _fail(label, _reason(e), error) from None
+        raise _os_error(label, e, verb, error) from None
     now = os.fstat(fd)
     if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
         os.close(fd)
@@ -209,10 +233,11 @@ def open_file(
     The caller owns ``OpenFile.fd`` and closes it. ``follow=False`` refuses a symlink
     (initramfs members: a link is archived as a link, never followed).
     """
-    pfd, st = _checked(path, label, limit, why, follow, error)
+    verb = "use" if writable else "read"
+    pfd, st = _checked(path, label, limit, why, follow, error, verb)
     try:
         mode = os.O_RDWR if writable else os.O_RDONLY
-        fd = _reopen(pfd, path, st, mode, label, follow, error)
+        fd = _reopen(pfd, path, st, mode, label, follow, error, verb)
     finally:
         os.close(pfd)
     return OpenFile(fd, st.st_size, label)
@@ -228,7 +253,7 @@ def _read_exactly(f: OpenFile, n: int, error: ErrorClass) -> bytes:
                 break
             out += chunk
     except OSError as e:
-        raise _fail(f.label, _reason(e), error) from None
+        raise _os_error(f.label, e, "read", error) from None
     return bytes(out)
 
 
@@ -296,7 +321,7 @@ def open_output(
     except FileNotFoundError:
         st = None  # created by the open below (or refused, if its directory is missing)
     except OSError as e:
-        raise _fail(label, f"cannot be opened: {e.strerror or e}", error) from None
+        raise _os_error(label, e, "open", error) from None
     if st is not None:
         _check_output_type(st.st_mode, label, error)
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
@@ -306,7 +331,7 @@ def open_output(
         if e.errno == errno.ENXIO:  # a FIFO with no reader (it was swapped in after stat)
             raise _fail(label, "is a FIFO: output goes to a regular file or a "
                         "character device (for a live reader use unix:PATH)", error) from None
-        raise _fail(label, f"cannot be opened: {e.strerror or e}", error) from None
+        raise _os_error(label, e, "open", error) from None
     with _closing_on_error(fd):
         mode = os.fstat(fd).st_mode
         _check_output_type(mode, label, error)
@@ -383,7 +408,7 @@ def lock_file(f: OpenFile, *, exclusive: bool, error: ErrorClass = ConfigError) 
         return
     except OSError as e:
         if e.errno not in (errno.EAGAIN, errno.EACCES):
-            raise _fail(f.label, f"cannot be locked: {e.strerror or e}", error) from None
+            raise _os_error(f.label, e, "lock", error) from None
     probe = fcntl.fcntl(f.fd, fcntl.F_OFD_GETLK, _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0))
     held = _FLOCK.unpack(probe)[0]
     how = "an exclusive (read-write)" if held == fcntl.F_WRLCK else "a shared (read-only)"

@@ -11,7 +11,7 @@ calls add_arguments() and apply():
   newc cpio (loader/initramfs.py) held in a memfd, so nothing is left on disk.
 
 What does not live here: loading (loader/), the zero page (bootparams.py), the
-config key `initrd` (config.py).
+config key `initrd` (config/toml.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import argparse
 import os
 from pathlib import Path
 
-from corevisor.errors import ConfigError
+from corevisor.config.files import check_directory
+from corevisor.config.parse import parse_path, parse_size
+from corevisor.errors import ConfigError, show
 
 # console=ttyS0: the kernel's console on our COM1; earlyprintk=serial: output from the
 # first instructions (and from the bzImage decompressor), before the console driver;
@@ -42,7 +44,12 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
         f'"{DEFAULT_CMDLINE}", default memory {DEFAULT_MEMORY}',
     )
     ramdisk = run.add_mutually_exclusive_group()
-    ramdisk.add_argument("--initrd", metavar="I", default=None, help="initramfs for Linux")
+    ramdisk.add_argument(
+        "--initrd",
+        metavar="I",
+        default=None,
+        help='initramfs for Linux; for a multiboot image its modules, as QEMU: "F ARGS,F ARGS"',
+    )
     ramdisk.add_argument(
         "--initramfs-dir",
         metavar="D",
@@ -51,17 +58,17 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
     )
 
 
-def _pack(directory: str, memory: str) -> str:
+def _pack(directory: Path, memory: str) -> str:
     """Build the initramfs of directory into a memfd; return a path that reads it.
 
     The fd stays open for the life of the process, which is as long as the builder
     needs it; the archive never touches the disk. It cannot be larger than the guest's
     RAM, so packing stops there rather than reading the whole tree first.
     """
-    from corevisor.config import parse_size
+
     from corevisor.loader.initramfs import build_initramfs  # only with --initramfs-dir
 
-    data = build_initramfs(Path(directory), limit=parse_size(memory, "--memory"))
+    data = build_initramfs(directory, limit=parse_size(memory, "--memory"))
     fd = os.memfd_create("corevisor-initramfs")
     os.write(fd, data)
     return f"/proc/self/fd/{fd}"
@@ -76,7 +83,9 @@ def apply(args: argparse.Namespace) -> None:
     kernel = getattr(args, "kernel", None)
     if kernel is not None:
         if args.target is not None:
-            raise ConfigError(f"--kernel {kernel} and IMAGE {args.target} are mutually exclusive")
+            raise ConfigError(
+                f"--kernel {show(kernel)} and IMAGE {show(args.target)} are mutually exclusive"
+            )
         args.target = kernel
         if args.cmdline is None:
             args.cmdline = DEFAULT_CMDLINE
@@ -94,6 +103,6 @@ def apply(args: argparse.Namespace) -> None:
             "initrd key per partition)"
         )
     if directory is not None:
-        if not Path(directory).is_dir():
-            raise ConfigError(f"--initramfs-dir: {directory} is not a directory")
-        args.initrd = _pack(directory, args.memory)
+        path = parse_path(directory, "--initramfs-dir", None)
+        check_directory(path, "--initramfs-dir", directory)
+        args.initrd = _pack(path, args.memory)

@@ -39,6 +39,17 @@ class MemoryRegion:
             prot = mmap.PROT_READ | mmap.PROT_WRITE
             self.mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, prot, offset=self.offset)
 
+    @classmethod
+    def shared(cls, gpa: int, size: int, memfd: int, readonly: bool = False) -> MemoryRegion:
+        """A region mapping memory owned elsewhere (a channel) through a dup of its fd,
+        which the region owns: on failure the dup is closed again."""
+        fd = os.dup(memfd)
+        try:
+            return cls(gpa, size, fd=fd, readonly=readonly)
+        except BaseException:
+            os.close(fd)
+            raise
+
     @property
     def end(self) -> int:
         """One past the last guest-physical address of the region."""
@@ -72,18 +83,30 @@ class GuestMemory:
         """Create fresh zeroed RAM for the (gpa, size) runs in layout, in one memfd."""
         total = sum(size for _, size in layout)
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        os.ftruncate(fd, total)
-        regions = []
-        offset = 0
-        for gpa, size in layout:
-            regions.append(MemoryRegion(gpa=gpa, size=size, fd=fd, offset=offset))
-            offset += size
-        return cls(regions)
+        regions: list[MemoryRegion] = []
+        try:
+            os.ftruncate(fd, total)
+            offset = 0
+            for gpa, size in layout:
+                regions.append(MemoryRegion(gpa=gpa, size=size, fd=fd, offset=offset))
+                offset += size
+            return cls(regions)
+        except BaseException:
+            for r in regions:
+                r.mm.close()
+            os.close(fd)
+            raise
 
     def add_region(self, region: MemoryRegion) -> None:
-        """Add a region after creation (a channel's shared memory); overlaps are refused."""
+        """Add a region after creation (a channel's shared memory); overlaps are refused.
+
+        The memory owns the region from this call on, even when it refuses it (the
+        region is closed then), so a caller never holds a region nobody closes.
+        """
         for r in self.regions:
             if region.gpa < r.end and r.gpa < region.end:
+                region.mm.close()
+                os.close(region.fd)
                 raise GuestMemoryError(
                     f"memory regions overlap: {r.gpa:#x}-{r.end:#x} and "
                     f"{region.gpa:#x}-{region.end:#x}"
@@ -180,9 +203,11 @@ class GuestMemory:
         self.write(gpa, value.to_bytes(8, "little"))
 
     def close(self) -> None:
-        """Unmap every region and close the backing fds."""
-        fds = {r.fd for r in self.regions}
-        for r in self.regions:
+        """Unmap every region and close the backing fds; a second call does nothing."""
+        regions, self.regions = self.regions, []
+        self._index()
+        fds = {r.fd for r in regions}
+        for r in regions:
             r.mm.close()
         for fd in fds:
             os.close(fd)

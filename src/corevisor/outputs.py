@@ -142,5 +142,8 @@ class GuardedOutput:
 
 
 def report_to_stderr(name: str, message: str) -> None:
-    """The default Report: ``corevisor: NAME: message`` on stderr (a lone machine's)."""
-    notice(f"corevisor: {name}: {message}")
+    """The default Report: ``corevisor: NAME: message`` on stderr (a lone machine's),
+    the message made safe to print (errors.show)."""
+    from corevisor.errors import show
+
+    notice(f"corevisor: {name}: {show(message, limit=None)}")

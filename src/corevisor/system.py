@@ -1,64 +1,157 @@
-"""System: several partitions (one Machine each) run side by side, and their health monitor.
+"""System: a controller of partitions (one Machine each), their health monitor and events.
 
-System.run builds every partition with builder.build (channels opened first, so both
-ends map the same memfd), starts them all, and then watches them from the calling
-thread. When a partition stops it applies the partition's policy:
+A System holds the partitions of a SystemSpec plus any added while it runs, the
+channels between them and the shared console. Each partition is a state machine::
 
-- the guest exited (port 0xF4), powered off or reset: that partition has ended, with
+    created --start--> running --pause--> paused --resume--> running
+    created | running | paused --stop--> stopped            (or the guest ends by itself)
+    running | paused | stopped --restart--> restarting --> running
+    running --crash, restart = "restart"--> restarting --> running   (the health monitor)
+    created | stopped --remove--> gone
+
+**Operations.** add, remove, start, pause, resume, stop and restart act on one
+partition by name, from any thread, while the others keep running. Each checks its
+transition and refuses with StateError (``cannot pause partition rtos: it is stopped``;
+an API answers 409) or NotFoundError (``no partition named rtos``; 404). One
+partition's operations are serialized by its lock; different partitions proceed in
+parallel; the monitor never waits for a busy partition (it looks again next period).
+An operation returns when its transition is done: start and resume once every vCPU
+runs, pause once every vCPU has parked, stop once the vCPU threads have ended.
+
+**The health monitor** (``run`` in the calling thread, or ``start_monitor`` for a
+daemon) looks at every running partition every POLL_INTERVAL: its watchdog, whether its
+guest halted with interrupts off (halt.py) and whether it stopped. Then:
+
+- the guest exited (port 0xF4), powered off or reset: that partition is stopped, with
   the guest's status (0 for a reset or power-off);
-- the guest stopped abnormally (triple fault, emulation failure, a VMM fault) or its
-  watchdog expired: ``restart = "stop"`` leaves it down, ``"restart"`` rebuilds it
-  (fresh memory and devices, same cores, same channels: channel memory persists), at
-  most MAX_RESTARTS times in RESTART_WINDOW seconds, then treats it as "stop";
-  ``"halt-system"`` stops every partition.
+- the guest stopped abnormally (triple fault, emulation failure, halted with interrupts
+  off, a VMM fault) or its watchdog expired: ``restart = "stop"`` leaves it stopped,
+  ``"restart"`` rebuilds it (fresh memory and devices, same cores, same channels:
+  channel memory persists), at most MAX_RESTARTS times in RESTART_WINDOW seconds, then
+  treats it as "stop"; ``"halt-system"`` stops every partition.
 
 Other partitions are never touched (except by halt-system): each has its own VM,
-threads and cores. Every event is one ``corevisor: NAME: ...`` line on stderr, followed
-by the register dump of abnormal stops. The system ends when every partition has ended;
-its exit status is 0 if every partition ended with 0, else the status of the first
-partition (in time) that did not. A partition stopped by the host (timeout, halt-system)
-counts as 1, Ctrl-C as 130.
+threads and cores. A paused partition's watchdog does not run; resume re-arms it.
 
-What does not live here: building one machine (builder.py), channel resources
-(channel.py), hypercalls (hypercall.py), validating the file (config.py).
+**Events.** Every state change, end, crash, restart, watchdog expiry and report is an
+Event. ``subscribe(callback)`` receives them in order, one at a time, on the thread
+that caused them or on the monitor's -- never on a vCPU or I/O thread (reports made
+there are queued and delivered by the next operation or monitor look). A callback must
+not block (an event stream queues and returns); it may call System methods. By default
+one subscriber prints each event except state changes as ``corevisor: NAME: ...`` on
+stderr, followed by the register dump of abnormal stops.
+
+**run(timeout)** is the CLI's whole life: build every partition, start them all,
+monitor until every one has stopped, release everything. Its exit status is 0 if every
+partition ended with 0, else the status of the first partition (in time) that did not.
+A partition stopped by the host counts as 1 (timeout, halt-system, the API), or 128 + N
+when a signal N stopped the run (``request_stop``: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP).
+
+What does not live here: building one machine (builder.py), the machine's own
+lifecycle (machine.py), channel resources (channel.py), hypercalls (hypercall.py),
+validating the file (config/), signal handlers (signals.py).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import enum
+import signal
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 from corevisor.arch.x86_64.cpu import format_registers
 from corevisor.builder import PartitionLinks, build
-from corevisor.channel import Channel, ends_for, open_channels
-from corevisor.config import PartitionConfig, SystemConfig
+from corevisor.channel import Channel, ChannelEnd, ends_for, open_channels
 from corevisor.console import ConsoleMux, PrefixedSerial
-from corevisor.errors import CorevisorError
+from corevisor.errors import CorevisorError, NotFoundError, StateError, show
 from corevisor.machine import Machine
-from corevisor.outputs import notice
+from corevisor.outputs import silence
+from corevisor.signals import describe, exit_status, start_thread
+from corevisor.spec import PartitionSpec, RestartPolicy, SerialKind, SystemSpec
 from corevisor.vcpu import StopReport
 
-__all__ = ["System", "Watchdog", "MAX_RESTARTS", "RESTART_WINDOW", "EXIT_GUEST_FAULT"]
+__all__ = [
+    "System",
+    "PartitionState",
+    "PartitionInfo",
+    "Event",
+    "Watchdog",
+    "MAX_RESTARTS",
+    "RESTART_WINDOW",
+    "EXIT_GUEST_FAULT",
+]
 
 EXIT_GUEST_FAULT = 1
 EXIT_INTERRUPTED = 130
 MAX_RESTARTS = 3
 RESTART_WINDOW = 60.0  # seconds
 POLL_INTERVAL = 0.02  # the monitor's period: watchdog resolution and reaction time
+_QUIET_KINDS = frozenset({"state", "restart", "removed"})  # not printed by the default echo
+
+
+class PartitionState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    RESTARTING = "restarting"
+
+
+_S = PartitionState
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened to a partition (or to the system: partition "system").
+
+    kind:
+      "state"     a transition; ``state`` is the new state, message "OLD -> NEW"
+      "exit"      the guest ended by itself (exit port, power-off, reset); ``status``
+      "stopped"   the host stopped it (API, timeout, signal, halt-system); ``status``
+      "crash"     the guest stopped abnormally; message says why and what the policy does
+      "watchdog"  the watchdog expired (then handled like a crash, same message form)
+      "restart"   rebuilt and started again (by the policy or by restart())
+      "removed"   the partition is gone
+      "error"     an operation in the background failed (a restart that could not build)
+      "message"   a report from a device, the GDB stub or the system
+    """
+
+    partition: str
+    kind: str
+    message: str = ""
+    state: PartitionState | None = None  # the partition's state after the event
+    status: int | None = None
+    registers: str = ""
+    time: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    """A snapshot of one partition, for listings (an API's GET /partitions)."""
+
+    name: str
+    index: int
+    state: PartitionState
+    status: int | None  # how it last ended, once stopped
+    restarts: int  # restarts so far (by the policy or restart())
+    last: str  # why it last stopped ("" until then)
+    config: PartitionSpec
 
 
 class Watchdog:
     """A partition's watchdog: a deadline the guest pushes forward (HC_WATCHDOG).
 
     kick runs on a vCPU thread and only stores a float (atomic under the GIL); the
-    monitor thread compares it with the clock every POLL_INTERVAL.
+    monitor compares it with the clock every POLL_INTERVAL.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -71,90 +164,210 @@ class Watchdog:
         self.period_ms = ms
         self.deadline = self._clock() + ms / 1000 if ms else None
 
+    def rearm(self) -> None:
+        """A full period from now, if armed (after a pause: the guest could not kick)."""
+        if self.deadline is not None:
+            self.kick(self.period_ms)
+
     def expired(self, now: float) -> bool:
         deadline = self.deadline
         return deadline is not None and now >= deadline
 
 
-@dataclass
 class _Partition:
-    """One partition's config, its current machine, and what happened to it."""
+    """One partition: its config and links, its current machine, what happened to it."""
 
-    index: int
-    config: PartitionConfig
-    links: PartitionLinks
-    watchdog: Watchdog
-    machine: Machine | None = None
-    status: int | None = None  # set when the partition has ended
-    restarts: collections.deque[float] = field(default_factory=collections.deque)
+    def __init__(
+        self,
+        index: int,
+        config: PartitionSpec,
+        links: PartitionLinks,
+        watchdog: Watchdog,
+        console: PrefixedSerial | None,
+    ) -> None:
+        self.index = index
+        self.config = config
+        self.links = links
+        self.watchdog = watchdog
+        self.console = console  # owned here when the system shares its terminal
+        self.state = _S.CREATED  # written under lock; read anywhere
+        self.machine: Machine | None = None
+        self.status: int | None = None
+        self.window: collections.deque[float] = collections.deque()  # policy restarts
+        self.restarts = 0
+        self.last = ""
+        self.expired = False  # the report being handled came from the watchdog
+        self.lock = threading.RLock()
 
     @property
     def name(self) -> str:
         return self.config.name
 
+    def info(self) -> PartitionInfo:
+        return PartitionInfo(
+            self.name, self.index, self.state, self.status, self.restarts, self.last,
+            self.config,
+        )
+
 
 class System:
-    """Partitions from one SystemConfig, run together under a health monitor."""
+    """Partitions run together under a health monitor, controllable from any thread."""
 
     def __init__(
-        self, config: SystemConfig, kvm_path: str = "/dev/kvm", err: TextIO | None = None
+        self,
+        config: SystemSpec,
+        kvm_path: str = "/dev/kvm",
+        err: TextIO | None = None,
+        echo: bool = True,
+        shared_console: bool | None = None,
     ) -> None:
+        """echo: print events on err (stderr). shared_console: stdout partitions share
+        the terminal line by line, with log files (default: unless the file has exactly
+        one partition and no log_dir, which keeps plain stdout with input)."""
         self.config = config
         self.kvm_path = kvm_path
         self._err = err if err is not None else sys.stderr
-        self._err_lock = threading.Lock()
+        self._lock = threading.RLock()  # the partition table, channels, consoles, flags
+        self._parts: dict[str, _Partition] = {}
+        self._reserved: set[str] = set()  # names being added (built outside the lock)
+        self._next_index = 0
         self._channels: list[Channel] = []
-        self._consoles: list[PrefixedSerial] = []
-        self._parts: list[_Partition] = []
-        self._first_failure: int | None = None
+        self._channels_started = False
+        if shared_console is None:
+            shared_console = len(config.partitions) != 1 or config.log_dir is not None
+        self._shared = shared_console
+        self._mux: ConsoleMux | None = None
+        self._width = 0
         self.log_dir: Path | None = None
+        self._opened = False
+        self._closed = False
+        self._first_failure: int | None = None
+        self._stop_request: tuple[int, str] | None = None
+        self._stop_handled: tuple[int, str] | None = None
+        self._subscribers: list[Callable[[Event], None]] = [self._echo] if echo else []
+        self._events: collections.deque[Event] = collections.deque()
+        self._delivering = threading.Lock()
+        self._monitor: threading.Thread | None = None
+        self._monitor_stop = threading.Event()
 
     # --- events -----------------------------------------------------------------------
-    def event(self, name: str, message: str, registers: str = "") -> None:
-        """One line on stderr, plus a register dump when there is one."""
-        with self._err_lock:
-            notice(f"corevisor: {name}: {message}", self._err)
-            if registers:
-                notice(registers, self._err)
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Receive every later Event (see the module docstring); returns unsubscribe."""
+        with self._lock:
+            self._subscribers.append(callback)
 
-    # --- the run ----------------------------------------------------------------------
-    def run(self, timeout: float | None = None) -> int:
-        """Build and start every partition, monitor them until all ended; return the status."""
+        def unsubscribe() -> None:
+            with self._lock, contextlib.suppress(ValueError):
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def report(self, name: str, message: str, registers: str = "") -> None:
+        """A "message" event about name (any thread; delivered later from a safe one)."""
+        self._events.append(Event(name, "message", message, registers=registers))
+
+    def _publish(
+        self, p: _Partition, kind: str, message: str = "", status: int | None = None,
+        registers: str = "",
+    ) -> None:
+        """Queue an event about p (delivered by _deliver, outside every partition lock)."""
+        self._events.append(Event(p.name, kind, message, p.state, status, registers))
+
+    def _deliver(self) -> None:
+        """Hand queued events to the subscribers, in order, one deliverer at a time."""
+        while self._events:
+            if not self._delivering.acquire(blocking=False):
+                return  # another thread (or this one, further up) is delivering them
+            try:
+                while self._events:
+                    event = self._events.popleft()
+                    for callback in list(self._subscribers):
+                        try:
+                            callback(event)
+                        except Exception:  # noqa: BLE001 - a subscriber must not break us
+                            self._write("corevisor: event subscriber failed:\n"
+                                        + traceback.format_exc())
+            finally:
+                self._delivering.release()
+
+    def _echo(self, event: Event) -> None:
+        """The default subscriber: one line on stderr, plus a register dump if any."""
+        if event.kind in _QUIET_KINDS:
+            return
+        text = f"corevisor: {event.partition}: {show(event.message, limit=None)}\n"
+        self._write(text + (event.registers + "\n" if event.registers else ""))
+
+    def _write(self, text: str) -> None:
         try:
-            self._open()
-            for p in self._parts:
-                assert p.machine is not None
-                p.machine.start()
-            self._monitor(timeout)
-        finally:
-            self.close()
+            self._err.write(text)
+            self._err.flush()
+        except (OSError, ValueError):
+            # A failed stderr loses the line, never the status: pointed at /dev/null,
+            # what it still buffers drains at exit instead of making that fail (120).
+            silence(self._err)
+
+    def _set_state(self, p: _Partition, state: PartitionState) -> None:
+        old, p.state = p.state, state
+        self._publish(p, "state", f"{old.value} -> {state.value}")
+
+    # --- looking partitions up -----------------------------------------------------------
+    def partitions(self) -> list[PartitionInfo]:
+        """Every partition, in the order they were added."""
+        return [p.info() for p in list(self._parts.values())]
+
+    def partition(self, name: str) -> PartitionInfo:
+        return self._get(name).info()
+
+    def machine(self, name: str) -> Machine | None:
+        """The partition's current machine (borrowed: the monitor may close and replace
+        it at any time; None while stopped)."""
+        return self._get(name).machine
+
+    @property
+    def exit_status(self) -> int:
+        """0 if every partition ended with 0, else the first non-zero status (in time)."""
         return self._first_failure or 0
 
-    def _open(self) -> None:
-        self._channels = open_channels(self.config.channels)
-        serials = self._open_consoles()
-        for i, part in enumerate(self.config.partitions):
-            watchdog = Watchdog()
-            links = PartitionLinks(
-                index=i,
-                channels=ends_for(part.name, self._channels),
-                serial=serials.get(part.name),
-                watchdog=watchdog.kick,
-                report=self.event,
-            )
-            p = _Partition(i, part, links, watchdog)
-            self._parts.append(p)
-            p.machine = self._build(p)
+    def _get(self, name: str) -> _Partition:
+        p = self._parts.get(name)
+        if p is None:
+            raise NotFoundError(f"no partition named {name}")
+        return p
 
-    def _open_consoles(self) -> dict[str, PrefixedSerial]:
-        """Shared-terminal consoles for "stdout" partitions of a multi-partition system.
+    @contextlib.contextmanager
+    def _operation(self, name: str) -> Iterator[_Partition]:
+        """The partition, locked for one operation; events are delivered afterwards."""
+        try:
+            p = self._get(name)
+            with p.lock:
+                if self._parts.get(name) is not p:
+                    raise NotFoundError(f"no partition named {name}")
+                yield p
+        finally:
+            self._deliver()
 
-        A lone partition without a log_dir keeps the plain stdout backend (with input),
-        exactly as `corevisor run IMAGE`.
-        """
-        parts = self.config.partitions
-        if len(parts) == 1 and self.config.log_dir is None:
-            return {}
+    @staticmethod
+    def _require(p: _Partition, verb: str, *allowed: PartitionState) -> None:
+        if p.state not in allowed:
+            raise StateError(f"cannot {verb} partition {p.name}: it is {p.state.value}")
+
+    # --- opening --------------------------------------------------------------------------
+    def open(self) -> None:
+        """Open the channels and the shared console, then add every configured partition
+        (built, not started). Idempotent; on failure close() releases what was opened."""
+        with self._lock:
+            if self._closed:
+                raise StateError("cannot open the system: it is closed")
+            if self._opened:
+                return
+            self._opened = True
+            self._channels = open_channels(self.config.channels)
+            if self._shared:
+                self._open_console()
+        for part in self.config.partitions:
+            self.add(part)
+
+    def _open_console(self) -> None:
         log_dir = self.config.log_dir
         if log_dir is None:
             log_dir = Path(tempfile.mkdtemp(prefix="corevisor-logs-"))
@@ -163,137 +376,347 @@ class System:
         except OSError as e:
             raise CorevisorError(f"log_dir {log_dir}: {e.strerror or e}") from None
         self.log_dir = log_dir
-        mux = ConsoleMux(report=self.event)
-        width = max(len(p.name) for p in parts)
-        serials = {}
-        for part in parts:
-            if part.serial == "stdout":
-                serial = mux.backend(part.name, str(log_dir / f"{part.name}.log"), width)
-                self._consoles.append(serial)
-                serials[part.name] = serial
-        self.event("system", f"{len(parts)} partitions; serial logs in {log_dir}")
-        return serials
+        # The shared terminal reports its own failure (and a log's) as an event.
+        self._mux = ConsoleMux(report=self.report)
+        self._width = max((len(p.name) for p in self.config.partitions), default=0)
+        n = len(self.config.partitions)
+        self.report("system", f"{n} partition{'s' if n != 1 else ''}; serial logs in {log_dir}")
+        self._deliver()
 
-    def _build(self, p: _Partition) -> Machine:
-        m = build(p.config, self.kvm_path, p.links)
-        if p.config.watchdog_ms:
-            p.watchdog.kick(p.config.watchdog_ms)
-        else:
-            p.watchdog.kick(0)
-        return m
+    def _console(self, config: PartitionSpec) -> PrefixedSerial | None:
+        """A shared-terminal console for a "stdout" partition (None: the machine opens
+        its own backend, and owns it)."""
+        if self._mux is None or self.log_dir is None or config.serial.kind is not SerialKind.STDOUT:
+            return None
+        width = max(self._width, len(config.name))
+        return self._mux.backend(config.name, str(self.log_dir / f"{config.name}.log"), width)
 
-    def _monitor(self, timeout: float | None) -> None:
-        deadline = time.monotonic() + timeout if timeout is not None else None
+    # --- operations -----------------------------------------------------------------------
+    def add(self, config: PartitionSpec) -> PartitionInfo:
+        """Build a new partition (state created) while the others run; not started."""
+        name = config.name
+        with self._lock:
+            if self._closed or not self._opened:
+                raise StateError(f"cannot add partition {name}: the system is not open")
+            if name in self._parts or name in self._reserved:
+                raise StateError(f"cannot add partition {name}: a partition of that name exists")
+            self._reserved.add(name)
+            index = self._next_index
+            self._next_index += 1
+            channels = ends_for(name, self._channels)
         try:
-            while any(p.status is None for p in self._parts):
-                time.sleep(POLL_INTERVAL)
-                now = time.monotonic()
-                for p in self._parts:
-                    m = p.machine
-                    if p.status is not None or m is None:
-                        continue
-                    if m.report is None and p.watchdog.expired(now):
-                        self._expire(p, m)
-                    if m.report is not None:
-                        self._handle(p, m)
-                if deadline is not None and now >= deadline:
-                    self._stop_all(f"timed out after {timeout} s")
-                    deadline = None
-        except KeyboardInterrupt:
-            for p in self._parts:
-                if p.status is None and p.machine is not None:
-                    p.machine.finish(
-                        StopReport("stopped", "interrupted by the user", code=EXIT_INTERRUPTED)
-                    )
-            for p in self._parts:
-                if p.status is None and p.machine is not None:
-                    self._handle(p, p.machine)
+            p = self._new_partition(index, config, channels)
+            with self._lock:
+                self._parts[name] = p
+            self._publish(p, "state", "-> created")
+            return p.info()
+        finally:
+            with self._lock:
+                self._reserved.discard(name)
+            self._deliver()
 
-    def _expire(self, p: _Partition, m: Machine) -> None:
-        """Stop a partition whose watchdog ran out, with every vCPU's registers."""
-        m.pause()
-        registers = "\n".join(format_registers(v.fd, m.memory) for v in m.vcpus)
-        message = f"watchdog expired (not kicked within {p.watchdog.period_ms} ms)"
-        m.finish(StopReport("fault", message, registers=registers))
-        p.watchdog.kick(0)
+    def _new_partition(
+        self, index: int, config: PartitionSpec, channels: tuple[ChannelEnd, ...]
+    ) -> _Partition:
+        console = self._console(config)
+        try:
+            watchdog = Watchdog()
+            links = PartitionLinks(
+                index=index,
+                channels=channels,
+                serial=console,
+                watchdog=watchdog.kick,
+                report=self.report,
+            )
+            p = _Partition(index, config, links, watchdog, console)
+            p.machine = build(config, self.kvm_path, links)
+        except BaseException:
+            if console is not None:
+                console.close()
+            raise
+        return p
+
+    def start(self, name: str) -> None:
+        """created -> running."""
+        with self._operation(name) as p:
+            self._require(p, "start", _S.CREATED)
+            self._launch(p)
+
+    def pause(self, name: str) -> None:
+        """running -> paused: every vCPU parked; the watchdog does not run meanwhile."""
+        with self._operation(name) as p:
+            self._require(p, "pause", _S.RUNNING)
+            m = p.machine
+            assert m is not None
+            try:
+                m.pause()
+            except StateError:  # the guest stopped just now; the monitor handles it
+                raise StateError(f"cannot pause partition {name}: it has stopped") from None
+            self._set_state(p, _S.PAUSED)
+
+    def resume(self, name: str) -> None:
+        """paused -> running, with the watchdog re-armed for a full period."""
+        with self._operation(name) as p:
+            self._require(p, "resume", _S.PAUSED)
+            m = p.machine
+            assert m is not None
+            p.watchdog.rearm()
+            try:
+                m.resume()
+            except StateError:
+                raise StateError(f"cannot resume partition {name}: it has stopped") from None
+            self._set_state(p, _S.RUNNING)
+
+    def stop(self, name: str, why: str = "stopped by the host") -> None:
+        """created | running | paused -> stopped (status 1); the vCPU threads end."""
+        with self._operation(name) as p:
+            self._require(p, "stop", _S.CREATED, _S.RUNNING, _S.PAUSED)
+            self._stop(p, why, EXIT_GUEST_FAULT)
+
+    def restart(self, name: str) -> None:
+        """running | paused | stopped -> restarting -> running: a fresh machine."""
+        with self._operation(name) as p:
+            self._require(p, "restart", _S.RUNNING, _S.PAUSED, _S.STOPPED)
+            self._restart(p, "restarted by the host", raise_errors=True)
+
+    def remove(self, name: str) -> None:
+        """created | stopped -> gone: its machine and console are released."""
+        with self._operation(name) as p:
+            self._require(p, "remove", _S.CREATED, _S.STOPPED)
+            self._close_machine(p)
+            if p.console is not None:
+                p.console.close()
+            with self._lock:
+                del self._parts[name]
+            self._publish(p, "removed", "removed")
+
+    # --- transitions (the partition's lock held) -----------------------------------------
+    def _start_channels(self) -> None:
+        with self._lock:
+            if not self._channels_started:
+                self._channels_started = True
+                for ch in self._channels:
+                    ch.start()
+
+    def _launch(self, p: _Partition) -> None:
+        """Start p's (built) machine: channels first, the watchdog armed from the config."""
+        m = p.machine
+        assert m is not None
+        self._start_channels()
+        p.watchdog.kick(p.config.watchdog_ms)
+        try:
+            m.start()
+        except BaseException as e:
+            self._end(p, EXIT_GUEST_FAULT, "error", f"failed to start: {e}")
+            raise
+        self._set_state(p, _S.RUNNING)
+
+    def _stop(self, p: _Partition, why: str, code: int) -> None:
+        m = p.machine
+        if m is None:  # created partitions always have one; a stopped one has none
+            return
+        m.stop(why, code=code)
+        self._handle(p, m)
 
     def _handle(self, p: _Partition, m: Machine) -> None:
-        """A partition's machine has stopped: log why and apply its policy."""
+        """p's machine has stopped: publish why and apply its policy."""
         report = m.wait()
         assert report is not None
         if report.kind == "exit":
-            self.event(p.name, report.message)
-            self._end(p, report.code or 0)
+            self._end(p, report.code or 0, "exit", report.message)
         elif report.kind == "reset":
-            self.event(p.name, report.message)
-            self._end(p, 0)
+            self._end(p, 0, "exit", report.message)
         elif report.kind == "stopped":
-            self.event(p.name, f"stopped: {report.message}")
-            self._end(p, report.code if report.code is not None else EXIT_GUEST_FAULT)
+            status = report.code if report.code is not None else EXIT_GUEST_FAULT
+            self._end(p, status, "stopped", f"stopped: {report.message}")
         else:
             self._crashed(p, report)
 
     def _crashed(self, p: _Partition, report: StopReport) -> None:
         policy = p.config.restart
         now = time.monotonic()
-        while p.restarts and now - p.restarts[0] > RESTART_WINDOW:
-            p.restarts.popleft()
-        restart = policy == "restart" and len(p.restarts) < MAX_RESTARTS
+        while p.window and now - p.window[0] > RESTART_WINDOW:
+            p.window.popleft()
+        restart = policy is RestartPolicy.RESTART and len(p.window) < MAX_RESTARTS
         if restart:
-            p.restarts.append(now)
-            action = f"restarting ({len(p.restarts)}/{MAX_RESTARTS} in {RESTART_WINDOW:g} s)"
-        elif policy == "restart":
+            p.window.append(now)
+            action = f"restarting ({len(p.window)}/{MAX_RESTARTS} in {RESTART_WINDOW:g} s)"
+        elif policy is RestartPolicy.RESTART:
             action = f"crash loop ({MAX_RESTARTS} restarts in {RESTART_WINDOW:g} s): stays down"
-        elif policy == "halt-system":
+        elif policy is RestartPolicy.HALT_SYSTEM:
             action = "halting the system"
         else:
             action = "stays down; the other partitions continue"
+        kind = "watchdog" if p.expired else "crash"
+        p.expired = False
         message = f"guest stopped: {report.message} [restart = {policy}: {action}]"
-        self.event(p.name, message, report.registers)
         if restart:
-            self._restart(p)
+            self._publish(p, kind, message, registers=report.registers)
+            self._restart(p, action, raise_errors=False)
             return
-        self._end(p, EXIT_GUEST_FAULT)
-        if policy == "halt-system":
+        self._end(p, EXIT_GUEST_FAULT, kind, message, report.registers)
+        if policy is RestartPolicy.HALT_SYSTEM:
             self._stop_all(f"system halted: partition {p.name} stopped abnormally")
 
-    def _restart(self, p: _Partition) -> None:
-        """A fresh machine for the partition: same config, cores and channel ends."""
-        assert p.machine is not None
-        p.machine.close()
-        p.machine = None
-        if isinstance(p.links.serial, PrefixedSerial):
-            p.links.serial.break_line()
+    def _restart(self, p: _Partition, why: str, raise_errors: bool) -> None:
+        """A fresh machine for p: same config, cores and channel ends."""
+        if p.machine is not None and p.machine.report is None:
+            p.machine.stop("restarting")
+        self._set_state(p, _S.RESTARTING)
+        self._close_machine(p)
+        if p.console is not None:
+            p.console.break_line()
         try:
-            p.machine = self._build(p)
+            p.machine = build(p.config, self.kvm_path, p.links)
+            self._launch(p)
         except CorevisorError as e:
-            self.event(p.name, f"restart failed: {e}")
-            self._end(p, EXIT_GUEST_FAULT)
+            if p.state is not _S.STOPPED:
+                self._end(p, EXIT_GUEST_FAULT, "error", f"restart failed: {e}")
+            if raise_errors:
+                raise
             return
-        p.machine.start()
+        p.restarts += 1
+        self._publish(p, "restart", why)
 
-    def _end(self, p: _Partition, status: int) -> None:
+    def _end(
+        self, p: _Partition, status: int, kind: str, message: str, registers: str = ""
+    ) -> None:
+        """p is stopped for good (until restart): record how and release its machine."""
         p.status = status
+        p.last = message
         if status and self._first_failure is None:
             self._first_failure = status
-        if p.machine is not None:
-            p.machine.close()
-            p.machine = None
+        self._close_machine(p)
+        self._set_state(p, _S.STOPPED)
+        self._publish(p, kind, message, status=status, registers=registers)
 
-    def _stop_all(self, why: str) -> None:
-        for p in self._parts:
-            if p.status is None and p.machine is not None:
-                p.machine.stop(why)
+    def _close_machine(self, p: _Partition) -> None:
+        m, p.machine = p.machine, None
+        if m is not None:
+            m.close()
 
+    def _stop_all(self, why: str, code: int = EXIT_GUEST_FAULT) -> None:
+        """Stop every partition that is not stopped (waiting for busy ones)."""
+        for p in list(self._parts.values()):
+            with p.lock:
+                if p.state in (_S.CREATED, _S.RUNNING, _S.PAUSED):
+                    self._stop(p, why, code)
+
+    # --- the monitor ----------------------------------------------------------------------
+    def request_stop(self, signum: int = signal.SIGINT) -> None:
+        """Ask the monitor to stop every partition because of signal signum (status
+        128 + signum). Only stores the request: safe in a signal handler."""
+        self._stop_request = (exit_status(signum), describe(signum))
+
+    def _tick(self, now: float) -> None:
+        """One look at every partition (the monitor's period)."""
+        request = self._stop_request  # never cleared: a signal may store one at any bytecode
+        if request is not None and request is not self._stop_handled:
+            self._stop_handled = request
+            self._stop_all(request[1], request[0])
+        for p in list(self._parts.values()):
+            if not p.lock.acquire(blocking=False):
+                continue  # an operation is under way: look again next period
+            try:
+                self._look(p, now)
+            finally:
+                p.lock.release()
+        self._deliver()
+
+    def _look(self, p: _Partition, now: float) -> None:
+        m = p.machine
+        if m is None or p.state not in (_S.RUNNING, _S.PAUSED):
+            return
+        if p.state is _S.RUNNING and m.report is None:
+            if p.watchdog.expired(now):
+                self._expire(p, m)
+            else:
+                m.check_halt(now)
+        if m.report is not None:
+            self._handle(p, m)
+
+    def _expire(self, p: _Partition, m: Machine) -> None:
+        """Stop a partition whose watchdog ran out, with every vCPU's registers."""
+        with contextlib.suppress(CorevisorError):
+            m.pause()
+        registers = "\n".join(format_registers(v.fd, m.memory) for v in m.vcpus)
+        message = f"watchdog expired (not kicked within {p.watchdog.period_ms} ms)"
+        report = StopReport("fault", message, registers=registers)
+        m.finish(report)
+        p.expired = m.report is report  # not if the guest stopped by itself just before
+        p.watchdog.kick(0)
+
+    def _all_stopped(self) -> bool:
+        return all(p.state is _S.STOPPED for p in list(self._parts.values()))
+
+    def run(self, timeout: float | None = None) -> int:
+        """Build and start every partition, monitor them until all stopped; the status."""
+        try:
+            self.open()
+            for name in list(self._parts):
+                if self._stop_request is not None:
+                    break  # a signal came during the build: the monitor stops the rest
+                self.start(name)
+            self._monitor_until_stopped(timeout)
+        finally:
+            self.close()
+        return self.exit_status
+
+    def _monitor_until_stopped(self, timeout: float | None) -> None:
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        while True:
+            try:
+                while not self._all_stopped():
+                    time.sleep(POLL_INTERVAL)
+                    now = time.monotonic()
+                    self._tick(now)
+                    if deadline is not None and now >= deadline:
+                        self._stop_all(f"timed out after {timeout} s")
+                        deadline = None
+                return
+            except KeyboardInterrupt:  # no stop_signals handler installed: same effect
+                self.request_stop(signal.SIGINT)
+
+    def start_monitor(self) -> None:
+        """Monitor from a thread of the system's own until close() (for a daemon)."""
+        with self._lock:
+            if self._monitor is None and not self._closed:
+                self._monitor = start_thread(self._monitor_loop, "monitor")
+
+    def _monitor_loop(self) -> None:
+        while not self._monitor_stop.wait(POLL_INTERVAL):
+            try:
+                self._tick(time.monotonic())
+            except Exception:  # noqa: BLE001 - the monitor must outlive a bug in one look
+                self.report("system", "monitor error:\n" + traceback.format_exc())
+
+    # --- release --------------------------------------------------------------------------
     def close(self) -> None:
         """Stop and release every machine, console and channel. Idempotent."""
-        for p in self._parts:
-            if p.machine is not None:
-                p.machine.close()
-                p.machine = None
-        for serial in self._consoles:
-            serial.close()
-        self._consoles = []
-        for ch in self._channels:
-            ch.close()
-        self._channels = []
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            monitor = self._monitor
+        self._monitor_stop.set()
+        if monitor is not None and monitor is not threading.current_thread():
+            monitor.join()
+        try:
+            for p in list(self._parts.values()):
+                with p.lock:
+                    self._close_machine(p)
+                    if p.state is not _S.STOPPED:
+                        self._set_state(p, _S.STOPPED)
+                    if p.console is not None:
+                        p.console.close()
+        finally:
+            for ch in self._channels:
+                ch.close()
+            self._channels = []
+            self._deliver()
+
+    def __enter__(self) -> System:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

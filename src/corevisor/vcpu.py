@@ -1,17 +1,29 @@
-"""The vCPU thread: a KVM_RUN loop driven by commands (pause, resume, stop).
+"""The vCPU thread: a KVM_RUN loop driven by acknowledged commands (hold, release, stop,
+probe).
 
-One thread per vCPU, optionally pinned to a host core. The loop's hot path is KVM_RUN,
-one exit-reason comparison and a bus lookup; no logging, locks or allocation per exit.
-Commands from other threads are posted with kvm_run.immediate_exit plus a signal, so a
-vCPU inside KVM_RUN returns promptly and one about to enter it never blocks.
-Every exit reason ends as "handled" or as a StopReport (never a traceback, never a hang).
+One thread per vCPU, optionally pinned to a host core, started by start() and by
+nothing else. The loop's hot path is KVM_RUN, one exit-reason comparison and a bus
+lookup; no logging, locks or allocation per exit.
+
+Commands come from any thread. Each is posted under the vCPU's condition variable and
+numbered; the vCPU thread handles commands only between two KVM_RUN calls (``_park``)
+and acknowledges by recording the last number it has seen, so ``hold(wait=True)``
+returns once the thread is parked and ``release(wait=True)`` once it has seen the
+release. A vCPU inside KVM_RUN is made to return by kvm_run.immediate_exit plus the kick
+signal (signals.py: blocked outside KVM_RUN, never delivered to a handler, so any thread
+may post at any time).
+
+Holds are reasons to stay parked, so independent owners compose: the machine's pause
+("pause"), a debugger ("debugger"), the halt check ("halt-check"); the vCPU runs only
+when it has none. Every exit reason ends as "handled" or as a StopReport (never a
+traceback, never a hang). What lives elsewhere: the machine-wide lifecycle (machine.py),
+the halt rule (halt.py), the signal mechanics (signals.py).
 """
 
 from __future__ import annotations
 
 import enum
 import os
-import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,23 +31,14 @@ from dataclasses import dataclass
 from corevisor.arch.x86_64.cpu import format_registers
 from corevisor.bus import Bus
 from corevisor.devices import Device
-from corevisor.errors import CorevisorError
+from corevisor.errors import CorevisorError, StateError
+from corevisor.halt import HaltState, read_halt_state
 from corevisor.kvm import bindings as b
 from corevisor.kvm.ioctls import VcpuFd
 from corevisor.memory import GuestMemory
+from corevisor.signals import consume_kick, kick, kvm_run_blocked, start_thread
 
-KICK_SIGNAL = signal.SIGUSR1
-
-
-def install_kick_handler() -> None:
-    """Install a no-op handler for the kick signal (must run in the main thread).
-
-    With a handler in place the signal interrupts KVM_RUN with EINTR instead of
-    killing the process; the handler itself does nothing.
-    """
-    if threading.current_thread() is threading.main_thread():
-        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
-            signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+ACK_TIMEOUT = 10.0  # seconds a vCPU thread may take to acknowledge a command
 
 
 class VcpuState(enum.Enum):
@@ -43,12 +46,6 @@ class VcpuState(enum.Enum):
     RUNNING = "running"
     PAUSED = "paused"
     STOPPED = "stopped"
-
-
-class Command(enum.Enum):
-    RUN = "run"
-    PAUSE = "pause"
-    STOP = "stop"
 
 
 @dataclass(frozen=True)
@@ -81,68 +78,144 @@ class Vcpu:
         self.mmio = mmio
         self.on_stop = on_stop
         self.host_core = host_core
-        self.state = VcpuState.CREATED
+        self.state = VcpuState.CREATED  # written by the vCPU thread, under _cond
         self.exits = 0
         # Installed by a debugger (gdb/target.py): called on this thread for KVM_EXIT_DEBUG
         # and KVM_EXIT_INTERNAL_ERROR; True means "mine, handled" (the handler has posted
-        # a pause, so the vCPU parks until the debugger resumes it).
+        # a hold, so the vCPU parks until the debugger releases it).
         self.debug_handler: Callable[[Vcpu, int], bool] | None = None
-        self._command = Command.RUN
         self._cond = threading.Condition()
+        self._holds: set[str] = set()
+        self._stop = False
+        self._probe = False
+        self._probe_result: HaltState | None = None
+        self._posted = 0  # number of the last command posted
+        self._seen = 0  # number of the last command the thread has handled
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     @property
     def native_id(self) -> int | None:
         """The host thread id (for affinity checks and host tools), once started."""
         return self._thread.native_id if self._thread is not None else None
 
-    # --- control, from other threads --------------------------------------------------
-    def start(self) -> None:
-        install_kick_handler()
-        self._thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
-        self._thread.start()
-
-    def _post(self, command: Command) -> None:
+    @property
+    def held(self) -> frozenset[str]:
+        """The reasons this vCPU must stay parked."""
         with self._cond:
-            if self.state is VcpuState.STOPPED:
-                return
-            self._command = command
-            self._cond.notify_all()
-        if command is not Command.RUN:
-            self.fd.set_immediate_exit(True)
+            return frozenset(self._holds)
+
+    # --- control, from any thread -----------------------------------------------------
+    def start(self) -> None:
+        """Start the thread; a vCPU has one thread in its life (start twice is a bug)."""
+        with self._cond:
+            if self._thread is not None or self._closed:
+                raise StateError(f"cannot start vCPU {self.index}: it was started before")
+            self._thread = start_thread(self._main, f"vcpu{self.index}")
+
+    def _post(self, change: Callable[[], None]) -> int:
+        """Apply a command under the lock, number it, and get the thread to look at it."""
+        with self._cond:
+            change()
+            self._posted += 1
             thread = self._thread
-            if thread is not None and thread.ident is not None and thread.is_alive():
-                try:
-                    signal.pthread_kill(thread.ident, KICK_SIGNAL)
-                except ProcessLookupError:
-                    pass
+            if thread is not None and self.state is VcpuState.RUNNING:
+                # RUNNING is left only under this lock, so the thread has not ended.
+                self.fd.set_immediate_exit(True)
+                kick(thread)
+            self._cond.notify_all()
+            return self._posted
 
-    def pause(self, wait: bool = True) -> None:
-        """Stop running guest code; returns once the vCPU is parked (if wait)."""
-        self._post(Command.PAUSE)
+    def _wait_seen(self, number: int, what: str, timeout: float) -> None:
+        """Wait until the thread acknowledged command number (or ended, or never ran)."""
+        with self._cond:
+            if self._thread is None or threading.current_thread() is self._thread:
+                return
+            done = self._cond.wait_for(
+                lambda: self._seen >= number or self.state is VcpuState.STOPPED, timeout
+            )
+        if not done:
+            raise CorevisorError(
+                f"vCPU {self.index} did not acknowledge {what} within {timeout:g} s "
+                "(its thread is busy outside KVM_RUN, e.g. blocked writing output)"
+            )
+
+    def hold(self, reason: str, wait: bool = True, timeout: float = ACK_TIMEOUT) -> None:
+        """Park the vCPU for reason; with wait, return once its thread is parked.
+
+        A vCPU not started yet just records the hold: it parks before its first
+        KVM_RUN. On a wait timeout the hold is withdrawn again and CorevisorError says so.
+        """
+        number = self._post(lambda: self._holds.add(reason))
         if wait:
-            with self._cond:
-                self._cond.wait_for(
-                    lambda: self.state in (VcpuState.PAUSED, VcpuState.STOPPED), timeout=10
-                )
+            try:
+                self._wait_seen(number, "a pause", timeout)
+            except CorevisorError:
+                self.release(reason, wait=False)
+                raise
 
-    def resume(self) -> None:
-        self._post(Command.RUN)
+    def release(self, reason: str, wait: bool = True, timeout: float = ACK_TIMEOUT) -> None:
+        """Drop a hold; the vCPU runs again once it has none (with wait: once seen)."""
+        number = self._post(lambda: self._holds.discard(reason))
+        if wait:
+            self._wait_seen(number, "a resume", timeout)
 
-    def stop(self) -> None:
-        self._post(Command.STOP)
+    def stop(self, wait: bool = True, timeout: float = ACK_TIMEOUT) -> bool:
+        """End the thread; with wait, return whether it ended within timeout."""
+        self._post(self._set_stop)
+        if wait:
+            self.join(timeout)
+        return not self.alive
+
+    def _set_stop(self) -> None:
+        self._stop = True
+
+    def probe(self) -> None:
+        """Ask the thread to read its own HaltState between two KVM_RUNs (no waiting)."""
+        self._post(self._set_probe)
+
+    def _set_probe(self) -> None:
+        self._probe = True
+
+    def take_probe(self) -> HaltState | None:
+        """The HaltState a probe produced since the last call, if any."""
+        with self._cond:
+            result, self._probe_result = self._probe_result, None
+            return result
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def close(self) -> None:
+        """Release the vCPU fd: now, or when a thread still finishing ends (idempotent)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            # Until the thread says STOPPED (under this lock) it may still use the fd;
+            # it reads _closed right then and closes the fd itself.
+            thread_owns = (
+                self._thread is not None
+                and self.state is not VcpuState.STOPPED
+                and threading.current_thread() is not self._thread
+            )
+        if thread_owns:
+            self._post(self._set_stop)
+            return
+        self.fd.close()
 
     # --- the thread -------------------------------------------------------------------
     def _main(self) -> None:
-        if self.host_core is not None:
-            os.sched_setaffinity(0, {self.host_core})
-        self.state = VcpuState.RUNNING
         report: StopReport | None
         try:
+            self.fd.set_signal_mask(kvm_run_blocked())
+            self._pin()
             report = self._loop()
         except CorevisorError as e:
             report = StopReport("fault", str(e), registers=self._regs(), vcpu=self.index)
@@ -152,26 +225,55 @@ class Vcpu:
                 vcpu=self.index,
             )
         with self._cond:
-            self.state = VcpuState.STOPPED
+            self.state = VcpuState.STOPPED  # from here on the thread leaves the fd alone
             self._cond.notify_all()
+            close = self._closed
+        if close:
+            self.fd.close()
         if report is not None:
             self.on_stop(report)
+
+    def _pin(self) -> None:
+        if self.host_core is None:
+            return
+        try:
+            os.sched_setaffinity(0, {self.host_core})
+        except OSError as e:
+            raise CorevisorError(
+                f"vCPU {self.index}: cannot run on host core {self.host_core}: "
+                f"{e.strerror or e}"
+            ) from None
+
+    def _read_halt_state(self) -> HaltState:
+        try:
+            return read_halt_state(self.fd)
+        except CorevisorError:  # a probe must never stop a guest: say "can run"
+            return HaltState(b.KVM_MP_STATE_RUNNABLE, True, False)
 
     def _regs(self) -> str:
         return format_registers(self.fd, self.memory)
 
     def _park(self) -> bool:
-        """Handle a posted command; return False if the loop must end."""
+        """Handle posted commands; park while held; return False if the loop must end."""
         with self._cond:
-            self.fd.set_immediate_exit(False)
-            while self._command is Command.PAUSE:
-                self.state = VcpuState.PAUSED
+            while True:
+                self._seen = self._posted
+                if self._probe:
+                    self._probe = False
+                    self._probe_result = self._read_halt_state()
+                if self._stop:
+                    return False
+                if not self._holds:
+                    break
+                if self.state is not VcpuState.PAUSED:
+                    self.state = VcpuState.PAUSED
                 self._cond.notify_all()
                 self._cond.wait()
-            if self._command is Command.STOP:
-                return False
             self.state = VcpuState.RUNNING
-            return True
+            self.fd.set_immediate_exit(False)
+            self._cond.notify_all()
+        consume_kick()
+        return True
 
     def _loop(self) -> StopReport | None:
         run = self.fd.run_decoded
@@ -180,6 +282,8 @@ class Vcpu:
         io_reason = int(b.ExitReason.IO)
         mmio_reason = int(b.ExitReason.MMIO)
         out = b.KVM_EXIT_IO_OUT
+        if not self._park():  # commands posted before the thread started (a hold, a stop)
+            return None
         while True:
             reason, direction, size, port, count, off = run()
             self.exits += 1

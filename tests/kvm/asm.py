@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tests.kvm.images import LOAD_ADDR, pvh_elf
 
-CHANNEL0 = 0xD000_0000  # where config.py places the first channel
+CHANNEL0 = 0xD000_0000  # where config/validate.py places the first channel
 
 PRELUDE = r"""
 .code32
@@ -120,8 +120,9 @@ idtr: .word 256 * 8 - 1
 """
 
 
-def assemble(source: str) -> bytes:
-    """Assemble PRELUDE + source into flat code linked at the PVH load address."""
+def assemble(source: str, load_addr: int = LOAD_ADDR) -> bytes:
+    """Assemble PRELUDE + source into flat code linked at load_addr (default: the PVH
+    load address)."""
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         (d / "g.s").write_text(PRELUDE + source)
@@ -131,7 +132,7 @@ def assemble(source: str) -> bytes:
                 "ld",
                 "-m",
                 "elf_i386",
-                f"-Ttext={LOAD_ADDR:#x}",
+                f"-Ttext={load_addr:#x}",
                 "--oformat=binary",
                 "-o",
                 "g.bin",

@@ -67,6 +67,10 @@ def bad(tmp_path: Path, guests: dict[str, Path]) -> dict[str, Path]:
     huge_elf = tmp_path / "huge.elf"  # a real image's header, 30 GiB of holes after it
     huge_elf.write_bytes(guests["hello"].read_bytes())
     os.truncate(huge_elf, 30 << 30)
+    big_elf = tmp_path / "big.elf"  # below any fixed bound, above this guest's RAM
+    big_elf.write_bytes(guests["hello"].read_bytes())
+    os.truncate(big_elf, 100 << 20)
+    out["big.elf"] = big_elf
     huge_toml = tmp_path / "huge.toml"
     huge_toml.write_text(f'[partitions.a]\nimage = "{guests["hello"]}"\n')
     os.truncate(huge_toml, 2 << 30)
@@ -90,7 +94,11 @@ CLI_CASES = [
     (lambda b, g: ["run", str(b["huge.toml"])], "is 2G, more than the 1M a system file can be"),
     (lambda b, g: ["run", str(b["fifo.elf"])], "is a FIFO"),
     (lambda b, g: ["run", str(b["zero.elf"])], "is a character device"),
-    (lambda b, g: ["run", str(b["huge.elf"])], "is 30G, more than the 64M of the guest's RAM"),
+    (lambda b, g: ["run", str(b["huge.elf"])], "is 30G, more than the 1G an image can be"),
+    (
+        lambda b, g: ["run", str(b["big.elf"]), "--memory", "64M"],
+        "is 100M, more than the 64M of the guest's RAM",
+    ),
     (lambda b, g: ["run", "--kernel", str(b["zero.elf"])], "is a character device"),
     (lambda b, g: ["run", str(g["hello"]), "--initrd", str(b["fifo.cpio"])], "is a FIFO"),
     (lambda b, g: ["run", str(g["hello"]), "--initrd", str(b["zero.cpio"])], "character device"),

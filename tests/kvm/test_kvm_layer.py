@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 
 from corevisor.builder import build
-from corevisor.config import PartitionConfig
 from corevisor.errors import KvmError
 from corevisor.kvm import bindings as b
 from corevisor.kvm.ioctls import Kvm
+from corevisor.spec import PartitionSpec, SerialSpec
 from tests.kvm.images import exit_with, out_byte, pvh_elf
 
 
-def _machine_config(tmp_path: Path, code: bytes, cpus: int = 1) -> PartitionConfig:
+def _machine_config(tmp_path: Path, code: bytes, cpus: int = 1) -> PartitionSpec:
     img = tmp_path / "t.elf"
     img.write_bytes(pvh_elf(code))
-    return PartitionConfig(name="t", image=img, memory=16 << 20, cpus=cpus, serial="null")
+    return PartitionSpec(name="t", image=img, memory=16 << 20, cpus=cpus, serial=SerialSpec.null())
 
 
 def test_failing_ioctl_names_itself_and_errno() -> None:

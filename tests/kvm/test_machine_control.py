@@ -8,7 +8,7 @@ from pathlib import Path
 
 from corevisor.arch.x86_64 import cpu
 from corevisor.builder import build
-from corevisor.config import PartitionConfig
+from corevisor.spec import PartitionSpec, SerialSpec
 from tests.kvm.images import LOAD_ADDR, out_byte, pvh_elf, serial_print
 
 # out 0x80, al ; jmp back: a CPL0 loop that exits to the VMM forever
@@ -21,11 +21,11 @@ def _image(tmp_path: Path, code: bytes) -> Path:
     return img
 
 
-def _config(tmp_path: Path, img: Path, **kw: object) -> PartitionConfig:
+def _config(tmp_path: Path, img: Path, **kw: object) -> PartitionSpec:
     args: dict[str, object] = {"name": "t", "image": img, "memory": 16 << 20}
-    args["serial"] = f"file:{tmp_path / 'serial.log'}"
+    args["serial"] = SerialSpec.file(tmp_path / "serial.log")
     args.update(kw)
-    return PartitionConfig(**args)  # type: ignore[arg-type]
+    return PartitionSpec(**args)  # type: ignore[arg-type]
 
 
 def test_long_mode_entry_runs_64bit_code(tmp_path: Path) -> None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from corevisor.arch.x86_64 import layout
 from corevisor.builder import build
-from corevisor.config import PartitionConfig
-from corevisor.virtio.config import BlkConfig, VirtioConfig
+from corevisor.spec import BlkSpec, PartitionSpec, SerialSpec, VirtioSpec
 from corevisor.virtio.mmio import REG, VirtioMmio
 from tests.kvm.images import pvh_elf
 
@@ -67,13 +67,13 @@ def test_guest_drives_virtio_rng_by_ioeventfd_and_irqfd(tmp_path: Path) -> None:
     img.write_bytes(pvh_elf(_driver_code()))
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(4096))
-    cfg = PartitionConfig(
+    cfg = PartitionSpec(
         name="vio",
         image=img,
         memory=16 << 20,
-        serial=f"file:{tmp_path / 'serial.log'}",
+        serial=SerialSpec.file(tmp_path / "serial.log"),
         cmdline="console=hvc0",
-        virtio=VirtioConfig(blk=(BlkConfig(disk),), rng=True),
+        virtio=VirtioSpec(blk=(BlkSpec(disk),), rng=True),
     )
     with build(cfg) as m:
         rng = m.devices["virtio-rng"]
@@ -83,17 +83,17 @@ def test_guest_drives_virtio_rng_by_ioeventfd_and_irqfd(tmp_path: Path) -> None:
             BASE,
             BASE + 0x1000,
         ]
-        cmdline = m.memory.read(0x20000, 200).split(b"\0")[0]
+        cmdline = m.memory.read(layout.CMDLINE_ADDR, 200).split(b"\0")[0]
         assert cmdline == (
             b"console=hvc0 virtio_mmio.device=4K@0xc0000000:5 virtio_mmio.device=4K@0xc0001000:6"
         )
     # Now a machine with rng alone, at BASE, which the guest drives.
-    cfg = PartitionConfig(
+    cfg = PartitionSpec(
         name="vio",
         image=img,
         memory=16 << 20,
-        serial=f"file:{tmp_path / 'serial.log'}",
-        virtio=VirtioConfig(rng=True),
+        serial=SerialSpec.file(tmp_path / "serial.log"),
+        virtio=VirtioSpec(rng=True),
     )
     with build(cfg) as m:
         rng = m.devices["virtio-rng"]

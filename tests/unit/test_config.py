@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 
 from corevisor.config import (
-    PartitionConfig,
-    SystemConfig,
     format_cpu_list,
     load_config,
     parse_cpu_list,
@@ -17,6 +15,8 @@ from corevisor.config import (
     partition_from_args,
 )
 from corevisor.errors import ConfigError
+from corevisor.spec import PartitionSpec, SerialKind, SerialSpec, SystemSpec
+from tests.kvm.images import pvh_elf
 
 ALLOWED = sorted(os.sched_getaffinity(0))
 NCPUS = os.cpu_count() or 1
@@ -34,7 +34,7 @@ def host_ram() -> int:
 def tree(tmp_path: Path) -> Path:
     """A directory with a (magic-only) ELF guest and a non-ELF file next to the TOML."""
     (tmp_path / "guests").mkdir()
-    (tmp_path / "guests" / "hello.elf").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(57))
+    (tmp_path / "guests" / "hello.elf").write_bytes(pvh_elf(b"\xf4"))
     (tmp_path / "guests" / "notes.txt").write_text("not a guest\n")
     return tmp_path
 
@@ -63,9 +63,9 @@ DEMO = '[partitions.demo]\nimage = "guests/hello.elf"\n'
 
 def test_minimal_file_gets_defaults(tree: Path) -> None:
     cfg = load_config(write(tree, DEMO))
-    assert cfg == SystemConfig(
+    assert cfg == SystemSpec(
         partitions=(
-            PartitionConfig(name="demo", image=(tree / "guests" / "hello.elf").resolve()),
+            PartitionSpec(name="demo", image=(tree / "guests" / "hello.elf").resolve()),
         ),
         source=tree / "system.toml",
     )
@@ -75,7 +75,7 @@ def test_minimal_file_gets_defaults(tree: Path) -> None:
         64 << 20,
         (),
         "",
-        "stdout",
+        SerialSpec(SerialKind.STDOUT),
     )
 
 
@@ -104,9 +104,13 @@ serial = "unix:/tmp/x.sock"
     rtos, linux = cfg.partitions
     assert rtos.name == "rtos"
     assert (rtos.cpus, rtos.memory, rtos.pin, rtos.cmdline) == (2, 32 << 20, (core,), "exit=0")
-    assert rtos.serial == f"file:{tree.resolve() / 'logs' / 'rtos.log'}"
+    assert rtos.serial == SerialSpec.file(tree.resolve() / "logs" / "rtos.log")
     assert linux.name == "linux-2"
-    assert (linux.memory, linux.pin, linux.serial) == (8 << 20, (core,), "unix:/tmp/x.sock")
+    assert (linux.memory, linux.pin, linux.serial) == (
+        8 << 20,
+        (core,),
+        SerialSpec.unix(Path("/tmp/x.sock")),
+    )
 
 
 def test_one_core_per_vcpu(tree: Path) -> None:
@@ -164,9 +168,9 @@ def test_partition_not_a_table(tree: Path) -> None:
 
 def test_unknown_partition_key(tree: Path) -> None:
     assert error(tree, DEMO + "cpu = 2\n") == (
-        'partitions.demo: unknown key "cpu" (known: cpus, image, memory, pin, cmdline, serial, '
-        "dedicated, exits, halt_poll_ns, restart, watchdog_ms, initrd, gdb, blk, net, rng, "
-            "virtio_console)"
+        'partitions.demo: unknown key "cpu" (known: image, cpus, memory, pin, cmdline, serial, '
+        "dedicated, exits, halt_poll_ns, restart, watchdog_ms, initrd, modules, gdb, blk, net, "
+        "rng, virtio_console)"
     )
 
 
@@ -186,7 +190,8 @@ def test_image_does_not_exist(tree: Path) -> None:
 
 def test_image_not_elf(tree: Path) -> None:
     msg = error(tree, '[partitions.demo]\nimage = "guests/notes.txt"\n')
-    assert msg == "partitions.demo.image: guests/notes.txt is not an ELF image or a Linux bzImage"
+    # the loader's own answer (loader.identify_image), with the key in front
+    assert msg == "partitions.demo.image: guests/notes.txt: not an ELF image (bad magic)"
 
 
 def test_image_is_a_directory(tree: Path) -> None:
@@ -365,7 +370,7 @@ def test_unix_socket_path_too_long(tree: Path) -> None:
 def test_partition_from_args(tree: Path) -> None:
     image = str(tree / "guests" / "hello.elf")
     part = partition_from_args(image, cpus=2, memory="16M", pin=str(ALLOWED[0]), cmdline="x=1")
-    assert part == PartitionConfig(
+    assert part == PartitionSpec(
         name="hello",
         image=Path(image),
         cpus=2,
@@ -377,7 +382,7 @@ def test_partition_from_args(tree: Path) -> None:
 
 def test_partition_from_args_name_from_odd_file_names(tree: Path) -> None:
     odd = tree / "9 Lives.ELF"
-    odd.write_bytes(b"\x7fELF")
+    odd.write_bytes(pvh_elf(b"\xf4"))
     assert partition_from_args(str(odd)).name == "vm-9-lives"
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from corevisor.config.parse import parse_serial
 from corevisor.console import (
     UNIX_BACKLOG_LIMIT,
     FileSerial,
@@ -21,6 +22,7 @@ from corevisor.console import (
     open_serial,
 )
 from corevisor.errors import ConfigError
+from corevisor.spec import SerialKind, SerialSpec
 
 
 class Inbox:
@@ -80,7 +82,7 @@ def connect(path: str) -> socket.socket:
 def test_file_appends_and_is_readable_at_once(tmp_path: Path) -> None:
     path = tmp_path / "serial.log"
     path.write_bytes(b"old\n")
-    backend = open_serial(f"file:{path}", "demo")
+    backend = open_serial(SerialSpec.file(path), "demo")
     assert isinstance(backend, FileSerial)
     backend.start_input(Inbox())  # no input from a file: harmless
     for ch in b"hi\n":
@@ -91,15 +93,15 @@ def test_file_appends_and_is_readable_at_once(tmp_path: Path) -> None:
 
 
 def test_file_cannot_open(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r'^demo: serial "file:.*/no/such/x" cannot be opened: '):
-        open_serial(f"file:{tmp_path}/no/such/x", "demo")
+    with pytest.raises(ConfigError, match=r'^demo: serial "file:.*/no/such/x": cannot open: '):
+        open_serial(SerialSpec.file(tmp_path / "no/such/x"), "demo")
 
 
 # ------------------------------------------------------------------ unix socket
 
 
 def test_unix_output_and_input(sock_path: str) -> None:
-    backend = open_serial(f"unix:{sock_path}", "demo")
+    backend = open_serial(SerialSpec.unix(Path(sock_path)), "demo")
     assert isinstance(backend, UnixSocketSerial)
     inbox = Inbox()
     backend.start_input(inbox)
@@ -118,6 +120,7 @@ def test_unix_output_and_input(sock_path: str) -> None:
 
 def test_unix_output_before_connect_is_kept(sock_path: str) -> None:
     backend = UnixSocketSerial(sock_path, "demo")
+    backend.start_input(Inbox())  # its accept thread starts here, as in Machine.start
     try:
         backend.write(b"x" * 10)
         backend.write(b"boot log\n")
@@ -133,6 +136,7 @@ def test_unix_output_before_connect_is_kept(sock_path: str) -> None:
 
 def test_unix_backlog_keeps_newest(sock_path: str) -> None:
     backend = UnixSocketSerial(sock_path, "demo")
+    backend.start_input(Inbox())  # its accept thread starts here, as in Machine.start
     try:
         backend.write(b"a" * UNIX_BACKLOG_LIMIT)
         backend.write(b"tail")
@@ -173,6 +177,7 @@ def test_unix_client_disconnect_and_new_client(sock_path: str) -> None:
 
 def test_unix_client_that_does_not_read_does_not_stall_writes(sock_path: str) -> None:
     backend = UnixSocketSerial(sock_path, "demo")
+    backend.start_input(Inbox())  # its accept thread starts here, as in Machine.start
     client = connect(sock_path)
     try:
         wait_for(lambda: backend.connected)
@@ -247,7 +252,7 @@ def test_stdout_reads_a_terminal_without_echo() -> None:
 
 
 def test_null() -> None:
-    backend = open_serial("null", "demo")
+    backend = open_serial(SerialSpec.null(), "demo")
     assert isinstance(backend, NullSerial)
     backend.write(b"gone")
     backend.start_input(Inbox())
@@ -255,6 +260,15 @@ def test_null() -> None:
 
 
 @pytest.mark.parametrize("spec", ["tty", "file:", "unix:", "stdout:x", ""])
-def test_bad_spec(spec: str) -> None:
-    with pytest.raises(ConfigError, match=f'^demo: bad serial "{spec}"'):
-        open_serial(spec, "demo")
+def test_bad_spec_is_refused_where_it_is_parsed(spec: str) -> None:
+    """open_serial only ever sees a SerialSpec: a bad setting stops at the parser."""
+    with pytest.raises(ConfigError, match="^--serial: "):
+        parse_serial(spec, "--serial", None)
+
+
+def test_serial_spec_has_a_path_exactly_for_file_and_unix() -> None:
+    with pytest.raises(ValueError):
+        SerialSpec(SerialKind.FILE)
+    with pytest.raises(ValueError):
+        SerialSpec(SerialKind.STDOUT, Path("x"))
+    assert str(SerialSpec.file(Path("/l/x.log"))) == "file:/l/x.log"

@@ -314,11 +314,32 @@ def test_segment_that_does_not_fit_in_ram(tmp_path: Path) -> None:
     )
 
 
-def test_segment_in_the_boot_area_is_refused(mem: GuestMemory, tmp_path: Path) -> None:
+def test_segment_below_1mib_loads_where_nothing_of_the_vmm_is(
+    mem: GuestMemory, tmp_path: Path
+) -> None:
     data = make_elf([Seg(PT_NOTE, 0, xen_note(0x8000)), Seg(PT_LOAD, 0x8000, CODE)])
-    with pytest.raises(LoaderError, match=r"segment 1 \(0x8000-0x8020\) is below 0x100000"):
+    image = load_image(mem, write(tmp_path, "low.elf", data))
+    assert (image.start, image.end, image.entry) == (0x8000, 0x8020, 0x8000)
+    assert mem.read(0x8000, 32) == CODE
+
+
+@pytest.mark.parametrize(
+    ("gpa", "what"),
+    [
+        (0x9B000, r"the boot information \(0x9a000-0x9c000\)"),
+        (0x9C010, r"the command lines \(0x9c000-0x9fc00\)"),
+        (0x520, r"the boot GDT and IDT \(0x500-0x530\)"),
+        (0xE0000, r"the EBDA, VGA hole, ACPI tables and BIOS area \(0x9fc00-0x100000\)"),
+    ],
+)
+def test_segment_over_what_the_vmm_writes_is_refused_naming_both(
+    mem: GuestMemory, tmp_path: Path, gpa: int, what: str
+) -> None:
+    data = make_elf([Seg(PT_NOTE, 0, xen_note(gpa)), Seg(PT_LOAD, gpa, CODE)])
+    where = rf"segment 1 \({gpa:#x}-{gpa + 32:#x}\) overlaps {what}"
+    with pytest.raises(LoaderError, match=where):
         load_image(mem, write(tmp_path, "low.elf", data))
-    assert mem.read(0x8000, 32) == b"\xaa" * 32
+    assert mem.read(gpa, 32) == b"\xaa" * 32
 
 
 def test_failed_load_writes_nothing(mem: GuestMemory, tmp_path: Path) -> None:

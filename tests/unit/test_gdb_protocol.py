@@ -18,6 +18,8 @@ from corevisor.errors import ConfigError
 from corevisor.gdb import protocol as p
 from corevisor.gdb import x86_64
 from corevisor.kvm import bindings as b
+from corevisor.spec import HostPort
+from tests.kvm.images import pvh_elf
 
 # --- framing -------------------------------------------------------------------------
 
@@ -222,10 +224,12 @@ def test_x87_tag_word_from_the_abridged_one() -> None:
 
 
 def test_gdb_addresses() -> None:
-    assert parse_host_port("127.0.0.1:1234") == ("127.0.0.1", 1234)
-    assert parse_host_port("[::1]:1234") == ("::1", 1234)
-    assert parse_host_port("localhost:9") == ("localhost", 9)
-    for bad in ("1234", ":1234", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:70000", "host:1"):
+    assert parse_host_port("127.0.0.1:1234") == HostPort("127.0.0.1", 1234)
+    assert parse_host_port("[::1]:1234") == HostPort("::1", 1234)
+    assert str(parse_host_port("[::1]:1234")) == "[::1]:1234"
+    assert parse_host_port("localhost:9") == HostPort("localhost", 9)
+    bad_ones = ("1234", ":1234", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:70000", "host:1")
+    for bad in (*bad_ones, "127.0.0.1:\u00b9\u00b2", "127.0.0.1:\u0661"):  # non-ASCII digits
         with pytest.raises(ValueError):
             parse_host_port(bad)
 
@@ -234,15 +238,15 @@ def test_gdb_option_validation(tmp_path: object) -> None:
     from pathlib import Path
 
     image = Path(str(tmp_path)) / "x.elf"
-    image.write_bytes(b"\x7fELF" + bytes(60))
+    image.write_bytes(pvh_elf(b"\xf4"))
     part = partition_from_args(str(image), gdb="127.0.0.1:1234")
-    assert part.gdb == "127.0.0.1:1234" and not part.gdb_attach
+    assert part.gdb == HostPort("127.0.0.1", 1234) and not part.gdb_attach
     with pytest.raises(ConfigError, match=r"^--gdb: bad port"):
         partition_from_args(str(image), gdb="127.0.0.1:99999")
     with pytest.raises(ConfigError, match="--gdb-allow-remote"):
         partition_from_args(str(image), gdb="0.0.0.0:1234")
     remote = partition_from_args(str(image), gdb="0.0.0.0:1234", gdb_allow_remote=True)
-    assert remote.gdb == "0.0.0.0:1234"
+    assert remote.gdb == HostPort("0.0.0.0", 1234)
 
 
 def test_gdb_key_in_a_system_file(tmp_path: object) -> None:
@@ -251,17 +255,17 @@ def test_gdb_key_in_a_system_file(tmp_path: object) -> None:
     from corevisor.config import load_config
 
     d = Path(str(tmp_path))
-    (d / "x.elf").write_bytes(b"\x7fELF" + bytes(60))
+    (d / "x.elf").write_bytes(pvh_elf(b"\xf4"))
     f = d / "s.toml"
     f.write_text('[partitions.a]\nimage = "x.elf"\ngdb = "127.0.0.1:4444"\n')
-    assert load_config(f).partitions[0].gdb == "127.0.0.1:4444"
+    assert load_config(f).partitions[0].gdb == HostPort("127.0.0.1", 4444)
     f.write_text('[partitions.a]\nimage = "x.elf"\ngdb = "nowhere"\n')
     with pytest.raises(ConfigError, match=r"s\.toml: partitions\.a\.gdb: .*HOST:PORT"):
         load_config(f)
     f.write_text('[partitions.a]\nimage = "x.elf"\ngdb = "10.1.2.3:4444"\n')
     with pytest.raises(ConfigError, match=r"partitions\.a\.gdb: 10\.1\.2\.3 is not a loopback"):
         load_config(f)
-    assert load_config(f, gdb_allow_remote=True).partitions[0].gdb == "10.1.2.3:4444"
+    assert load_config(f, gdb_allow_remote=True).partitions[0].gdb == HostPort("10.1.2.3", 4444)
     f.write_text('[partitions.a]\nimage = "x.elf"\ngdb = 1234\n')
     with pytest.raises(ConfigError, match=r"partitions\.a\.gdb: expected a string"):
         load_config(f)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from corevisor.channel import Channel, DoorbellPort, ReadOnlyGuard, ends_for
-from corevisor.config import ChannelConfig
 from corevisor.console import ConsoleMux
 from corevisor.hypercall import HypercallHost, Hypercalls, handler_table
 from corevisor.memory import GuestMemory, MemoryRegion
+from corevisor.spec import ChannelSpec
 from corevisor.system import Watchdog
 
 BLOCK = 0x1000
@@ -78,8 +78,8 @@ def test_watchdog_kick(mem: GuestMemory) -> None:
 
 
 def test_channel_ends_info_notify_and_readonly(mem: GuestMemory) -> None:
-    one_way = Channel(ChannelConfig("feed", ("a", "b"), 8192, 0xD000_0000, "a", "b"))
-    two_way = Channel(ChannelConfig("talk", ("b", "a"), 4096, 0xD000_2000))
+    one_way = Channel(ChannelSpec("feed", ("a", "b"), 8192, 0xD000_0000, "a", "b"))
+    two_way = Channel(ChannelSpec("talk", ("b", "a"), 4096, 0xD000_2000))
     try:
         a = ends_for("a", [one_way, two_way])
         b = ends_for("b", [one_way, two_way])

@@ -57,7 +57,7 @@ EXPECTED = {
     "blockdev": "is a block device, not a regular file",
     "zero-link": "is a character device, not a regular file",
     "dangling": "does not exist",
-    "loop": "too many levels of symbolic links",
+    "loop": "Too many levels of symbolic links",
 }
 
 
@@ -77,7 +77,7 @@ def test_every_reader_refuses_what_is_not_a_regular_file(
 ) -> None:
     with pytest.raises(ConfigError) as exc:
         reader(hostile[kind])
-    assert str(exc.value).startswith("LBL ")
+    assert str(exc.value).startswith(("LBL ", "LBL: "))
     assert EXPECTED[kind] in str(exc.value)
 
 
@@ -121,7 +121,7 @@ def test_a_symlink_to_a_regular_file_is_followed_unless_refused(tmp_path: Path) 
 
 
 def test_over_long_paths_and_nul_are_one_line(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="the path is too long"):
+    with pytest.raises(ConfigError, match="^long: cannot read: File name too long"):
         inputs.read_file(tmp_path / ("x" * 5000), "long", limit=10)
     with pytest.raises(ConfigError, match="not a valid path"):
         inputs.read_file("a\0b", "nul", limit=10)
@@ -199,7 +199,7 @@ def test_truncated_output_empties_only_a_regular_file(
 
 
 def test_output_in_a_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="^OUT cannot be opened: No such file"):
+    with pytest.raises(ConfigError, match="^OUT: cannot open: No such file"):
         inputs.open_output(tmp_path / "no" / "x", "OUT")
 
 

@@ -1,6 +1,6 @@
 """Tests for the Linux options of `corevisor run` (linuxboot.py) and the initrd config key.
 
-No KVM: these check how --kernel/--initrd/--initramfs-dir become a PartitionConfig
+No KVM: these check how --kernel/--initrd/--initramfs-dir become a PartitionSpec
 (the CLI's parser, then linuxboot.apply, then config's checks).
 """
 
@@ -54,7 +54,7 @@ def test_kernel_and_image_are_mutually_exclusive(kernel: Path) -> None:
 
 
 def test_initrd_and_initramfs_dir_are_mutually_exclusive(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(cli.UsageError, match="not allowed with argument"):
         parse("--kernel", "k", "--initrd", "i", "--initramfs-dir", str(tmp_path))
 
 

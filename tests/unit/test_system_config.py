@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from corevisor import config
-from corevisor.config import ChannelConfig, load_config
+from corevisor.config import gather, load_config
+from corevisor.errors import ConfigError
+from corevisor.spec import ChannelSpec
 from tests.unit.test_config import error, tree, write  # noqa: F401 - fixture
 
 CORES = sorted(os.sched_getaffinity(0))
@@ -59,9 +61,9 @@ def test_channels_placed_from_the_channel_area(tree: Path) -> None:  # noqa: F81
         )
     )
     ab, big, fixed = cfg.channels
-    assert fixed == ChannelConfig("fixed", ("a", "b"), 4096, 0xD000_0000)
-    assert ab == ChannelConfig("ab", ("a", "b"), 4096, 0xD000_1000)
-    assert big == ChannelConfig("big", ("b", "a"), 64 << 10, 0xD000_2000, "b", "a")
+    assert fixed == ChannelSpec("fixed", ("a", "b"), 4096, 0xD000_0000)
+    assert ab == ChannelSpec("ab", ("a", "b"), 4096, 0xD000_1000)
+    assert big == ChannelSpec("big", ("b", "a"), 64 << 10, 0xD000_2000, "b", "a")
 
 
 def test_single_partition_format_still_valid(tree: Path) -> None:  # noqa: F811
@@ -102,14 +104,18 @@ def test_core_the_host_does_not_have(tree: Path) -> None:  # noqa: F811
     assert msg.startswith(f"partitions.a.pin: host core {n} does not exist")
 
 
-def test_total_memory_over_what_the_host_can_give(
-    tree: Path,  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(config, "_host_available_memory", lambda: ("MemAvailable", 24 << 20))
-    assert error(tree, two()) == (
-        "partitions: total guest memory 32M is more than this host can give (MemAvailable 24M)"
+def test_total_memory_over_what_the_host_can_give(tree: Path) -> None:  # noqa: F811
+    small = replace(gather(), mem_total=1 << 30, mem_available=24 << 20)
+    path = write(tree, two())
+    with pytest.raises(ConfigError) as info:
+        load_config(path, host=small)
+    assert str(info.value) == (
+        f"{path}: partitions: total guest memory 32M is more than this host can give "
+        "(MemAvailable 24M)"
     )
+    old_kernel = replace(small, mem_available=None, mem_total=20 << 20)
+    with pytest.raises(ConfigError, match=r"partitions: .* \(MemTotal 20M\)$"):
+        load_config(path, host=old_kernel)
 
 
 def test_duplicate_partition_name_is_clear(tree: Path) -> None:  # noqa: F811
@@ -150,7 +156,7 @@ def test_duplicate_channel_name_is_clear(tree: Path) -> None:  # noqa: F811
         ('between = ["a", "b"]\ncolour = 1', 'channels.c: unknown key "colour"'),
         (
             'between = ["a", "b"]\ndoorbell = "python"',
-            'channels.c.doorbell: "python" is not one of kernel, thread',
+            'channels.c.doorbell: "python" is not one of "kernel" | "thread"',
         ),
     ],
 )

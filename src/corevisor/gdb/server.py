@@ -2,12 +2,12 @@
 
 attach_gdb(machine, ...) is the builder's step: it wraps the machine in a DebugTarget
 (halted before the first instruction, or running with --gdb-attach), binds the address
-and starts the server thread. A session speaks the remote serial protocol (all-stop,
-threads = vCPUs) until GDB detaches (the guest runs on, breakpoints removed), kills
-(the machine ends), disconnects (treated as a detach) or the machine ends (GDB gets
-W/X). Any malformed input gets an error reply or drops the connection; neither the
-guest nor the VMM is affected. Nothing here touches KVM or guest memory directly:
-that is target.py.
+and registers the server thread, which starts with the machine. A session speaks the
+remote serial protocol (all-stop, threads = vCPUs) until GDB detaches (the guest runs
+on, breakpoints removed), kills (the machine ends), disconnects (treated as a detach)
+or the machine ends (GDB gets W/X). Any malformed input gets an error reply or drops
+the connection; neither the guest nor the VMM is affected. Nothing here touches KVM or
+guest memory directly: that is target.py.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import threading
 import traceback
 from collections.abc import Callable
 
-from corevisor.config import parse_host_port
 from corevisor.errors import CorevisorError
 from corevisor.gdb import protocol as p
 from corevisor.gdb import x86_64
 from corevisor.gdb.target import SIGINT, SIGTRAP, DebugTarget, StopEvent
 from corevisor.machine import Machine
+from corevisor.signals import start_thread
+from corevisor.spec import HostPort
 
 MAX_READ = 0x1000  # bytes per m reply (hex doubles it; PacketSize is 0x4000)
 POLL = 0.2  # seconds between checks for close() and the machine's end while idle
@@ -41,13 +42,13 @@ class GdbServer:
     def __init__(
         self,
         target: DebugTarget,
-        address: str,
+        address: HostPort,
         report: Callable[[str], None] = lambda msg: None,
     ) -> None:
         self.target = target
         self.report = report
-        host, port = parse_host_port(address)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        host, port = address.host, address.port
+        family = socket.AF_INET6 if address.is_ipv6 else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -60,16 +61,20 @@ class GdbServer:
         self.address = address
         self.port = self._listener.getsockname()[1]
         self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="gdb-server", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        """Start serving (the machine's start() calls this; a client connecting before
+        waits in the listen backlog)."""
+        if self._thread is None and not self._closing.is_set():
+            self._thread = start_thread(self._serve, "gdb-server")
 
     def close(self) -> None:
         """Stop serving; a connected client gets the machine's end (W or X) first."""
         self._closing.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(5)
+        thread = self._thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            thread.join(5)
         self._listener.close()
 
     def _serve(self) -> None:
@@ -429,7 +434,7 @@ class Session:
 
 def attach_gdb(
     machine: Machine,
-    address: str,
+    address: HostPort,
     wait: bool = True,
     report: Callable[[str], None] = lambda msg: None,
 ) -> GdbServer:
@@ -439,9 +444,8 @@ def attach_gdb(
     says continue or step; without, the guest runs and stops when GDB connects.
     """
     target = DebugTarget(machine, halted=wait)
-    server = GdbServer(target, address, report)
-    machine.closers.append(server.close)
-    server.start()
+    server = machine.own(GdbServer(target, address, report))
+    machine.at_start(server.start)
     how = "halted before its first instruction" if wait else "running"
     report(f"GDB server on {address} ({how}): gdb -ex 'target remote {address}'")
     return server

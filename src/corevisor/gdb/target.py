@@ -41,6 +41,7 @@ SIGTRAP = 5
 INT3 = 0xCC
 PVM_MODULE = Path("/sys/module/kvm_pvm")  # KVM provided by PVM (see docs/debugging.md)
 STEP_OVER_TIMEOUT = 5.0  # seconds one instruction may take when stepping off a breakpoint
+DEBUGGER = "debugger"  # the vCPU hold reason of the all-stop discipline
 
 _MP_STATES = {
     b.KVM_MP_STATE_RUNNABLE: "runnable",
@@ -100,10 +101,10 @@ class DebugTarget:
         for v in self.vcpus:
             v.debug_handler = self._on_exit
         if halted:
-            # Posted before the threads start: their first KVM_RUN sees immediate_exit
-            # and returns before executing a single guest instruction.
+            # Held before the threads start: each parks before its first KVM_RUN, so
+            # not a single guest instruction runs.
             for v in self.vcpus:
-                v.pause(wait=False)
+                v.hold(DEBUGGER, wait=False)
             self._event = self.last_stop
 
     # --- threads ----------------------------------------------------------------------
@@ -192,13 +193,13 @@ class DebugTarget:
                 self._event = event
                 self._cond.notify_all()
         for v in self.vcpus:
-            v.pause(wait=False)
+            v.hold(DEBUGGER, wait=False)
 
     def _park_all(self) -> None:
         for v in self.vcpus:
-            v.pause(wait=False)
+            v.hold(DEBUGGER, wait=False)
         for v in self.vcpus:
-            v.pause(wait=True)
+            v.hold(DEBUGGER)
 
     def halt(self, signal: int = SIGINT, thread: int = 1) -> StopEvent:
         """Stop every vCPU now (Ctrl-C, or GDB attaching to a running guest)."""
@@ -249,7 +250,7 @@ class DebugTarget:
         self._apply_control(step_index)
         for v in self.vcpus:
             if step_index is None or v.index == step_index:
-                v.resume()
+                v.release(DEBUGGER)
 
     def _hw_exec_slot(self, v: Vcpu) -> int | None:
         return self._hw.exec_slot(self._linear_pc(v)) if self._hw else None
@@ -310,7 +311,8 @@ class DebugTarget:
         with self._cond:
             self._event = None
             self._stepping = None
-        self.machine.resume()
+        for v in self.vcpus:  # a pause of the machine itself (its own hold) stays
+            v.release(DEBUGGER)
 
     def attach(self) -> StopEvent:
         """A client connects to a running guest: stop it for the debugger."""

@@ -269,6 +269,38 @@ class kvm_lapic_state(ctypes.Structure):
     _fields_ = [("regs", c_uint8 * 1024)]
 
 
+# Local APIC register offsets in kvm_lapic_state.regs (the xAPIC page layout)
+APIC_LVT_LINT0 = 0x350
+APIC_LVT_LINT1 = 0x360
+
+
+class kvm_ioapic_state(ctypes.Structure):
+    """The in-kernel IOAPIC: 24 redirection entries (vector 0-7, delivery mode 8-10,
+    mask 16, destination 56-63)."""
+
+    _fields_ = [
+        ("base_address", c_uint64),
+        ("ioregsel", c_uint32),
+        ("id", c_uint32),
+        ("irr", c_uint32),
+        ("pad", c_uint32),
+        ("redirtbl", c_uint64 * 24),
+    ]
+
+
+class kvm_irqchip(ctypes.Structure):
+    """KVM_GET_IRQCHIP's argument: chip_id 0/1 = PIC master/slave, 2 = IOAPIC."""
+
+    _fields_ = [("chip_id", c_uint32), ("pad", c_uint32), ("chip", c_uint8 * 512)]
+
+
+KVM_IRQCHIP_IOAPIC = 2
+# Interrupt delivery modes (IOAPIC redirection entries, LAPIC LVT entries: bits 8-10)
+APIC_DM_NMI = 0b100
+APIC_DM_INIT = 0b101
+APIC_LVT_MASKED = 1 << 16
+
+
 class kvm_guest_debug(ctypes.Structure):
     """KVM_SET_GUEST_DEBUG's argument: KVM_GUESTDBG_* flags and x86 debug registers."""
 
@@ -305,6 +337,8 @@ for _cls, _size in (
     (kvm_vcpu_events, 64),
     (kvm_enable_cap, 104),
     (kvm_lapic_state, 1024),
+    (kvm_ioapic_state, 216),
+    (kvm_irqchip, 520),
     (kvm_guest_debug, 72),
     (kvm_debug_exit_arch, 32),
 ):
@@ -312,6 +346,7 @@ for _cls, _size in (
 assert kvm_sregs.cr0.offset == 224 and kvm_sregs.efer.offset == 264
 assert kvm_vcpu_events.exception_payload.offset == 56
 assert kvm_guest_debug.debugreg.offset == 8 and kvm_debug_exit_arch.pc.offset == 8
+assert kvm_ioapic_state.redirtbl.offset == 24 and kvm_irqchip.chip.offset == 8
 
 # --- ioctl numbers ------------------------------------------------------------------
 KVM_GET_API_VERSION = _io(0x00)
@@ -349,6 +384,10 @@ KVM_GET_VCPU_EVENTS = _ior(0x9F, 64)
 KVM_SET_VCPU_EVENTS = _iow(0xA0, 64)
 KVM_GET_TSC_KHZ = _io(0xA3)
 KVM_SET_GUEST_DEBUG = _iow(0x9B, 72)
+KVM_GET_IRQCHIP = _iowr(0x62, 520)
+# struct kvm_signal_mask is a u32 length followed by the sigset: the number encodes 4.
+KVM_SET_SIGNAL_MASK = _iow(0x8B, 4)
+KERNEL_SIGSET_BYTES = 8  # the kernel's sigset_t on x86-64: 64 signals, one bit each
 
 KVM_API_VERSION = 12
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0

@@ -90,10 +90,15 @@ class Kvm:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             raise KvmError(f"open({path})", e.errno or 0) from None
-        version = _ioctl(self.fd, b.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
-        if version != b.KVM_API_VERSION:
+        try:
+            version = _ioctl(self.fd, b.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+            if version != b.KVM_API_VERSION:
+                raise KvmError(
+                    "KVM_GET_API_VERSION", errno.EINVAL, f"API version {version} != 12"
+                )
+        except BaseException:
             os.close(self.fd)
-            raise KvmError("KVM_GET_API_VERSION", errno.EINVAL, f"API version {version} != 12")
+            raise
 
     def check_extension(self, cap: b.Cap) -> int:
         """Return KVM_CHECK_EXTENSION's answer (0 means absent)."""
@@ -129,7 +134,10 @@ class Kvm:
         return VmFd(fd, self)
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Close the fd; a second call does nothing."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class VmFd:
@@ -196,12 +204,27 @@ class VmFd:
             req.args[i] = a
         _ioctl(self.fd, b.KVM_ENABLE_CAP, req, "KVM_ENABLE_CAP")
 
+    def ioapic_redirections(self) -> tuple[int, ...]:
+        """The in-kernel IOAPIC's 24 redirection entries (KVM_GET_IRQCHIP, chip 2)."""
+        chip = b.kvm_irqchip(b.KVM_IRQCHIP_IOAPIC, 0)
+        _ioctl(self.fd, b.KVM_GET_IRQCHIP, chip, "KVM_GET_IRQCHIP")
+        ioapic = b.kvm_ioapic_state.from_buffer_copy(bytes(chip.chip))
+        return tuple(ioapic.redirtbl)
+
     def create_vcpu(self, index: int) -> VcpuFd:
+        """A new vCPU; its fd is closed again if mapping its kvm_run page fails."""
         fd = _ioctl(self.fd, b.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
-        return VcpuFd(fd, index, self.kvm.vcpu_mmap_size())
+        try:
+            return VcpuFd(fd, index, self.kvm.vcpu_mmap_size())
+        except BaseException:
+            os.close(fd)
+            raise
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Close the fd; a second call does nothing."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class VcpuFd:
@@ -373,6 +396,23 @@ class VcpuFd:
     def get_tsc_khz(self) -> int:
         return _ioctl(self.fd, b.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
 
+    def set_signal_mask(self, blocked: set[int]) -> None:
+        """KVM_SET_SIGNAL_MASK: the signals blocked while this vCPU is inside KVM_RUN.
+
+        KVM swaps this mask in for the duration of KVM_RUN only, so a signal the thread
+        blocks everywhere else can still interrupt the guest (signals.py says why).
+        """
+        bits = 0
+        for sig in blocked:
+            if 1 <= sig <= 8 * b.KERNEL_SIGSET_BYTES:
+                bits |= 1 << (sig - 1)
+        arg = bytearray(struct.pack("<IQ", b.KERNEL_SIGSET_BYTES, bits))
+        _ioctl(self.fd, b.KVM_SET_SIGNAL_MASK, arg, "KVM_SET_SIGNAL_MASK")
+
     def close(self) -> None:
+        """Unmap kvm_run and close the fd; a second call does nothing."""
+        if self.fd < 0:
+            return
         self.run_mm.close()
         os.close(self.fd)
+        self.fd = -1

@@ -29,7 +29,7 @@ from typing import IO
 
 from corevisor import inputs
 from corevisor.arch.x86_64.layout import HIGH_MEMORY_START
-from corevisor.errors import GuestMemoryError, LoaderError
+from corevisor.errors import GuestMemoryError, LoaderError, show
 from corevisor.loader.elf import LoadedImage
 from corevisor.memory import GuestMemory
 
@@ -204,7 +204,7 @@ def load_bzimage(mem: GuestMemory, path: Path, data: bytes) -> LoadedImage:
     pref_address, whichever is higher, plus init_size): the initrd must stay above it.
     Nothing is written unless all of it fits.
     """
-    name = str(path)
+    name = show(path)  # safe to print, whatever bytes the path holds
     hdr = parse_setup_header(data, name)
     kernel = memoryview(data)[hdr.kernel_offset :]
     load = load_address(hdr)

@@ -12,7 +12,8 @@ Two boot protocols are recognised, in this order:
 Everything is parsed and checked before a single byte is written, and every problem is
 a LoaderError naming the file, so a corrupt or hostile image can neither crash the VMM
 nor half-load. Segments are placed at their physical addresses (p_paddr) and must lie
-in guest RAM at or above 1 MiB: the low area holds the VMM's own tables.
+in guest RAM, clear of the few ranges below 1 MiB the VMM writes (placement.py): an
+image linked low loads where it was linked.
 
 What does not live here: register setup (the builder and cpu.py), boot information
 (arch/x86_64/bootparams.py), bzImage (bzimage.py).
@@ -25,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from corevisor.arch.x86_64.layout import HIGH_MEMORY_START
-from corevisor.errors import GuestMemoryError, LoaderError
+from corevisor.errors import GuestMemoryError, LoaderError, show
+from corevisor.loader.placement import check_placement
 from corevisor.memory import GuestMemory
 
 ImageKind = Literal["pvh", "multiboot", "bzimage"]
@@ -146,14 +147,6 @@ class LoadedImage:
     start: int
     end: int
     boot_header: bytes = b""
-
-
-def _size(n: int) -> str:
-    """A byte count the way a user configured it (64 MiB, not 67108864)."""
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} bytes"
 
 
 # --- ELF ----------------------------------------------------------------------------------
@@ -463,33 +456,22 @@ def identify_image(data: bytes, name: str) -> ImageKind:
     return _plan(data, name).kind
 
 
-def _check_placement(mem: GuestMemory, seg: _Segment, name: str) -> None:
-    """Refuse segments in the VMM's low area or outside guest RAM, before writing any."""
-    where = f"{seg.label} ({seg.gpa:#x}-{seg.end:#x})"
-    if seg.gpa < HIGH_MEMORY_START:
-        raise LoaderError(
-            f"{name}: {where} is below {HIGH_MEMORY_START:#x}, where the VMM's boot tables live"
-        )
-    if not mem.contains(seg.gpa, seg.memsz):
-        raise LoaderError(f"{name}: {where} does not fit in guest RAM ({_size(mem.size)})")
-
-
 def load_image(mem: GuestMemory, path: Path, data: bytes) -> LoadedImage:
-    """Copy a PVH or multiboot image (data, read from path by loader.read_image) into
-    guest RAM at its physical addresses.
+    """Copy a PVH or multiboot image (data, read from path by loader.read_image, which
+    bounds it) into guest RAM at its physical addresses.
 
     Nothing is written unless every segment fits, so a failed load leaves RAM as it was.
     """
-    name = str(path)
+    name = show(path)  # safe to print, whatever bytes the path holds
     plan = _plan(data, name)
     for seg in plan.segments:
-        _check_placement(mem, seg, name)
+        check_placement(mem, name, seg.label, seg.gpa, seg.end)
     try:
         for seg in plan.segments:
             mem.write(seg.gpa, data[seg.offset : seg.offset + seg.filesz])
             if seg.memsz > seg.filesz:
                 mem.fill(seg.gpa + seg.filesz, seg.memsz - seg.filesz, 0)
-    except GuestMemoryError as e:  # pragma: no cover - _check_placement rules this out
+    except GuestMemoryError as e:  # pragma: no cover - check_placement rules this out
         raise LoaderError(f"{name}: {e}") from e
     return LoadedImage(
         path=path,

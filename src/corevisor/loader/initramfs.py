@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from corevisor import inputs
-from corevisor.errors import LoaderError
+from corevisor.errors import LoaderError, quote, show
 
 NEWC_MAGIC = b"070701"
 TRAILER = "TRAILER!!!"
@@ -73,7 +73,7 @@ def _archive_name(path: str) -> str:
     """Members are relative ("bin/sh"), as the kernel and cpio -i expect."""
     parts = [p for p in PurePosixPath(path).parts if p not in ("/", ".")]
     if not parts or ".." in parts:
-        raise LoaderError(f"initramfs: bad member name {path!r}")
+        raise LoaderError(f"initramfs: bad member name {quote(path)}")
     return "/".join(parts)
 
 
@@ -101,7 +101,7 @@ def _member(ino: int, entry: Entry, name: str) -> bytes:
     )
     for value in fields:
         if not 0 <= value <= 0xFFFFFFFF:
-            raise LoaderError(f"initramfs: {name}: field value {value} does not fit newc")
+            raise LoaderError(f"initramfs: {show(name)}: field value {value} does not fit newc")
     header = NEWC_MAGIC + b"".join(b"%08x" % v for v in fields)
     return (
         header
@@ -120,7 +120,7 @@ def write_newc(entries: Iterable[Entry]) -> bytes:
     for ino, entry in enumerate(entries, start=1):
         name = _archive_name(entry.path)
         if name in seen:
-            raise LoaderError(f"initramfs: {name} is in the archive twice")
+            raise LoaderError(f"initramfs: {show(name)} is in the archive twice")
         seen.add(name)
         out += _member(ino, entry, name)
     out += _member(0, Entry(TRAILER, 0), TRAILER)
@@ -142,7 +142,7 @@ class Budget:
         cost = _HEADER_SIZE + len(name) + 4 + size + 3
         if cost > self.left:
             raise LoaderError(
-                f"initramfs: {host}: the archive would be more than "
+                f"initramfs: {show(host)}: the archive would be more than "
                 f"{inputs.size_text(self.limit)}, the most this guest can take (its RAM)"
             )
         self.left -= cost
@@ -159,7 +159,7 @@ def _entry_from_host(name: str, host: Path, mtime: int | None, budget: Budget) -
             # Read by the same rules as every input: the lstat above only chose the
             # member's kind; a file swapped for a FIFO, device or link is refused.
             data = inputs.read_file(
-                host, f"initramfs: {host}", limit=st.st_size,
+                host, inputs.Named("initramfs", show(host)), limit=st.st_size,
                 why="it was when listed", follow=False, error=LoaderError,
             )
             return Entry(name, mode, data, when)
@@ -170,7 +170,7 @@ def _entry_from_host(name: str, host: Path, mtime: int | None, budget: Budget) -
             return Entry(name, mode, b"", when, rdev)
         return Entry(name, mode, b"", when)  # directory, fifo, socket
     except OSError as e:
-        raise LoaderError(f"initramfs: cannot read {host}: {e.strerror or e}") from e
+        raise LoaderError(f"initramfs: cannot read {show(host)}: {e.strerror or e}") from e
 
 
 def entries_from_directory(
@@ -179,28 +179,44 @@ def entries_from_directory(
     """Every file under root (root itself excluded), parents first, sorted by name.
 
     mtime=None keeps the files' own times; a number makes the archive reproducible.
-    Symlinks are stored as links, never followed. More than limit bytes of archive is
-    refused before the member that would cross it is read.
+    Symlinks are stored as links, never followed. The walk keeps its own stack, so a
+    tree of any depth is archived (or refused for a path the host cannot open), never
+    a RecursionError. More than limit bytes of archive is refused before the member
+    that would cross it is read.
     """
     budget = Budget(limit)
-    if not root.is_dir():
-        raise LoaderError(f"initramfs: {root} is not a directory")
+    try:
+        is_dir = stat.S_ISDIR(os.stat(root).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        is_dir = False
+    except OSError as e:
+        raise LoaderError(f"initramfs: cannot use {show(root)}: {e.strerror or e}") from e
+    if not is_dir:
+        raise LoaderError(f"initramfs: {show(root)} is not a directory")
     entries: list[Entry] = []
-
-    def walk(d: Path, prefix: str) -> None:
-        try:
-            children = sorted(os.listdir(d))
-        except OSError as e:
-            raise LoaderError(f"initramfs: cannot list {d}: {e.strerror or e}") from e
-        for child in children:
-            host = d / child
-            name = f"{prefix}{child}"
-            entries.append(_entry_from_host(name, host, mtime, budget))
-            if host.is_dir() and not host.is_symlink():
-                walk(host, name + "/")
-
-    walk(root, "")
+    # Each frame: a directory's children still to visit (reversed, so pop() is in order).
+    stack: list[tuple[Path, str, list[str]]] = [(root, "", _children(root))]
+    while stack:
+        d, prefix, children = stack[-1]
+        if not children:
+            stack.pop()
+            continue
+        child = children.pop()
+        host = d / child
+        name = f"{prefix}{child}"
+        entry = _entry_from_host(name, host, mtime, budget)
+        entries.append(entry)
+        if stat.S_ISDIR(entry.mode):  # lstat's mode: a symlink to a directory is a link
+            stack.append((host, name + "/", _children(host)))
     return entries
+
+
+def _children(d: Path) -> list[str]:
+    """d's entries, sorted and reversed for popping in name order."""
+    try:
+        return sorted(os.listdir(d), reverse=True)
+    except OSError as e:
+        raise LoaderError(f"initramfs: cannot list {show(d)}: {e.strerror or e}") from e
 
 
 def entries_from_files(

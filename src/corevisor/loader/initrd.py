@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corevisor import inputs
-from corevisor.errors import LoaderError
+from corevisor.errors import LoaderError, show
 from corevisor.loader.elf import LoadedImage
 from corevisor.memory import GuestMemory
 
@@ -47,7 +47,7 @@ def _limit(mem: GuestMemory, image: LoadedImage) -> int:
 
 def load_initrd(mem: GuestMemory, path: Path, image: LoadedImage) -> Initrd:
     """Copy the file at path below the image's initrd limit, above the image itself."""
-    name = str(path)
+    name = show(path)  # safe to print, whatever bytes the path holds
     if image.kind == "multiboot":
         raise LoaderError(
             f"{name}: an initrd needs a Linux kernel (bzImage or PVH vmlinux); "

@@ -1,13 +1,16 @@
 """Putting a partition's virtio devices into its VM: windows, GSIs, eventfds, I/O threads.
 
-Placement is fixed so a guest (and a restored snapshot) sees the same machine every
-time: device i gets the 4 KiB MMIO window at 0xC000_0000 + i * 0x1000 (the bottom of
-the hole below 4 GiB; channels start at 0xD000_0000) and the i-th GSI of 5, 6, 7, 9,
-10, 11, 12, 14, 15 (ISA lines no legacy device of ours uses; 16..23 are the channels').
-Order: blk devices, net devices, rng, console, each in config order.
+Placement comes from the machine's resource map (resources.py) and is the same every
+time, so a guest (and a restored snapshot) sees the same machine: device i gets the
+lowest free 4 KiB window of the virtio-mmio pool (from 0xC000_0000, the bottom of the
+hole below 4 GiB) and the first free GSI of resources.VIRTIO_GSIS (ISA lines no legacy
+device of ours uses; 16..23 are the channels'). Order: blk devices, net devices, rng,
+console, each in config order.
 
 Per device: a VirtioMmio on the MMIO bus, one KVM ioeventfd per queue on QueueNotify
-(datamatch = queue index), one irqfd on its GSI, and an IoThread. The guest learns about
+(datamatch = queue index), one irqfd on its GSI, and an IoThread that starts with the
+machine. Everything is owned by the machine from the moment it exists (an Owner), so a
+step failing half-way (an irqfd refused) leaves nothing open. The guest learns about
 the devices twice, as Linux does on x86 without PCI: ``virtio_mmio.device=4K@BASE:GSI``
 on its command line and a LNRO0005 Device in the DSDT (arch/x86_64/aml.py).
 
@@ -16,15 +19,23 @@ What does not live here: the generic builder steps (builder.py), the device mode
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
-from corevisor.arch.x86_64 import layout
 from corevisor.errors import ConfigError
 from corevisor.kvm.ioctls import VmFd
 from corevisor.memory import GuestMemory
+from corevisor.resources import (
+    VIRTIO_GSIS,
+    VIRTIO_WINDOW_SIZE,
+    VIRTIO_WINDOWS,
+    Resources,
+    Space,
+)
+from corevisor.spec import VirtioSpec
 from corevisor.virtio.blk import Blk
-from corevisor.virtio.config import VirtioConfig
 from corevisor.virtio.console import Console
 from corevisor.virtio.device import VirtioDevice
 from corevisor.virtio.mmio import MMIO_SIZE, REG, VirtioMmio
@@ -32,10 +43,24 @@ from corevisor.virtio.net import Net, default_mac, open_tap
 from corevisor.virtio.rng import Rng
 from corevisor.virtio.worker import IoThread
 
-__all__ = ["VirtioSlot", "VIRTIO_MMIO_BASE", "VIRTIO_GSIS", "make_devices", "attach", "cmdline"]
+__all__ = ["Owner", "VirtioSlot", "make_devices", "attach", "cmdline"]
 
-VIRTIO_MMIO_BASE = layout.VIRTIO_MMIO_START
-VIRTIO_GSIS = (5, 6, 7, 9, 10, 11, 12, 14, 15)
+assert MMIO_SIZE == VIRTIO_WINDOW_SIZE, "resources.py sizes the windows of this transport"
+
+
+class _Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+_C = TypeVar("_C", bound=_Closeable)
+
+
+class Owner(Protocol):
+    """What owns the devices from the moment they exist (a Machine)."""
+
+    def own(self, resource: _C) -> _C: ...
+
+    def at_start(self, start: Callable[[], None]) -> None: ...
 
 
 @dataclass
@@ -53,38 +78,47 @@ class VirtioSlot:
         """Bytes of its MMIO window."""
         return MMIO_SIZE
 
-    def close(self) -> None:
-        self.worker.close()
-        self.transport.close()
-
 
 def make_devices(
-    config: VirtioConfig, partition: str, console_out: Callable[[bytes], None]
+    config: VirtioSpec, partition: str, console_out: Callable[[bytes], None], owner: Owner
 ) -> list[tuple[str, VirtioDevice]]:
-    """Open every backend (images, TAPs) and build the device models, in slot order."""
+    """Open every backend (images, TAPs) and build the device models, in slot order.
+
+    Each device (and a TAP fd before its device exists) is owned by owner at once.
+    """
+    where = f"partitions.{partition}"
+    if config.count > len(VIRTIO_GSIS):
+        raise ConfigError(f"{where}: more than {len(VIRTIO_GSIS)} virtio devices")
     devices: list[tuple[str, VirtioDevice]] = []
-    try:
-        for i, blk in enumerate(config.blk):
-            devices.append(
-                (f"virtio-blk{i}", Blk(blk.path, blk.readonly, f"partitions.{partition}.blk[{i}]"))
-            )
-        for i, net in enumerate(config.net):
-            fd = open_tap(net.tap, f"partitions.{partition}.net[{i}]")
-            mac = default_mac(f"{partition}/{net.tap}")
-            devices.append((f"virtio-net{i}", Net(fd, mac, f"virtio-net({net.tap})")))
-        if config.rng:
-            devices.append(("virtio-rng", Rng()))
-        if config.console:
-            devices.append(("virtio-console", Console(console_out)))
-    except BaseException:
-        for _, d in devices:
-            d.close()
-        raise
-    if len(devices) > len(VIRTIO_GSIS):
-        for _, d in devices:
-            d.close()
-        raise ConfigError(f"partitions.{partition}: more than {len(VIRTIO_GSIS)} virtio devices")
+    for i, blk in enumerate(config.blk):
+        disk = owner.own(Blk(blk.path, blk.readonly, f"{where}.blk[{i}]"))
+        devices.append((f"virtio-blk{i}", disk))
+    for i, net in enumerate(config.net):
+        tap = owner.own(_Fd(open_tap(net.tap, f"{where}.net[{i}]")))
+        mac = default_mac(f"{partition}/{net.tap}")
+        nic = owner.own(Net(tap.take(), mac, f"virtio-net({net.tap})"))
+        devices.append((f"virtio-net{i}", nic))
+    if config.rng:
+        devices.append(("virtio-rng", owner.own(Rng())))
+    if config.console:
+        devices.append(("virtio-console", owner.own(Console(console_out))))
     return devices
+
+
+class _Fd:
+    """An fd owned until a device takes it over (take)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def take(self) -> int:
+        fd, self.fd = self.fd, -1
+        return fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def attach(
@@ -93,25 +127,30 @@ def attach(
     attach_mmio: Callable[[int, int, VirtioMmio, str], None],
     devices: list[tuple[str, VirtioDevice]],
     report: Callable[[str], None],
+    owner: Owner,
+    res: Resources,
 ) -> list[VirtioSlot]:
-    """Wire each device into the VM and start its I/O thread; returns the slots.
+    """Wire each device into the VM; its I/O thread starts with the owner (at_start).
 
-    attach_mmio(base, size, device, name) is the machine's MMIO bus attach. The caller
-    closes the slots (after the vCPUs stopped) through VirtioSlot.close.
+    attach_mmio(base, size, device, name) is the machine's MMIO bus attach; res the
+    machine's resource map, which gives each device its window and GSI. Transports and
+    workers are owned by owner as they are made; closing the owner stops each worker
+    before its transport (newest first).
     """
     slots: list[VirtioSlot] = []
-    for i, (name, device) in enumerate(devices):
-        base = VIRTIO_MMIO_BASE + i * MMIO_SIZE
-        gsi = VIRTIO_GSIS[i]
-        transport = VirtioMmio(device, memory, report)
-        worker = IoThread(transport, name)
-        slot = VirtioSlot(name, base, gsi, transport, worker)
-        slots.append(slot)
+    for name, device in devices:
+        base = res.allocate(Space.GPA, MMIO_SIZE, name, pool=VIRTIO_WINDOWS, align=MMIO_SIZE)
+        gsi = res.allocate_from(Space.GSI, VIRTIO_GSIS, name)
+        if base is None or gsi is None:
+            raise ConfigError(f"{res.name}: no free virtio-mmio window or GSI for {name}")
+        transport = owner.own(VirtioMmio(device, memory, report))
+        worker = owner.own(IoThread(transport, name))
+        slots.append(VirtioSlot(name, base, gsi, transport, worker))
         for q, fd in enumerate(transport.notify_fds):
             vm.ioeventfd(fd, base + REG.QUEUE_NOTIFY, 4, pio=False, datamatch=q)
         vm.irqfd(transport.interrupt.fd, gsi)
         attach_mmio(base, MMIO_SIZE, transport, name)
-        worker.start()
+        owner.at_start(worker.start)
     return slots
 
 

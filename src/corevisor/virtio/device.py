@@ -75,7 +75,10 @@ class Interrupt:
             self.status = 0
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Close the eventfd; a second call does nothing."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass

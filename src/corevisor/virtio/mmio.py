@@ -151,9 +151,13 @@ class VirtioMmio:
         self.report = report
         self.interrupt = interrupt if interrupt is not None else Interrupt()
         self.queues = [Queue(memory, size) for size in device.queue_sizes]
-        self.notify_fds = [
-            os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in device.queue_sizes
-        ]
+        self.notify_fds: list[int] = []
+        try:
+            for _ in device.queue_sizes:
+                self.notify_fds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+        except BaseException:
+            self.close()
+            raise
         self.lock = threading.Lock()
         self.offered = device.features() | TRANSPORT_FEATURES
         self.failure: str | None = None  # why the device last entered NEEDS_RESET
@@ -406,6 +410,7 @@ class VirtioMmio:
             self.device.wake()
 
     def close(self) -> None:
+        """Close the queue eventfds, the interrupt and the device; idempotent."""
         for fd in self.notify_fds:
             os.close(fd)
         self.notify_fds = []

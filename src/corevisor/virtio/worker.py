@@ -20,6 +20,7 @@ import select
 import threading
 import traceback
 
+from corevisor.signals import start_thread
 from corevisor.virtio.mmio import VirtioMmio
 
 __all__ = ["IoThread"]
@@ -28,17 +29,20 @@ _JOIN_TIMEOUT = 5.0
 
 
 class IoThread:
-    """A daemon thread serving one VirtioMmio until close()."""
+    """A daemon thread serving one VirtioMmio from start() until close()."""
 
     def __init__(self, transport: VirtioMmio, name: str) -> None:
         self.transport = transport
+        self.name = name
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stopping = False
+        self._thread: threading.Thread | None = None
         transport.device.wake = self.wake
-        self._thread = threading.Thread(target=self._run, name=f"virtio-{name}", daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        """Start serving (once; the machine's start() calls this)."""
+        if self._thread is None and not self._stopping:
+            self._thread = start_thread(self._run, f"virtio-{self.name}")
 
     def wake(self) -> None:
         """Make the thread re-read the device's fd set (called from any thread)."""
@@ -70,12 +74,17 @@ class IoThread:
                     t.fail(f"internal error in the device model: {e!r}")
 
     def close(self) -> None:
-        """Stop the thread (then the transport may close its fds)."""
+        """Stop the thread (then the transport may close its fds); idempotent."""
+        if self._wake < 0:
+            return
         self._stopping = True
         self.wake()
-        self._thread.join(_JOIN_TIMEOUT)
-        if not self._thread.is_alive():
-            os.close(self._wake)
+        if self._thread is not None:
+            self._thread.join(_JOIN_TIMEOUT)
+            if self._thread.is_alive():
+                return  # stuck in a device call: leave its wake fd open rather than reuse
+        os.close(self._wake)
+        self._wake = -1
 
 
 def _drain(fd: int) -> None:

@@ -1,12 +1,22 @@
-"""ACPI tables describing the configured machine: RSDP, XSDT, FADT, DSDT, MADT.
+"""ACPI tables describing the configured machine: RSDP, XSDT, FADT, FACS, DSDT, MADT.
 
 Generated for each machine (its CPU count, its interrupt controllers) and placed in the
 reserved BIOS area at layout.ACPI_ADDR, RSDP first, so a guest finds them through PVH's
-start_info.rsdp_paddr or by the classic 0xE0000-0xFFFFF scan. The FADT declares a
-hardware-reduced platform (no PM timer, no SCI): what a VMM without ACPI power-management
-hardware honestly has. The DSDT describes COM1 and the virtio-mmio devices (aml.py);
-other device objects belong there as they are added. What lives elsewhere:
-the MP table (mptable.py), the e820 map (bootparams.py).
+start_info.rsdp_paddr or by the classic 0xE0000-0xFFFFF scan.
+
+The FADT describes a PC with ACPI fixed hardware, not a hardware-reduced platform: the
+machine has a PM timer (devices/pm_timer.py) that guests use as a clocksource, and the
+spec ignores PM_TMR_BLK when HW_REDUCED_ACPI is set (ACPI 6.5, 4.1 and 5.2.9). Without
+that flag the spec requires what an OS then relies on, so the FADT also declares:
+the PM1a event and control blocks (devices/pm1.py: SCI_EN always set, S5 = power off),
+an SCI (ISA IRQ 9, level, with its MADT interrupt source override, as on QEMU's PCs;
+never raised, since no fixed event exists), a FACS (required without HW_REDUCED_ACPI;
+its global lock and waking vector are unused; FIRMWARE_CTRL only, not X_FIRMWARE_CTRL
+too, or Linux installs it twice), SMI_CMD = 0 (no mode switch: always in
+ACPI mode), no C2/C3 states, and TMR_VAL_EXT (a 32-bit timer). The DSDT describes COM1,
+the fw_cfg device (QEMU0002, which Linux's qemu_fw_cfg driver binds), \\_S5 and the
+virtio-mmio devices (aml.py). What lives elsewhere: the MP table (mptable.py), the e820
+map (bootparams.py), the port numbers (layout.py).
 """
 
 from __future__ import annotations
@@ -22,10 +32,29 @@ OEM_ID = b"CRVSR "
 OEM_TABLE_ID = b"COREVISR"
 CREATOR_ID = b"CRVS"
 MADT_PCAT_COMPAT = 1  # the machine also has legacy 8259 PICs
+MADT_ISO_LEVEL_HIGH = 0x000D  # MPS INTI flags: active high (01), level-triggered (11)
+# FADT flags (5.2.9, table 5.10)
+FADT_WBINVD = 1 << 0
+FADT_PROC_C1 = 1 << 2
+FADT_PWR_BUTTON = 1 << 4  # no fixed-feature power button
+FADT_SLP_BUTTON = 1 << 5  # no fixed-feature sleep button
+FADT_TMR_VAL_EXT = 1 << 8  # the PM timer is 32 bits wide
 FADT_HW_REDUCED_ACPI = 1 << 20
+FADT_FLAGS = FADT_WBINVD | FADT_PROC_C1 | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_TMR_VAL_EXT
 FADT_BOOT_ARCH_LEGACY_DEVICES = 1 << 0
 FADT_BOOT_ARCH_8042 = 1 << 1
 FADT_SIZE = 276  # revision 6
+FACS_SIZE = 64
+FACS_VERSION = 2
+PM1_EVT_LEN = 4
+PM1_CNT_LEN = 2
+PM_TMR_LEN = 4
+# P_LVL2_LAT > 100 and P_LVL3_LAT > 1000 say "no C2, no C3".
+NO_C2_LATENCY = 101
+NO_C3_LATENCY = 1001
+_GAS_SYSTEM_IO = 1
+_GAS_ACCESS_WORD = 2
+_GAS_ACCESS_DWORD = 3
 
 
 def checksum(data: bytes) -> int:
@@ -50,22 +79,49 @@ def madt(ncpus: int) -> bytes:
     for i in range(ncpus):
         body += struct.pack("<BBBBI", 0, 8, i, i, 1)  # processor uid i, APIC id i, enabled
     body += struct.pack("<BBBBII", 1, 12, ncpus, 0, layout.IOAPIC_ADDR, 0)  # IOAPIC, GSI 0
+    sci = layout.SCI_IRQ  # the SCI, ISA IRQ 9 = GSI 9, level-triggered, active high
+    body += struct.pack("<BBBBIH", 2, 10, 0, sci, sci, MADT_ISO_LEVEL_HIGH)
     body += struct.pack("<BBBHB", 4, 6, 0xFF, 0, 1)  # NMI on LINT1 of every processor
     return sdt(b"APIC", 5, bytes(body))
 
 
-def fadt(dsdt_addr: int) -> bytes:
-    """FADT revision 6.5 for a hardware-reduced platform with legacy devices and an i8042."""
+def gas(address: int, bit_width: int, access_size: int) -> bytes:
+    """A Generic Address Structure for a register block in system I/O space."""
+    return struct.pack("<BBBBQ", _GAS_SYSTEM_IO, bit_width, 0, access_size, address)
+
+
+def facs() -> bytes:
+    """FACS: no hardware signature, waking vector or global lock owner (5.2.10)."""
+    return struct.pack("<4sIIIIIQB3sI24s", b"FACS", FACS_SIZE, 0, 0, 0, 0, 0,
+                       FACS_VERSION, b"", 0, b"")
+
+
+def fadt(dsdt_addr: int, facs_addr: int) -> bytes:
+    """FADT revision 6.5 for a PC with a PM timer and PM1a blocks (the module docstring)."""
     body = bytearray(FADT_SIZE - 36)
 
-    def put(offset: int, fmt: str, value: int) -> None:
+    def put(offset: int, fmt: str, value: int | bytes) -> None:
         struct.pack_into(fmt, body, offset - 36, value)
 
+    put(36, "<I", facs_addr)  # FIRMWARE_CTRL (32-bit, as QEMU: the FACS is below 1 MiB)
     put(40, "<I", dsdt_addr)  # DSDT (32-bit pointer)
+    put(46, "<H", layout.SCI_IRQ)  # SCI_INT; SMI_CMD (48) = 0: always in ACPI mode
+    put(56, "<I", layout.PM1A_EVT_PORT)
+    put(64, "<I", layout.PM1A_CNT_PORT)
+    put(76, "<I", layout.PM_TMR_PORT)
+    put(88, "<B", PM1_EVT_LEN)
+    put(89, "<B", PM1_CNT_LEN)
+    put(91, "<B", PM_TMR_LEN)
+    put(96, "<H", NO_C2_LATENCY)
+    put(98, "<H", NO_C3_LATENCY)
     put(109, "<H", FADT_BOOT_ARCH_LEGACY_DEVICES | FADT_BOOT_ARCH_8042)
-    put(112, "<I", FADT_HW_REDUCED_ACPI)
+    put(112, "<I", FADT_FLAGS)
     put(131, "<B", 5)  # FADT minor version
+    # X_FIRMWARE_CTRL (132) stays 0: with both set, Linux installs the FACS twice
     put(140, "<Q", dsdt_addr)  # X_DSDT
+    put(148, "12s", gas(layout.PM1A_EVT_PORT, 8 * PM1_EVT_LEN, _GAS_ACCESS_WORD))
+    put(172, "12s", gas(layout.PM1A_CNT_PORT, 8 * PM1_CNT_LEN, _GAS_ACCESS_WORD))
+    put(208, "12s", gas(layout.PM_TMR_PORT, 8 * PM_TMR_LEN, _GAS_ACCESS_DWORD))
     put(268, "<Q", int.from_bytes(b"CRVSR\0\0\0", "little"))  # hypervisor vendor identity
     return sdt(b"FACP", 6, bytes(body))
 
@@ -91,16 +147,19 @@ def write_acpi_tables(
     cursor = base + 64  # the RSDP (36 bytes) goes first, tables 16-byte aligned after it
     blobs: list[tuple[int, bytes]] = []
 
-    def place(table: bytes) -> int:
+    def place(table: bytes, align: int = 16) -> int:
         nonlocal cursor
-        addr = cursor
+        addr = (cursor + align - 1) & ~(align - 1)
         blobs.append((addr, table))
-        cursor = (cursor + len(table) + 15) & ~15
+        cursor = addr + len(table)
         return addr
 
     com1 = (layout.COM1_PORT, layout.COM1_IRQ)
-    dsdt_addr = place(sdt(b"DSDT", 2, aml.system_bus(com1, virtio_mmio)))
-    fadt_addr = place(fadt(dsdt_addr))
+    fw_cfg = (layout.FW_CFG_PORT, layout.FW_CFG_PORT_SIZE)
+    facs_addr = place(facs(), align=64)  # the FACS must be 64-byte aligned
+    dsdt = aml.sleep_states() + aml.system_bus(com1, virtio_mmio, fw_cfg)
+    dsdt_addr = place(sdt(b"DSDT", 2, dsdt))
+    fadt_addr = place(fadt(dsdt_addr, facs_addr))
     madt_addr = place(madt(ncpus))
     xsdt_addr = place(sdt(b"XSDT", 1, struct.pack("<QQ", fadt_addr, madt_addr)))
     if cursor - base > layout.ACPI_MAX:

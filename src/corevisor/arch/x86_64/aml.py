@@ -1,9 +1,10 @@
 """Hand-assembled AML (ACPI 6.5, chapter 20) for the few DSDT objects corevisor emits.
 
-Only what the DSDT needs: a Scope(\\_SB) holding the COM1 UART (PNP0501, its I/O
-ports and ISA IRQ) and one Device per virtio-mmio window with _HID "LNRO0005" (the ID
-Linux's virtio_mmio driver matches), _UID and a _CRS of one Memory32Fixed and one
-Extended Interrupt descriptor. Bytes are built by small
+Only what the DSDT needs: \\_S5 (the sleep type that powers off, devices/pm1.py), and a
+Scope(\\_SB) holding the COM1 UART (PNP0501, its I/O ports and ISA IRQ), the fw_cfg
+device (QEMU0002, its I/O ports, as QEMU describes it) and one Device per virtio-mmio
+window with _HID "LNRO0005" (the ID Linux's virtio_mmio driver matches), _UID and a
+_CRS of one Memory32Fixed and one Extended Interrupt descriptor. Bytes are built by small
 functions, each named after the AML term it encodes, so a reader can check them
 against the specification; tests disassemble the result with `iasl -d`.
 
@@ -32,6 +33,9 @@ __all__ = [
     "io_port",
     "irq_no_flags",
     "com_port",
+    "fw_cfg_device",
+    "package",
+    "sleep_states",
     "system_bus",
 ]
 
@@ -143,11 +147,43 @@ def com_port(seg: str, uid: int, port: int, irq: int) -> bytes:
     )
 
 
-def system_bus(com1: tuple[int, int], windows: Sequence[tuple[int, int, int]]) -> bytes:
-    """Scope(\\_SB): the COM1 UART (port, irq) and the virtio-mmio devices."""
+def package(*values: int) -> bytes:
+    """PackageOp PkgLength NumElements PackageElementList, of integers."""
+    inner = bytes([len(values)]) + b"".join(integer(v) for v in values)
+    return b"\x12" + pkg_length(len(inner)) + inner
+
+
+def sleep_states() -> bytes:
+    """Name(\\_S5, Package{SLP_TYPa, SLP_TYPb, 0, 0}): the one sleep state, power off."""
+    from corevisor.devices.pm1 import SLP_TYP_S5
+
+    return name("_S5", package(SLP_TYP_S5, SLP_TYP_S5, 0, 0))
+
+
+# _STA: present, enabled, functioning, not shown in UI (QEMU's value for fw_cfg)
+_STA_PRESENT_HIDDEN = 0xB
+
+
+def fw_cfg_device(port: int, length: int) -> bytes:
+    """Device(FWCF): _HID "QEMU0002", _STA, and its I/O ports (selector, data, DMA)."""
+    return device(
+        "FWCF",
+        name("_HID", string("QEMU0002"))
+        + name("_STA", integer(_STA_PRESENT_HIDDEN))
+        + name("_CRS", resource_template(io_port(port, length))),
+    )
+
+
+def system_bus(
+    com1: tuple[int, int],
+    windows: Sequence[tuple[int, int, int]],
+    fw_cfg: tuple[int, int] | None = None,
+) -> bytes:
+    """Scope(\\_SB): the COM1 UART (port, irq), fw_cfg (port, length), virtio-mmio."""
+    fw_cfg_aml = fw_cfg_device(*fw_cfg) if fw_cfg is not None else b""
     return scope(
         b"\x5c" + name_seg("_SB"),
-        com_port("COM1", 1, *com1) + virtio_mmio_devices(windows),
+        com_port("COM1", 1, *com1) + fw_cfg_aml + virtio_mmio_devices(windows),
     )
 
 

@@ -179,46 +179,74 @@ def write_pvh_boot_info(
 MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002
 MULTIBOOT_INFO_MEMORY = 1 << 0
 MULTIBOOT_INFO_CMDLINE = 1 << 2
+MULTIBOOT_INFO_MODS = 1 << 3
 MULTIBOOT_INFO_MEM_MAP = 1 << 6
+MULTIBOOT_INFO_BOOT_LOADER_NAME = 1 << 9
+BOOT_LOADER_NAME = b"corevisor"
 
 # The fixed part of struct multiboot_info up to and including the VBE fields (88 bytes);
-# only flags, mem_lower, mem_upper, cmdline, mmap_length and mmap_addr are filled in.
+# flags, mem_lower, mem_upper, cmdline, mods_count, mods_addr, mmap_length, mmap_addr
+# and boot_loader_name are filled in.
 MULTIBOOT_INFO_SIZE = 88
-_MB_INFO_HEAD = struct.Struct("<IIIII")  # flags, mem_lower, mem_upper, boot_device, cmdline
+_MB_INFO_HEAD = struct.Struct("<IIIIIII")  # flags, mem_lower/upper, boot_device, cmdline, mods
 _MB_MMAP_OFFSET = 44  # mmap_length, mmap_addr
 _MB_MMAP = struct.Struct("<II")
+_MB_BOOT_LOADER_NAME_OFFSET = 64
 # A multiboot memory map entry: size (of the rest, 20), base_addr, length, type.
 _MB_MMAP_ENTRY = struct.Struct("<IQQI")
-assert _MB_MMAP_ENTRY.size == 24
+# A module: mod_start, mod_end (one past the last byte), string, reserved.
+_MB_MODULE = struct.Struct("<IIII")
+assert _MB_MMAP_ENTRY.size == 24 and _MB_MODULE.size == 16
 
 
-def write_multiboot_info(mem: GuestMemory, cmdline: bytes) -> int:
-    """Write a multiboot v1 info structure and memory map; return its address (for ebx).
+def write_multiboot_info(
+    mem: GuestMemory, cmdline: bytes, modules: Sequence[tuple[int, int, bytes]] = ()
+) -> int:
+    """Write a multiboot v1 info structure, memory map and module list; return its address.
 
     mem_lower counts the RAM below the EBDA and mem_upper the RAM from 1 MiB up to the
-    first hole, both in KiB, as the spec defines them; the full map follows the info
-    structure. The caller loads eax with MULTIBOOT_BOOTLOADER_MAGIC.
+    first hole, both in KiB, as the spec defines them; the map and then the module list
+    follow the info structure. modules are (gpa, size, string) of modules the caller
+    placed (loader/modules.py); their strings, the command line and the boot loader
+    name go to the command-line area. The caller loads eax with
+    MULTIBOOT_BOOTLOADER_MAGIC and ebx with the address.
     """
     _check_cmdline(cmdline)
-    (cmdline_addr,) = _write_cstrings(mem, [cmdline])
+    addrs = _write_cstrings(mem, [cmdline, BOOT_LOADER_NAME, *(m[2] for m in modules)])
+    cmdline_addr, name_addr, module_strings = addrs[0], addrs[1], addrs[2:]
 
     memmap = e820_map(mem)
     mmap_addr = BOOT_INFO_ADDR + MULTIBOOT_INFO_SIZE
     mmap_length = len(memmap) * _MB_MMAP_ENTRY.size
-    if MULTIBOOT_INFO_SIZE + mmap_length > BOOT_INFO_MAX:
-        raise LoaderError("multiboot memory map does not fit in the boot information area")
+    mods_addr = mmap_addr + mmap_length
+    if mods_addr + len(modules) * _MB_MODULE.size > BOOT_INFO_ADDR + BOOT_INFO_MAX:
+        raise LoaderError(
+            f"{len(modules)} multiboot modules do not fit in the boot information area"
+        )
 
     low_end = mem.regions[0].end
     mem_lower = EBDA_START // 1024
     mem_upper = max(0, low_end - HIGH_MEMORY_START) // 1024
-    flags = MULTIBOOT_INFO_MEMORY | MULTIBOOT_INFO_CMDLINE | MULTIBOOT_INFO_MEM_MAP
+    flags = (
+        MULTIBOOT_INFO_MEMORY
+        | MULTIBOOT_INFO_CMDLINE
+        | MULTIBOOT_INFO_MODS
+        | MULTIBOOT_INFO_MEM_MAP
+        | MULTIBOOT_INFO_BOOT_LOADER_NAME
+    )
 
     mem.fill(BOOT_INFO_ADDR, BOOT_INFO_MAX, 0)
-    mem.write(BOOT_INFO_ADDR, _MB_INFO_HEAD.pack(flags, mem_lower, mem_upper, 0, cmdline_addr))
+    head = _MB_INFO_HEAD.pack(
+        flags, mem_lower, mem_upper, 0, cmdline_addr, len(modules), mods_addr if modules else 0
+    )
+    mem.write(BOOT_INFO_ADDR, head)
     mem.write(BOOT_INFO_ADDR + _MB_MMAP_OFFSET, _MB_MMAP.pack(mmap_length, mmap_addr))
+    mem.write_u32(BOOT_INFO_ADDR + _MB_BOOT_LOADER_NAME_OFFSET, name_addr)
     for i, e in enumerate(memmap):
         entry = _MB_MMAP_ENTRY.pack(_MB_MMAP_ENTRY.size - 4, e.addr, e.size, e.type)
         mem.write(mmap_addr + i * _MB_MMAP_ENTRY.size, entry)
+    for i, ((gpa, size, _), string) in enumerate(zip(modules, module_strings, strict=True)):
+        mem.write(mods_addr + i * _MB_MODULE.size, _MB_MODULE.pack(gpa, gpa + size, string, 0))
     return BOOT_INFO_ADDR
 
 

@@ -1,11 +1,15 @@
-"""Guest-physical memory map of an x86-64 corevisor guest: address constants only.
+"""Guest-physical memory map (and fixed I/O ports) of an x86-64 corevisor guest: constants only.
 
 Everything the VMM places in guest RAM before boot has its address here, so the
 pieces written by different modules (GDT, page tables, boot info, command line,
 MP table) can be checked against each other in one place. Code lives elsewhere; the
 one function, ram_layout, is here because it *is* the memory map policy.
 
-Low memory (below 1 MiB) belongs to the VMM; images load at or above HIGH_MEMORY_START.
+Below 1 MiB the VMM writes only a few ranges (vmm_low_ranges lists them); an image may
+load anywhere else in RAM, including below 1 MiB as images made for QEMU and GRUB
+sometimes are. The movable boot data (page tables, boot information, command lines) sits
+in one block at the top of conventional memory, just under the EBDA, out of the way of
+images linked low, which grow upwards from their load address.
 """
 
 from __future__ import annotations
@@ -17,24 +21,31 @@ BDA_EBDA_SEGMENT = 0x40E
 
 # Boot GDT and (empty) IDT used to enter protected/long mode.
 BOOT_GDT_ADDR = 0x500
-BOOT_IDT_ADDR = 0x520
+# (the GDT is 5 descriptors, 0x500-0x527: the IDT follows it rather than overwriting
+# its TSS descriptor)
+BOOT_IDT_ADDR = 0x528
 
-# PVH start_info or multiboot info (plus its memory map), up to 0x2000 bytes.
-BOOT_INFO_ADDR = 0x6000
+BOOT_IDT_END = BOOT_IDT_ADDR + 8
+
+# The boot block, 0x94000-0x9FC00: identity-map page tables for long-mode entry (a
+# bzImage only; 4 PDs at 0x96000-0x99FFF map 4 GiB), then the PVH start_info, multiboot
+# info or zero page (with its memory map and module list), then the command lines.
+PML4_ADDR = 0x94000
+PDPT_ADDR = 0x95000
+PD_ADDR = 0x96000
+PAGE_TABLES_END = PD_ADDR + 4 * 0x1000
+
+BOOT_INFO_ADDR = 0x9A000
 BOOT_INFO_MAX = 0x2000
 
-# Identity-map page tables for long-mode entry: 4 PDs at 0xB000-0xEFFF map 4 GiB.
-PML4_ADDR = 0x9000
-PDPT_ADDR = 0xA000
-PD_ADDR = 0xB000
-
-# NUL-terminated kernel command line.
-CMDLINE_ADDR = 0x20000
-CMDLINE_MAX = 0x10000
+# NUL-terminated command lines: the kernel's, then each module's.
+CMDLINE_ADDR = 0x9C000
+CMDLINE_MAX = 0x3C00
 
 # Extended BIOS data area; the MP table lives at its start (e820 reserves it).
 EBDA_START = 0x9FC00
 MPTABLE_ADDR = 0x9FC00
+assert CMDLINE_ADDR + CMDLINE_MAX == EBDA_START and PAGE_TABLES_END == BOOT_INFO_ADDR
 
 VGA_HOLE_START = 0xA0000
 # ACPI tables: RSDP first (where a guest's BIOS-area scan finds it), then the tables.
@@ -50,6 +61,21 @@ MMIO_HOLE_END = 0x1_0000_0000
 # The PC's first serial port: I/O base and ISA IRQ (builder attaches it, the DSDT describes it)
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
+# The paravirtual ports of docs/paravirt-abi.md: hypercalls (hypercall.py) and channel
+# doorbells (channel.py).
+HYPERCALL_PORT = 0x500
+DOORBELL_PORT = 0x504
+
+# QEMU's fw_cfg on x86: selector 0x510, data 0x511, DMA address 0x514-0x51B (devices/fw_cfg.py).
+FW_CFG_PORT = 0x510
+FW_CFG_PORT_SIZE = 12
+# ACPI fixed hardware (the FADT points here; ports as on QEMU's q35): PM1a event block
+# 0x600-0x603, PM1a control block 0x604-0x605 (devices/pm1.py), PM timer 0x608-0x60B
+# (devices/pm_timer.py). The SCI is ISA IRQ 9, level-triggered, as on PCs.
+PM1A_EVT_PORT = 0x600
+PM1A_CNT_PORT = 0x604
+PM_TMR_PORT = 0x608
+SCI_IRQ = 9
 
 IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
@@ -73,6 +99,25 @@ CHANNEL_AREA_END = IOAPIC_ADDR
 # Highest guest-physical address a channel may end at: 39 bits, the least an x86-64
 # host CPU has.
 MAX_GPA = 1 << 39
+
+
+def vmm_low_ranges(long_mode: bool) -> tuple[tuple[int, int, str], ...]:
+    """The ranges below 1 MiB the VMM writes before boot, as (start, end, what).
+
+    An image segment, module or initrd overlapping one of them is refused (loader/);
+    everything else below 1 MiB is the guest's. long_mode: the boot needs the page
+    tables (a bzImage's 64-bit entry).
+    """
+    ranges = [
+        (BDA_EBDA_SEGMENT, BDA_EBDA_SEGMENT + 2, "the BIOS data area's EBDA pointer"),
+        (BOOT_GDT_ADDR, BOOT_IDT_END, "the boot GDT and IDT"),
+        (BOOT_INFO_ADDR, BOOT_INFO_ADDR + BOOT_INFO_MAX, "the boot information"),
+        (CMDLINE_ADDR, CMDLINE_ADDR + CMDLINE_MAX, "the command lines"),
+        (EBDA_START, HIGH_MEMORY_START, "the EBDA, VGA hole, ACPI tables and BIOS area"),
+    ]
+    if long_mode:
+        ranges.insert(2, (PML4_ADDR, PAGE_TABLES_END, "the long-mode page tables"))
+    return tuple(ranges)
 
 
 def ram_layout(memory_size: int) -> list[tuple[int, int]]:
