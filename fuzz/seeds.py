@@ -29,7 +29,7 @@ def _bzimage() -> dict[str, bytes]:
 
     return {
         "plain": make_bzimage(),
-        "gzip": make_bzimage(payload=gzip.compress(pvh64())),
+        "gzip": make_bzimage(payload=gzip.compress(pvh64(), mtime=0)),
         "xz": make_bzimage(payload=lzma.compress(pvh64())),
     }
 
@@ -98,6 +98,14 @@ def _ports() -> dict[str, bytes]:
     return {"calls": head + calls, "uart-rtc": struct.pack("<H", 0) + _device(8)["walk"]}
 
 
+def _fw_cfg() -> dict[str, bytes]:
+    # select the signature, read it byte by byte; a DMA read of etc/e820 (select bit)
+    select = bytes([0, 0])  # op 0, key from the table (0x00)
+    reads = bytes([1, 0, 0]) * 4
+    dma = bytes([4]) + struct.pack("<I", 0x000A0002 | (0x20 << 16)) + bytes([2, 0])
+    return {"signature": bytes([0]) + select + reads, "dma": bytes([0]) + dma + reads}
+
+
 def _device(span: int) -> dict[str, bytes]:
     return {"walk": bytes(b for off in range(span) for b in (0x80, off, 0x55, 0x00, off)),
             "save": bytes([0x3F, 0]) * 4}
@@ -112,6 +120,7 @@ SEEDS: dict[str, Callable[[], dict[str, bytes]]] = {
     "virtqueue": _virtqueue,
     "virtio_mmio": _virtio_mmio,
     "ports": _ports,
+    "fw_cfg": _fw_cfg,
     "uart": lambda: _device(8),
     "rtc": lambda: _device(2),
     "i8042": lambda: _device(5),

@@ -15,5 +15,6 @@ TARGETS = (
     "rtc",
     "i8042",
     "ports",
+    "fw_cfg",
 )
 KVM = ("gdb_server",)

@@ -1,6 +1,7 @@
 """Every port-I/O device a partition has, on one PIO bus laid out as the builder lays it
 (COM1, i8042, RTC, POST code, debug exit, the hypercall port with real channel ends,
-the doorbell port), driven by guest accesses the way the vCPU loop dispatches them.
+the doorbell port, ACPI PM1 and the PM timer; fw_cfg has a target of its own), driven
+by guest accesses the way the vCPU loop dispatches them.
 
 The hypercall device reads 64-byte call blocks from guest RAM, whose first 4 KiB at
 0x1000 are the fuzzer's bytes, so every call number with every argument is tried,
@@ -13,10 +14,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from corevisor.arch.x86_64 import layout
 from corevisor.bus import Bus
 from corevisor.channel import DOORBELL_PORT, DoorbellPort, ends_for, open_channels
 from corevisor.devices.debug_exit import DebugExit
 from corevisor.devices.i8042 import I8042
+from corevisor.devices.pm1 import PM1_SIZE, Pm1
+from corevisor.devices.pm_timer import PmTimer
 from corevisor.devices.postcode import PostCode
 from corevisor.devices.rtc import Rtc
 from corevisor.devices.uart16550 import Uart16550
@@ -47,6 +51,8 @@ def _bus() -> tuple[Bus, list[int]]:
         (0xF4, 4, DebugExit(lambda code: None)),
         (HYPERCALL_PORT, 4, Hypercalls(mem, handler_table(host))),
         (DOORBELL_PORT, 4, DoorbellPort()),
+        (layout.PM1A_EVT_PORT, PM1_SIZE, Pm1(lambda: None)),
+        (layout.PM_TMR_PORT, 4, PmTimer()),
     ]
     bus = Bus("pio", dense=True)
     for base, size, dev in devices:
