@@ -24,7 +24,8 @@ _RUNS = (b"c", b"C", b"s", b"S", b"D", b"k")
 
 @functools.cache
 def _stub() -> tuple[Any, socket.socket, socket.socket]:
-    """(target, server end, client end), built once per fuzzing process."""
+    """(target, server end, client end), built once per fuzzing process (close() ends it:
+    a replay inside pytest must not leave a machine and its vCPU thread behind)."""
     from corevisor import bundled
     from corevisor.builder import build
     from corevisor.gdb.target import DEBUGGER, DebugTarget
@@ -44,6 +45,16 @@ def _stub() -> tuple[Any, socket.socket, socket.socket]:
         server, _ = listener.accept()
     client.setblocking(False)
     return target, server, client
+
+
+def close() -> None:
+    """Stop and release the machine behind the stub, if one was built."""
+    if _stub.cache_info().currsize:
+        target, server, client = _stub()
+        _stub.cache_clear()
+        client.close()
+        server.close()
+        target.machine.close()
 
 
 def _runs(payload: bytes) -> bool:

@@ -13,6 +13,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -183,5 +184,9 @@ def test_gdb_server_fuzz_corpus_replays_clean() -> None:
 
     files = sorted((CORPUS / "gdb_server").glob("*"))
     assert files
-    for path in files:
-        gdb_server.one_input(path.read_bytes())
+    try:
+        for path in files:
+            gdb_server.one_input(path.read_bytes())
+    finally:
+        gdb_server.close()  # no machine (nor its vCPU thread) outlives the test
+    assert not [t for t in threading.enumerate() if t.name.startswith("vcpu")]
