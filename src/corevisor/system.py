@@ -173,6 +173,32 @@ class Watchdog:
         deadline = self.deadline
         return deadline is not None and now >= deadline
 
+    # --- save / restore ------------------------------------------------------------
+    def save(self) -> WatchdogState:
+        """The period and what is left of it (a deadline on this host's clock means
+        nothing elsewhere); call with the machine paused."""
+        deadline = self.deadline
+        left = None if deadline is None else max(0, round((deadline - self._clock()) * 1000))
+        return WatchdogState(self.period_ms, left)
+
+    def restore(self, state: WatchdogState) -> None:
+        """Re-arm with what was left: the guest, whose clocks did not move while saved,
+        has exactly that long to kick."""
+        from corevisor.snapshot import require_state, require_uint  # keeps the imports as they were
+
+        st = require_state("watchdog", state, WatchdogState)
+        require_uint("watchdog", "period_ms", st.period_ms, 63)
+        if st.left_ms is not None:
+            require_uint("watchdog", "left_ms", st.left_ms, 63)
+        self.period_ms = st.period_ms
+        self.deadline = None if st.left_ms is None else self._clock() + st.left_ms / 1000
+
+
+@dataclass(frozen=True)
+class WatchdogState:
+    period_ms: int
+    left_ms: int | None  # None: not armed
+
 
 class _Partition:
     """One partition: its config and links, its current machine, what happened to it."""
