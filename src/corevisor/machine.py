@@ -39,6 +39,7 @@ from typing import Any, Protocol, TypeVar
 
 from corevisor.arch.x86_64.cpu import format_registers
 from corevisor.bus import Bus
+from corevisor.devices.debug_exit import exit_message, exit_status
 from corevisor.errors import CorevisorError, StateError
 from corevisor.halt import HaltWatch, ioapic_can_wake, machine_stuck, read_halt_state
 from corevisor.kvm.ioctls import Kvm, VcpuFd, VmFd
@@ -133,8 +134,9 @@ class Machine:
         self._stopped.set()
 
     def guest_exit(self, code: int) -> None:
-        """The guest wrote its exit status to the debug-exit port."""
-        self.finish(StopReport("exit", f"guest exited with status {code}", code=code))
+        """The guest wrote its exit status to the debug-exit port (code: the value written;
+        the report carries the process status it maps to, devices/debug_exit.py)."""
+        self.finish(StopReport("exit", exit_message(code), code=exit_status(code)))
 
     def guest_reset(self) -> None:
         """The guest pulsed the reset line (i8042 command 0xFE)."""

@@ -74,6 +74,7 @@ from corevisor.channel import Channel, ChannelEnd, ends_for, open_channels
 from corevisor.console import ConsoleMux, PrefixedSerial
 from corevisor.errors import CorevisorError, NotFoundError, StateError, show
 from corevisor.machine import Machine
+from corevisor.outputs import silence
 from corevisor.signals import describe, exit_status, start_thread
 from corevisor.spec import PartitionSpec, RestartPolicy, SerialKind, SystemSpec
 from corevisor.vcpu import StopReport
@@ -329,9 +330,13 @@ class System:
         self._write(text + (event.registers + "\n" if event.registers else ""))
 
     def _write(self, text: str) -> None:
-        with contextlib.suppress(OSError, ValueError):
+        try:
             self._err.write(text)
             self._err.flush()
+        except (OSError, ValueError):
+            # A failed stderr loses the line, never the status: pointed at /dev/null,
+            # what it still buffers drains at exit instead of making that fail (120).
+            silence(self._err)
 
     def _set_state(self, p: _Partition, state: PartitionState) -> None:
         old, p.state = p.state, state
@@ -403,7 +408,8 @@ class System:
         except OSError as e:
             raise CorevisorError(f"log_dir {log_dir}: {e.strerror or e}") from None
         self.log_dir = log_dir
-        self._mux = ConsoleMux()
+        # The shared terminal reports its own failure (and a log's) as an event.
+        self._mux = ConsoleMux(report=self.report)
         self._width = max((len(p.name) for p in self.config.partitions), default=0)
         n = len(self.config.partitions)
         self.report("system", f"{n} partition{'s' if n != 1 else ''}; serial logs in {log_dir}")
