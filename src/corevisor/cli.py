@@ -5,10 +5,12 @@ dump is replaced by the same one line) print one line prefixed with "corevisor:"
 to print whatever the user typed (errors.show), and exit 2; a guest that stops
 abnormally (including one halted with interrupts off) prints a report with its
 registers and exits 1; a guest that writes its status to the exit port makes corevisor
-exit with that status. With several partitions: 0 if all of them ended with 0, else the
-first non-zero status (system.py). SIGINT (Ctrl-C), SIGTERM and SIGHUP stop the run
-cleanly and exit 128 + the signal number: 130, 143, 129 (signals.py). Only bugs keep
-their traceback. `serve`, `ctl` and `top` (the daemon and its clients) live in
+exit with that status (255 for any value above 255: devices/debug_exit.py). Output the
+host cannot take (a closed stdout, a full disk, an unwritable stderr) changes neither
+the guest nor the status (outputs.py). With several partitions: 0 if all of them ended
+with 0, else the first non-zero status (system.py). SIGINT (Ctrl-C), SIGTERM and SIGHUP
+stop the run cleanly and exit 128 + the signal number: 130, 143, 129 (signals.py). Only
+bugs keep their traceback. `serve`, `ctl` and `top` (the daemon and its clients) live in
 corevisor/api/, which `run` never imports.
 """
 
@@ -20,11 +22,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from corevisor import bundled, linuxboot
 from corevisor.errors import CorevisorError, show
+from corevisor.outputs import ensure_std_fds, notice
 from corevisor.spec import SystemSpec
+
+if TYPE_CHECKING:
+    from corevisor.runstats import MachineRun
 
 EXIT_USER_ERROR = 2
 # The `run` options that describe one partition, and the partition key a system file
@@ -60,7 +66,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _err(msg: str) -> None:
-    print(f"corevisor: {show(msg, limit=None)}", file=sys.stderr, flush=True)
+    # an unwritable stderr loses the line, not the status (outputs.py)
+    notice(f"corevisor: {show(msg, limit=None)}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,9 +113,25 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE[,STRING]",
         help="a multiboot module, with its string (default FILE); repeatable",
     )
+    run.add_argument(
+        "--stats",
+        action="store_true",
+        help="at exit, print each machine's exit, page-fault, MMU, TLB and halt-poll counts",
+    )
+    run.add_argument(
+        "--stats-json",
+        metavar="PATH",
+        type=Path,
+        default=None,
+        help="at exit, write those numbers and all of KVM's statistics as JSON (docs/stats.md)",
+    )
     linuxboot.add_arguments(run)
     guests = sub.add_parser("guests", help="list the bundled guests and their image paths")
     guests.add_argument("--build", action="store_true", help="(re)build them first")
+    host = sub.add_parser(
+        "host", help="what this host's KVM is: flavour, MMU mode, capabilities, cores"
+    )
+    host.add_argument("--json", action="store_true", help="print it as one JSON object")
     # Parsed by corevisor/api/commands.py (main hands them over first); listed for --help.
     sub.add_parser("serve", help="run a daemon holding a system, controlled by an API")
     sub.add_parser("ctl", help="drive a running daemon (ps, add, start, pause, logs, ...)")
@@ -178,18 +201,42 @@ def _resolve(args: argparse.Namespace) -> SystemSpec:
     return SystemSpec(partitions=(part,))
 
 
-def _run_system(config: SystemSpec, timeout: float | None) -> int:
+def _run_system(config: SystemSpec, args: argparse.Namespace) -> int:
     """Run every partition under the health monitor; see system.py for the exit status.
 
     SIGINT, SIGTERM and SIGHUP stop every partition cleanly (terminal restored, unix:
-    sockets removed) and the run exits with 128 + the signal's number.
+    sockets removed) and the run exits with 128 + the signal's number. With --stats /
+    --stats-json, every machine's statistics are reported once all have closed.
     """
     from corevisor.signals import stop_signals  # KVM imports only when running
     from corevisor.system import System
 
-    system = System(config)
-    with stop_signals(system.request_stop):
-        return system.run(timeout)
+    stats_json: Path | None = args.stats_json
+    if stats_json is not None and not stats_json.parent.is_dir():
+        where = stats_json.parent
+        raise CorevisorError(f"--stats-json {stats_json}: directory {where} does not exist")
+    system = System(config, collect_stats=args.stats or stats_json is not None)
+    try:
+        with stop_signals(system.request_stop):
+            return system.run(args.timeout)
+    finally:
+        if system.stats is not None:
+            _report_stats(system.stats, config, args.stats, stats_json)
+
+
+def _report_stats(
+    runs: list[MachineRun], config: SystemSpec, text: bool, path: Path | None
+) -> None:
+    from corevisor import runstats
+
+    host = runstats.host_summary()
+    if text:
+        for r in runs:
+            lines = runstats.summary(r, host.get("kvm", ""), host.get("mmu", ""))
+            print(lines, file=sys.stderr, flush=True)
+    if path is not None:
+        names = [p.name for p in config.partitions]
+        runstats.write_json(path, runstats.document(runs, names, host))
 
 
 def _list_guests(build: bool) -> int:
@@ -202,10 +249,27 @@ def _list_guests(build: bool) -> int:
     return 0
 
 
+def _host_report(as_json: bool) -> int:
+    """`corevisor host`: 0 if corevisor can run here, 1 if /dev/kvm or a required
+    capability is missing (the report says which)."""
+    import json
+
+    from corevisor.kvm import host
+
+    info = host.detect()
+    if as_json:
+        print(json.dumps(info.to_json(), indent=2))
+    else:
+        print(host.format_report(info))
+    usable = not info.dev_kvm and all(info.cap(c) for c in host.REQUIRED)
+    return 0 if usable else 1
+
+
 API_COMMANDS = ("serve", "ctl", "top")  # corevisor/api/: never imported by `run`
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    ensure_std_fds()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in API_COMMANDS:
@@ -215,8 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         if args.command == "guests":
             return _list_guests(args.build)
+        if args.command == "host":
+            return _host_report(args.json)
         system = _resolve(args)
-        return _run_system(system, args.timeout)
+        return _run_system(system, args)
     except CorevisorError as e:
         _err(str(e))
         return EXIT_USER_ERROR

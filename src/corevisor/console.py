@@ -8,7 +8,9 @@ backend:
   mode (the guest echoes and edits lines itself) with signals kept, so Ctrl-C still
   reaches corevisor, and is restored by ``close`` or at exit.
 - ``file:PATH``: output appended to PATH (created if missing), unbuffered so whatever
-  the guest printed is in the file as soon as ``write`` returns. No input.
+  the guest printed is in the file as soon as ``write`` returns. No input. PATH is a
+  regular file or a character device (a terminal, /dev/null); a FIFO would stall the
+  guest whenever its reader does, and is refused like a socket or a directory.
 - ``unix:PATH``: corevisor listens on a Unix socket at PATH (a stale socket left by a dead
   run is replaced; a live one is an error). Output goes to the connected client, and what
   the client sends is guest input. Output written while no client is connected is kept,
@@ -27,6 +29,10 @@ partition gets a PrefixedSerial that tees its output to a log file of its own an
 it to the terminal one whole line at a time, prefixed ``name | `` (the name coloured
 when stdout is a terminal), so lines of different guests never mix mid-line. No input:
 it would be unclear which guest a keystroke is for.
+
+Output that the host cannot take (a closed pipe, a full disk) never reaches the guest:
+each target's first failure is reported once and its output dropped from then on
+(outputs.GuardedOutput), while the guest runs on with its exit status intact.
 
 ``write`` runs on a vCPU thread once per guest byte, so it does the least it can. Input
 arrives on a daemon thread per backend that calls ``feed`` (the UART's
@@ -51,7 +57,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
 
+from corevisor import inputs
 from corevisor.errors import ConfigError, show
+from corevisor.outputs import GuardedOutput, Report, report_to_stderr, silence
 from corevisor.signals import start_thread
 from corevisor.spec import SerialKind, SerialSpec
 
@@ -157,21 +165,19 @@ class NullSerial:
 
 
 class FileSerial:
-    """Appends output to a file; no input (a log, or something a test can read)."""
+    """Appends output to a file or a character device; no input (a log, or something a
+    test can read). A FIFO, socket, directory or block device is refused (inputs.py)."""
 
-    def __init__(self, path: str, name: str) -> None:
-        try:
-            # Unbuffered: each write is one write(2), so readers see it immediately.
-            self._file: BinaryIO = open(path, "ab", buffering=0)
-        except OSError as e:
-            raise ConfigError(
-                f'{name}: serial "file:{show(path)}": cannot open: {e.strerror or e}'
-            ) from None
+    def __init__(self, path: str, name: str, report: Report = report_to_stderr) -> None:
+        fd = inputs.open_output(path, inputs.Named(f'{name}: serial "file:{show(path)}"'))
+        # Unbuffered: each write is one write(2), so readers see it immediately.
+        self._file: BinaryIO = open(fd, "ab", buffering=0)
         self.path = path
+        self._out = GuardedOutput(self._file.write, f"file:{path}", name, report)
 
     def write(self, data: bytes) -> None:
-        """Append the bytes."""
-        self._file.write(data)
+        """Append the bytes (dropped, once reported, if the file cannot take them)."""
+        self._out.write(data)
 
     def start_input(self, feed: Feed) -> None:
         """A file gives no input."""
@@ -187,11 +193,11 @@ class StdoutSerial:
     ``stdin_fd`` is a parameter so the terminal handling can be exercised on a pty.
     """
 
-    def __init__(self, name: str, stdin_fd: int = 0) -> None:
+    def __init__(self, name: str, stdin_fd: int = 0, report: Report = report_to_stderr) -> None:
         self._name = name
-        buffer = getattr(sys.stdout, "buffer", None)
-        self._out: BinaryIO = (
-            buffer if buffer is not None else open(1, "wb", buffering=0, closefd=False)
+        self._out = _stdout_binary()
+        self._guard = GuardedOutput(
+            self._write_flush, "stdout", name, report, on_failure=lambda: silence(self._out)
         )
         self._stdin_fd = stdin_fd
         self._pump: _InputPump | None = None
@@ -199,6 +205,9 @@ class StdoutSerial:
 
     def write(self, data: bytes) -> None:
         """Write and flush, so output interleaves sensibly with the VMM's own messages."""
+        self._guard.write(data)
+
+    def _write_flush(self, data: bytes) -> None:
         self._out.write(data)
         self._out.flush()
 
@@ -435,11 +444,18 @@ _MAX_PENDING_LINE = 4096
 class ConsoleMux:
     """One terminal shared line by line by several partitions' serial output."""
 
-    def __init__(self, out: BinaryIO | None = None, colour: bool | None = None) -> None:
-        if out is None:
-            buffer = getattr(sys.stdout, "buffer", None)
-            out = buffer if buffer is not None else open(1, "wb", buffering=0, closefd=False)
+    def __init__(
+        self,
+        out: BinaryIO | None = None,
+        colour: bool | None = None,
+        report: Report = report_to_stderr,
+    ) -> None:
+        out = out if out is not None else _stdout_binary()
         self._out = out
+        self.report = report
+        self._guard = GuardedOutput(
+            self._write_flush, "stdout", "system", report, on_failure=lambda: silence(out)
+        )
         if colour is None:
             try:
                 colour = os.isatty(out.fileno())
@@ -461,12 +477,15 @@ class ConsoleMux:
             label = f"\x1b[{colour}m{label}\x1b[0m"
         return PrefixedSerial(self, (label + " ").encode(), log_path, name)
 
-    def emit(self, data: bytes) -> None:
-        """Write whole lines to the terminal, atomically with respect to other partitions."""
+    def emit(self, data: bytes, name: str) -> None:
+        """Write whole lines to the terminal, atomically with respect to other partitions;
+        a failing terminal is reported once, naming the partition that met it."""
         with self._lock:
-            with contextlib.suppress(OSError, ValueError):
-                self._out.write(data)
-                self._out.flush()
+            self._guard.write(data, name)
+
+    def _write_flush(self, data: bytes) -> None:
+        self._out.write(data)
+        self._out.flush()
 
 
 class PrefixedSerial:
@@ -474,23 +493,26 @@ class PrefixedSerial:
 
     def __init__(self, mux: ConsoleMux, prefix: bytes, log_path: str | None, name: str) -> None:
         self._mux = mux
+        self._name = name
         self._prefix = prefix
         self._pending = bytearray()
         self._lock = threading.Lock()  # several vCPUs of one guest may print at once
         self._log: BinaryIO | None = None
+        self._log_out: GuardedOutput | None = None
         self.log_path = log_path
         if log_path is not None:
-            try:
-                # Truncated per run; unbuffered so the log is current while guests run.
-                self._log = open(log_path, "wb", buffering=0)
-            except OSError as e:
-                raise ConfigError(f"{name}: log file {show(log_path)}: {e.strerror or e}") from None
+            # Truncated per run; unbuffered so the log is current while guests run. A
+            # FIFO or a device planted under the log's name is refused (inputs.py).
+            label = inputs.Named(f"{name}: log file {show(log_path)}")
+            fd = inputs.open_output(log_path, label, truncate=True)
+            self._log = open(fd, "wb", buffering=0)
+            self._log_out = GuardedOutput(self._log.write, f"log {log_path}", name, mux.report)
 
     def write(self, data: bytes) -> None:
         """Log the bytes; pass every completed line to the terminal with the prefix."""
         with self._lock:
-            if self._log is not None:
-                self._log.write(data)
+            if self._log_out is not None:
+                self._log_out.write(data)
             pending = self._pending
             pending += data
             if b"\n" not in data and len(pending) < _MAX_PENDING_LINE:
@@ -505,7 +527,7 @@ class PrefixedSerial:
                     break
                 lines += self._prefix + pending[:nl].rstrip(b"\r") + b"\n"
                 del pending[: nl + 1]
-        self._mux.emit(bytes(lines))
+        self._mux.emit(bytes(lines), self._name)
 
     def break_line(self) -> None:
         """End a partial line now (before a restart, so the new boot starts a fresh line)."""
@@ -514,7 +536,7 @@ class PrefixedSerial:
                 return
             line = self._prefix + bytes(self._pending) + b"\n"
             self._pending.clear()
-        self._mux.emit(line)
+        self._mux.emit(line, self._name)
 
     def start_input(self, feed: Feed) -> None:
         """No input: a shared terminal cannot say which guest a keystroke is for."""
@@ -645,13 +667,20 @@ class SerialTap:
         self.inner.close()
 
 
-def open_serial(spec: SerialSpec, name: str) -> SerialBackend:
-    """Open the backend a ``serial`` setting names; ``name`` labels threads and errors."""
+def _stdout_binary() -> BinaryIO:
+    """This process's stdout as a binary stream."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    return buffer if buffer is not None else open(1, "wb", buffering=0, closefd=False)
+
+
+def open_serial(spec: SerialSpec, name: str, report: Report = report_to_stderr) -> SerialBackend:
+    """Open the backend a ``serial`` setting names; ``name`` labels threads and errors,
+    ``report`` receives the one line about an output target that failed (outputs.py)."""
     if spec.kind is SerialKind.STDOUT:
-        return StdoutSerial(name)
+        return StdoutSerial(name, report=report)
     if spec.kind is SerialKind.NULL:
         return NullSerial()
     assert spec.path is not None  # SerialSpec guarantees a path for file: and unix:
     if spec.kind is SerialKind.FILE:
-        return FileSerial(str(spec.path), name)
+        return FileSerial(str(spec.path), name, report)
     return UnixSocketSerial(str(spec.path), name)

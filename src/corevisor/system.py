@@ -76,7 +76,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from corevisor.arch.x86_64.cpu import format_registers
 from corevisor.builder import PartitionLinks, build
@@ -84,9 +84,13 @@ from corevisor.channel import Channel, ChannelEnd, ends_for, open_channels
 from corevisor.console import ConsoleMux, PrefixedSerial, SerialBackend, SerialTap, open_serial
 from corevisor.errors import CorevisorError, NotFoundError, StateError, show
 from corevisor.machine import Machine
+from corevisor.outputs import silence
 from corevisor.signals import describe, exit_status, start_thread
 from corevisor.spec import ChannelSpec, PartitionSpec, RestartPolicy, SerialKind, SystemSpec
 from corevisor.vcpu import StopReport
+
+if TYPE_CHECKING:
+    from corevisor.runstats import MachineRun
 
 __all__ = [
     "System",
@@ -255,13 +259,17 @@ class System:
         err: TextIO | None = None,
         echo: bool = True,
         shared_console: bool | None = None,
+        collect_stats: bool = False,
         tap_serial: bool = False,
     ) -> None:
         """echo: print events on err (stderr). shared_console: stdout partitions share
         the terminal line by line, with log files (default: unless the file has exactly
-        one partition and no log_dir, which keeps plain stdout with input). tap_serial:
-        every partition's serial output can be read with serial(name) (a daemon)."""
+        one partition and no log_dir, which keeps plain stdout with input).
+        collect_stats: --stats, every machine's statistics as it closes (runstats.py).
+        tap_serial: every partition's serial output can be read with serial(name) (a
+        daemon)."""
         self.config = config
+        self.stats: list[MachineRun] | None = [] if collect_stats else None
         self.kvm_path = kvm_path
         self._err = err if err is not None else sys.stderr
         self._lock = threading.RLock()  # the partition table, channels, consoles, flags
@@ -336,9 +344,13 @@ class System:
         self._write(text + (event.registers + "\n" if event.registers else ""))
 
     def _write(self, text: str) -> None:
-        with contextlib.suppress(OSError, ValueError):
+        try:
             self._err.write(text)
             self._err.flush()
+        except (OSError, ValueError):
+            # A failed stderr loses the line, never the status: pointed at /dev/null,
+            # what it still buffers drains at exit instead of making that fail (120).
+            silence(self._err)
 
     def _set_state(self, p: _Partition, state: PartitionState) -> None:
         old, p.state = p.state, state
@@ -429,7 +441,8 @@ class System:
         except OSError as e:
             raise CorevisorError(f"log_dir {log_dir}: {e.strerror or e}") from None
         self.log_dir = log_dir
-        self._mux = ConsoleMux()
+        # The shared terminal reports its own failure (and a log's) as an event.
+        self._mux = ConsoleMux(report=self.report)
         self._width = max((len(p.name) for p in self.config.partitions), default=0)
         n = len(self.config.partitions)
         self.report("system", f"{n} partition{'s' if n != 1 else ''}; serial logs in {log_dir}")
@@ -449,7 +462,7 @@ class System:
         if not self._tap:
             return shared
         inner: SerialBackend = shared if shared is not None else open_serial(
-            config.serial, config.name
+            config.serial, config.name, self.report
         )
         return SerialTap(inner)
 
@@ -552,6 +565,7 @@ class System:
                 serial=console,
                 watchdog=watchdog.kick,
                 report=self.report,
+                stats=self.stats.append if self.stats is not None else None,
             )
             p = _Partition(index, config, links, watchdog, console)
             p.machine = build(config, self.kvm_path, links)

@@ -67,11 +67,17 @@ def test_counters_move_while_guests_run(tmp_path: Path, guests: dict[str, Path])
                         partition=part) > _sum(first, "corevisor_channel_doorbells_total",
                                                channel="link", partition=part)
         assert _sum(second, "corevisor_vcpu_exits_total", partition="rtos", reason="io") > 0
+        # KVM's own statistics, read live from the stats fds opened at build time.
+        for part in ("rtos", "peer"):
+            assert _sum(second, "corevisor_kvm_vcpu_exits_total", partition=part, vcpu="0") > (
+                _sum(first, "corevisor_kvm_vcpu_exits_total", partition=part, vcpu="0"))
+        assert _sum(second, "corevisor_kvm_vm_pages_4k", partition="rtos") > 0
         # Ended partitions keep their counts (their machines are gone).
         assert _sum(second, "corevisor_virtio_requests_total", partition="rng",
                     device="virtio-rng") >= 2
         assert _sum(second, "corevisor_virtio_to_guest_bytes_total", partition="rng") >= 128
         assert _sum(second, "corevisor_vcpu_exits_total", partition="rng") > 0
+        assert _sum(second, "corevisor_kvm_vcpu_exits_total", partition="rng") > 0  # as it closed
         assert _sum(second, "corevisor_watchdog_expiries_total", partition="wd") == 1
         assert _sum(second, "corevisor_guest_memory_bytes", partition="rtos") == 32 << 20
         assert _sum(second, "corevisor_vmm_resident_memory_bytes") > 10 << 20

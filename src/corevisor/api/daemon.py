@@ -209,7 +209,8 @@ class Daemon:
         self.started = time.time()
         self.events = EventLog()
         self.system = System(
-            self.config, kvm_path, err=err, shared_console=True, tap_serial=True
+            self.config, kvm_path, err=err, shared_console=True, tap_serial=True,
+            collect_stats=True,
         )
         self.retired = Retired()
         self.creating = threading.Lock()  # one partition validated and built at a time
@@ -219,7 +220,11 @@ class Daemon:
         self._closed = False
 
     def _keep_counters(self, event: Event) -> None:
-        """Have each new machine's counters kept when it closes (metrics.Retired)."""
+        """Have each new machine's counters kept when it closes (metrics.Retired); the
+        KVM statistics runstats read from machines as they closed join them."""
+        runs = self.system.stats
+        while runs:
+            self.retired.retire_run(runs.pop(0))
         if event.kind == "removed":
             self.retired.forget(event.partition)
         elif event.kind in ("state", "restart") and event.partition != "system":

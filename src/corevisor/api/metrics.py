@@ -4,8 +4,9 @@ Every name starts with ``corevisor_``, values are in base units (bytes, seconds)
 counters end in ``_total``; labels are ``partition``, ``vcpu``, ``reason``, ``device``
 (and ``channel``, ``state``). What is counted, and where the number comes from:
 
-- vCPU exits by reason (vcpu.py's loop: io is what is left of the total once MMIO and
-  the rarer reasons, counted off the hot path, are taken out), vCPU thread CPU time
+- vCPU exits by reason (vcpu.py's loop, as runstats.ExitCounts reads them: io is what is
+  left of the total once MMIO and the rarer reasons, counted off the hot path, are taken
+  out), vCPU thread CPU time
   (/proc/self/task/TID/stat), the host core each vCPU last ran on;
 - KVM's binary statistics per VM and per vCPU, where the host has them (kvm_families;
   helper "stats" builds the reader, kvm/stats.py);
@@ -39,11 +40,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from corevisor.errors import CorevisorError
-from corevisor.kvm.bindings import ExitReason
+from corevisor.runstats import ExitCounts
 
 if TYPE_CHECKING:
     from corevisor.api.daemon import Daemon
+    from corevisor.kvm.stats import StatDesc, StatsFile
     from corevisor.machine import Machine
+    from corevisor.runstats import MachineRun
 
 __all__ = ["Family", "collect", "to_text", "to_json", "thread_cpu", "vmm_rss", "CONTENT_TYPE"]
 
@@ -94,13 +97,6 @@ def vmm_rss() -> int:
 # ---------------------------------------------------------------------- collecting
 
 
-def _reason(reason: int) -> str:
-    try:
-        return ExitReason(reason).name.lower()
-    except ValueError:
-        return f"exit_{reason}"
-
-
 class _Families:
     """The families of one scrape, by name, in the order they were first used."""
 
@@ -140,6 +136,9 @@ class Retired:
     def _retire(self, name: str, m: Machine) -> None:
         last = _Families()
         _machine(last, name, m, live=False)
+        self._keep(last)
+
+    def _keep(self, last: _Families) -> None:
         with self._lock:
             for fam in last.all():
                 if fam.kind != "counter":
@@ -147,6 +146,12 @@ class Retired:
                 into = self._families(fam.name.removeprefix(PREFIX), fam.kind, fam.help)
                 for labels, value in fam.samples.items():
                     into.add(value, **dict(labels))
+
+    def retire_run(self, run: MachineRun) -> None:
+        """A closed machine's KVM statistics (the cumulative ones are kept)."""
+        last = _Families()
+        kvm_retired(last, run)
+        self._keep(last)
 
     def forget(self, name: str) -> None:
         """The partition was removed: its counters go with it."""
@@ -212,13 +217,11 @@ def _machine(f: _Families, name: str, m: Machine, live: bool = True) -> None:
     core = f("vcpu_host_core", "gauge", "the host core the vCPU thread last ran on")
     for v in list(m.vcpus):
         vcpu = str(v.index)
-        other = dict(v.other_exits)
-        mmio = v.mmio_exits
-        exits.add(max(v.exits - mmio - sum(other.values()), 0), partition=name, vcpu=vcpu,
-                  reason="io")
-        exits.add(mmio, partition=name, vcpu=vcpu, reason="mmio")
-        for reason, n in sorted(other.items()):
-            exits.add(n, partition=name, vcpu=vcpu, reason=_reason(reason))
+        counts = ExitCounts.of(v)
+        exits.add(max(counts.io, 0), partition=name, vcpu=vcpu, reason="io")
+        exits.add(counts.mmio, partition=name, vcpu=vcpu, reason="mmio")
+        for reason, n in counts.other.items():
+            exits.add(n, partition=name, vcpu=vcpu, reason=reason.lower())
         tid = v.native_id
         usage = thread_cpu(tid) if tid is not None and v.alive else None
         if usage is not None:
@@ -252,10 +255,10 @@ def kvm_families(f: _Families, name: str, m: Machine) -> None:
     instant and peak ones gauges; histograms are left out. A machine without them (a
     host without KVM_CAP_BINARY_STATS_FD) adds nothing.
     """
-    collector = getattr(m, "stats", None)
+    collector = m.stats
     if collector is None:
         return
-    files: list[tuple[str, dict[str, str], Any]] = [("vm", {}, collector.vm)]
+    files: list[tuple[str, dict[str, str], StatsFile | None]] = [("vm", {}, collector.vm)]
     files += [("vcpu", {"vcpu": str(i)}, sf) for i, sf in enumerate(collector.vcpus)]
     for scope, labels, sf in files:
         if sf is None or sf.fd < 0:
@@ -265,11 +268,21 @@ def kvm_families(f: _Families, name: str, m: Machine) -> None:
         except CorevisorError:  # closed meanwhile (the machine is going away)
             continue
         for desc in sf.descriptors:
-            _kvm_sample(f, scope, desc, values.get(desc.name), {**labels, "partition": name})
+            _kvm_sample(f, scope, desc, values.get(desc.name), {"partition": name, **labels})
+
+
+def kvm_retired(f: _Families, run: MachineRun) -> None:
+    """The KVM statistics of a machine that has closed (read as it closed: runstats)."""
+    for stat in run.vm.values():
+        _kvm_sample(f, "vm", stat.desc, stat.value, {"partition": run.partition})
+    for v in run.vcpus:
+        for stat in v.stats.values():
+            _kvm_sample(f, "vcpu", stat.desc, stat.value,
+                        {"partition": run.partition, "vcpu": str(v.index)})
 
 
 def _kvm_sample(
-    f: _Families, scope: str, desc: Any, value: object, labels: dict[str, str]
+    f: _Families, scope: str, desc: StatDesc, value: object, labels: dict[str, str]
 ) -> None:
     metric = _kvm_metric(scope, desc.name, desc)
     if metric is None or not isinstance(value, int):
@@ -282,7 +295,7 @@ def _kvm_sample(
 _UNIT_SUFFIXES = {"seconds": ("_seconds", ("_ns", "_us", "_ms")), "bytes": ("_bytes", ())}
 
 
-def _kvm_metric(scope: str, stat: str, desc: Any) -> tuple[str, str, float] | None:
+def _kvm_metric(scope: str, stat: str, desc: StatDesc) -> tuple[str, str, float] | None:
     """(metric name without the prefix, kind, scale to base units) of one KVM statistic."""
     if desc.is_histogram:
         return None

@@ -54,6 +54,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from corevisor import inputs
 from corevisor.config import files
 from corevisor.config.host import HostFacts, gather
 from corevisor.config.parse import (
@@ -133,11 +134,10 @@ def read_system(path: Path) -> SystemSpec:
 
 
 def read_system_file(path: Path) -> bytes:
-    """The bytes of a system file (one function, so input bounding has one place)."""
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{show(path)}: cannot read: {e.strerror or e}") from None
+    """The bytes of a system file: a regular file of at most inputs.MAX_SYSTEM_FILE."""
+    return inputs.read_file(
+        path, inputs.Named(show(path)), limit=inputs.MAX_SYSTEM_FILE, why="a system file can be"
+    )
 
 
 def _parse_toml(raw: bytes, fname: str) -> dict[str, Any]:

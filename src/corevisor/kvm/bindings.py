@@ -341,6 +341,31 @@ class kvm_debug_exit_arch(ctypes.Structure):
     ]
 
 
+class kvm_stats_header(ctypes.Structure):
+    """The start of a KVM_GET_STATS_FD file: where its id, descriptors and data are."""
+
+    _fields_ = [
+        ("flags", c_uint32),
+        ("name_size", c_uint32),  # bytes of the id string and of each descriptor's name
+        ("num_desc", c_uint32),
+        ("id_offset", c_uint32),
+        ("desc_offset", c_uint32),
+        ("data_offset", c_uint32),
+    ]
+
+
+class kvm_stats_desc(ctypes.Structure):
+    """One statistic's descriptor; name_size bytes of its NUL-padded name follow it."""
+
+    _fields_ = [
+        ("flags", c_uint32),  # KVM_STATS_TYPE_* | KVM_STATS_UNIT_* | KVM_STATS_BASE_*
+        ("exponent", ctypes.c_int16),  # value * base**exponent is in the unit
+        ("size", c_uint16),  # number of u64 values (buckets for a histogram)
+        ("offset", c_uint32),  # from the start of the data block
+        ("bucket_size", c_uint32),  # linear histograms only
+    ]
+
+
 for _cls, _size in (
     (kvm_userspace_memory_region, 32),
     (kvm_regs, 144),
@@ -363,11 +388,15 @@ for _cls, _size in (
     (kvm_irqchip, 520),
     (kvm_guest_debug, 72),
     (kvm_debug_exit_arch, 32),
+    (kvm_stats_header, 24),
+    (kvm_stats_desc, 16),
 ):
     _check(_cls, _size)
 assert kvm_sregs.cr0.offset == 224 and kvm_sregs.efer.offset == 264
 assert kvm_vcpu_events.exception_payload.offset == 56
 assert kvm_guest_debug.debugreg.offset == 8 and kvm_debug_exit_arch.pc.offset == 8
+assert kvm_stats_desc.size.offset == 6 and kvm_stats_desc.bucket_size.offset == 12
+assert kvm_stats_header.data_offset.offset == 20
 assert kvm_ioapic_state.redirtbl.offset == 24 and kvm_irqchip.chip.offset == 8
 
 # --- ioctl numbers ------------------------------------------------------------------
@@ -406,6 +435,7 @@ KVM_GET_VCPU_EVENTS = _ior(0x9F, 64)
 KVM_SET_VCPU_EVENTS = _iow(0xA0, 64)
 KVM_GET_TSC_KHZ = _io(0xA3)
 KVM_SET_GUEST_DEBUG = _iow(0x9B, 72)
+KVM_GET_STATS_FD = _io(0xCE)  # vm and vcpu ioctl
 KVM_GET_IRQCHIP = _iowr(0x62, 520)
 # struct kvm_signal_mask is a u32 length followed by the sigset: the number encodes 4.
 KVM_SET_SIGNAL_MASK = _iow(0x8B, 4)
@@ -432,9 +462,28 @@ KVM_GUESTDBG_INJECT_DB = 0x00040000
 KVM_GUESTDBG_INJECT_BP = 0x00080000
 KVM_GUESTDBG_BLOCKIRQ = 0x00100000
 
+# kvm_stats_desc.flags (Documentation/virt/kvm/api.rst, KVM_GET_STATS_FD)
+KVM_STATS_TYPE_MASK = 0xF << 0
+KVM_STATS_TYPE_CUMULATIVE = 0x0
+KVM_STATS_TYPE_INSTANT = 0x1
+KVM_STATS_TYPE_PEAK = 0x2
+KVM_STATS_TYPE_LINEAR_HIST = 0x3
+KVM_STATS_TYPE_LOG_HIST = 0x4
+KVM_STATS_UNIT_SHIFT = 4
+KVM_STATS_UNIT_MASK = 0xF << KVM_STATS_UNIT_SHIFT
+KVM_STATS_UNIT_NONE = 0x0 << KVM_STATS_UNIT_SHIFT
+KVM_STATS_UNIT_BYTES = 0x1 << KVM_STATS_UNIT_SHIFT
+KVM_STATS_UNIT_SECONDS = 0x2 << KVM_STATS_UNIT_SHIFT
+KVM_STATS_UNIT_CYCLES = 0x3 << KVM_STATS_UNIT_SHIFT
+KVM_STATS_UNIT_BOOLEAN = 0x4 << KVM_STATS_UNIT_SHIFT
+KVM_STATS_BASE_SHIFT = 8
+KVM_STATS_BASE_MASK = 0xF << KVM_STATS_BASE_SHIFT
+KVM_STATS_BASE_POW10 = 0x0 << KVM_STATS_BASE_SHIFT
+KVM_STATS_BASE_POW2 = 0x1 << KVM_STATS_BASE_SHIFT
+
 
 class Cap(IntEnum):
-    """KVM_CAP_* numbers corevisor asks about."""
+    """KVM_CAP_* numbers corevisor asks about (kvm/host.py says what each is used for)."""
 
     IRQCHIP = 0
     HLT = 1
@@ -446,6 +495,7 @@ class Cap(IntEnum):
     PIT = 11
     MP_STATE = 14
     COALESCED_MMIO = 15
+    IOMMU = 18
     SET_GUEST_DEBUG = 23
     IRQ_ROUTING = 25
     IRQFD = 32
@@ -461,15 +511,31 @@ class Cap(IntEnum):
     XCRS = 56
     GET_TSC_KHZ = 61
     MAX_VCPUS = 66
+    TSC_DEADLINE_TIMER = 72
+    SYNC_REGS = 74
     SIGNAL_MSI = 77
     READONLY_MEM = 81
+    IRQFD_RESAMPLE = 82
+    X86_SMM = 117
     GUEST_DEBUG_HW_BPS = 119
     GUEST_DEBUG_HW_WPS = 120
+    SPLIT_IRQCHIP = 121
+    IOEVENTFD_ANY_LENGTH = 122
     IMMEDIATE_EXIT = 136
     X86_DISABLE_EXITS = 143
+    NESTED_STATE = 157
+    COALESCED_PIO = 162
+    MANUAL_DIRTY_LOG_PROTECT2 = 168
     HALT_POLL = 182
+    X86_USER_SPACE_MSR = 188
+    X86_MSR_FILTER = 189
+    DIRTY_LOG_RING = 192
     SET_GUEST_DEBUG2 = 195  # answers with the KVM_GUESTDBG_* flags this host supports
+    EXIT_HYPERCALL = 201
+    BINARY_STATS_FD = 203
+    EXIT_ON_EMULATION_FAILURE = 204
     XSAVE2 = 208  # answers with the size of KVM_GET_XSAVE2's buffer
+    VM_TSC_CONTROL = 214
 
 
 class ExitReason(IntEnum):

@@ -273,6 +273,10 @@ class VmFd:
             req.args[i] = a
         _ioctl(self.fd, b.KVM_ENABLE_CAP, req, "KVM_ENABLE_CAP")
 
+    def stats_fd(self) -> int:
+        """KVM_GET_STATS_FD: a new fd of the VM's binary statistics (kvm/stats.py reads it)."""
+        return _ioctl(self.fd, b.KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD")
+
     def ioapic_redirections(self) -> tuple[int, ...]:
         """The in-kernel IOAPIC's 24 redirection entries (KVM_GET_IRQCHIP, chip 2)."""
         return tuple(self.get_irqchip(b.KVM_IRQCHIP_IOAPIC).chip.ioapic.redirtbl)
@@ -511,6 +515,12 @@ class VcpuFd:
 
     def get_tsc_khz(self) -> int:
         return _ioctl(self.fd, b.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
+
+    def stats_fd(self) -> int:
+        """KVM_GET_STATS_FD: a new fd of this vCPU's binary statistics. The ioctl takes the
+        vCPU's mutex, which KVM_RUN holds while the guest runs (or sits in HLT): ask for it
+        before the vCPU thread starts; reading the fd later needs no lock."""
+        return _ioctl(self.fd, b.KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD")
 
     def set_signal_mask(self, blocked: set[int]) -> None:
         """KVM_SET_SIGNAL_MASK: the signals blocked while this vCPU is inside KVM_RUN.
