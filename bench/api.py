@@ -2,14 +2,15 @@
 """The daemon's API benchmark (P2b): starting a partition through a running daemon against
 QEMU's cold start, API request latency, and the daemon's idle CPU.
 
-  (a) start-up: from just before the request `POST /partitions?start=true` that creates
-      and starts a `hello` partition in a running `corevisor serve` to the first byte of
-      its serial output, against `qemu-system-x86_64 -M microvm` started cold on the same
-      image (spawn -> first byte on stdout, bench/run.py's measurement); `corevisor run`
-      cold is there for context. Target: <= 0.5x QEMU.
-      The partition's serial line is `file:` a FIFO this benchmark holds open for reading,
-      so its first byte is seen the moment the guest's UART write reaches the daemon's
-      backend (select on the FIFO, no polling). After each round the partition is removed.
+  (a) start-up: from just before the request `POST /partitions` that creates a `hello`
+      partition in a running `corevisor serve`, then `POST /partitions/NAME/start`, to
+      the first byte of its serial output, against `qemu-system-x86_64 -M microvm`
+      started cold on the same image (spawn -> first byte on stdout, bench/run.py's
+      measurement); `corevisor run` cold is there for context. Target: <= 0.5x QEMU.
+      The partition's serial line is `unix:` a socket this benchmark connects to between
+      the two requests (the connection waits in the listen backlog until the machine
+      starts), so its first byte arrives the moment the guest's UART write reaches the
+      daemon's backend. After each round the partition is removed.
   (b) API latency: p50 / p99 of GET /partitions (a new connection each time, as
       `corevisor ctl` does) and of a pause followed by a resume of a running partition,
       with two partitions running.
@@ -29,7 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
+import socket
 import statistics
 import subprocess
 import sys
@@ -92,41 +93,34 @@ class Serve:
         self.proc.wait(120)
 
 
-def create_to_first_byte(serve: Serve, image: Path, fifo: Path, name: str) -> float:
-    """One round of (a): seconds from the create-and-start request to the first byte."""
-    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        body = {"partitions": {name: {"image": str(image), "memory": "64M",
-                                      "cmdline": "count=0", "serial": f"file:{fifo}"}}}
-        t0 = time.perf_counter()
-        serve.client.json("POST", "/partitions?start=true", body)
-        first = None
-        while first is None:
-            ready, _, _ = select.select([fd], [], [], 60)
-            if not ready:
-                raise RuntimeError("no serial output within 60 s")
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                continue
-            if data:
-                first = time.perf_counter() - t0
-        while serve.client.json("GET", f"/partitions/{name}")["state"] != "stopped":
-            time.sleep(0.01)
-        info = serve.client.json("GET", f"/partitions/{name}")
-        if info["status"] != 0:
-            raise RuntimeError(f"hello ended with {info['status']}: {info['last']}")
-        serve.client.request("DELETE", f"/partitions/{name}")
-        return first
-    finally:
-        os.close(fd)
+def create_to_first_byte(serve: Serve, image: Path, sock: Path, name: str) -> float:
+    """One round of (a): seconds from the create request to the first serial byte, with
+    the start request between (the serial socket is connected in between: it exists
+    once the partition does, and its first byte is the guest's first)."""
+    body = {"partitions": {name: {"image": str(image), "memory": "64M",
+                                  "cmdline": "count=0", "serial": f"unix:{sock}"}}}
+    t0 = time.perf_counter()
+    serve.client.json("POST", "/partitions", body)
+    with socket.socket(socket.AF_UNIX) as reader:
+        reader.settimeout(60)
+        reader.connect(str(sock))  # waits in the listen backlog until the machine starts
+        serve.client.json("POST", f"/partitions/{name}/start")
+        if not reader.recv(1):
+            raise RuntimeError("the serial socket closed before any output")
+        first = time.perf_counter() - t0
+    while serve.client.json("GET", f"/partitions/{name}")["state"] != "stopped":
+        time.sleep(0.01)
+    info = serve.client.json("GET", f"/partitions/{name}")
+    if info["status"] != 0:
+        raise RuntimeError(f"hello ended with {info['status']}: {info['last']}")
+    serve.client.request("DELETE", f"/partitions/{name}")
+    return first
 
 
 def bench_startup(serve: Serve, image: Path, rounds: int, workdir: Path) -> dict[str, Any]:
     qemu = startup.qemu_vmm("microvm", image)
     cold = startup.corevisor_vmm()
-    fifo = workdir / "serial.fifo"
-    os.mkfifo(fifo)
+    fifo = workdir / "serial.sock"
     samples: dict[str, list[float]] = {"qemu-microvm": [], "daemon": [], "corevisor-run": []}
     create_to_first_byte(serve, image, fifo, "warm")  # warm-up: page cache, lazy imports
     for v in (qemu, cold):
@@ -198,7 +192,7 @@ def table(res: dict[str, Any]) -> str:
         "",
         "| how | vs QEMU | first byte (this host) |",
         "| --- | --- | --- |",
-        f"| `POST /partitions?start=true` to a running daemon | "
+        f"| `POST /partitions` + `POST .../start` to a running daemon | "
         f"{su['daemon']['median'] / q:.2f}x | {ms(su['daemon']['median'])} |",
         f"| QEMU -M microvm, cold | 1.00x | {ms(q)} |",
         f"| `corevisor run`, cold | {su['corevisor-run']['median'] / q:.2f}x | "
