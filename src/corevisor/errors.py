@@ -22,6 +22,7 @@ __all__ = [
     "DeviceError",
     "SnapshotError",
     "MigrationError",
+    "ApiError",
     "GuestStopped",
     "show",
     "quote",
@@ -120,6 +121,16 @@ class SnapshotError(CorevisorError):
 
 class MigrationError(CorevisorError):
     """A live migration failed or was refused; the source partition runs on."""
+
+
+class ApiError(CorevisorError):
+    """A corevisor daemon answered a client (corevisor ctl, top) with an error, or could not
+    be reached; the message is the daemon's one line. status: the HTTP status (0: no
+    answer at all)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class GuestStopped(CorevisorError):
