@@ -33,7 +33,7 @@ from corevisor.errors import CorevisorError, show
 if TYPE_CHECKING:
     from corevisor.snapshot.partition import Overrides
 
-__all__ = ["add_arguments", "wanted", "run"]
+__all__ = ["add_arguments", "wanted", "run", "make_overrides", "ProgressBar"]
 
 # run options that may go with --restore / --incoming (the overrides), by dest
 OVERRIDES = ("serial", "net", "disk", "pin", "name", "copy_memory", "timeout", "restore",
@@ -87,20 +87,37 @@ def wanted(args: argparse.Namespace) -> bool:
 
 def overrides(args: argparse.Namespace) -> Overrides:
     """The Overrides the options give (parsed and checked as the same options of a run)."""
+    return make_overrides(
+        name=args.name, serial=args.serial if args.serial is not None else "stdout",
+        nets=args.net, disks=args.disk, pin=args.pin, copy_memory=args.copy_memory,
+    )
+
+
+def make_overrides(
+    *,
+    name: str | None = None,
+    serial: str | None = None,
+    nets: list[str] | None = None,
+    disks: list[str] | None = None,
+    pin: str | None = None,
+    copy_memory: bool = False,
+) -> Overrides:
+    """Overrides from their written forms (the run options, the API's restore body),
+    each checked as the option of that name would be; None keeps the saved value."""
     from corevisor.config.parse import NAME_RE, parse_cpu_list, parse_path, parse_serial
     from corevisor.snapshot.partition import Overrides
     from corevisor.virtio.config import check_tap
 
-    if args.name is not None and NAME_RE.fullmatch(args.name) is None:
-        raise CorevisorError(f"--name: bad partition name {show(args.name)}")
-    serial = parse_serial(args.serial if args.serial is not None else "stdout", "--serial", None)
-    disks = None
-    if args.disk:
-        disks = tuple(parse_path(d, "--disk", None).absolute() for d in args.disk)
-    taps = tuple(check_tap(t, "--net") for t in args.net) if args.net else None
-    pin = parse_cpu_list(args.pin, "--pin") if args.pin is not None else None
-    return Overrides(name=args.name, serial=serial, taps=taps, disks=disks, pin=pin,
-                     copy_memory=args.copy_memory)
+    if name is not None and NAME_RE.fullmatch(name) is None:
+        raise CorevisorError(f"--name: bad partition name {show(name)}")
+    return Overrides(
+        name=name,
+        serial=parse_serial(serial, "--serial", None) if serial is not None else None,
+        taps=tuple(check_tap(t, "--net") for t in nets) if nets else None,
+        disks=tuple(parse_path(d, "--disk", None).absolute() for d in disks) if disks else None,
+        pin=parse_cpu_list(pin, "--pin") if pin is not None else None,
+        copy_memory=copy_memory,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,7 +148,8 @@ class ProgressBar:
     is left, the downtime it expects, the throttle): a rich bar pinned to the bottom of
     a terminal while it lasts, else nothing; then one line with the outcome."""
 
-    def __init__(self) -> None:
+    def __init__(self, label: str = "migrating in") -> None:
+        self._label = label
         self._bar: Any = None
         self._task: Any = None
         self._last: dict[str, object] = {}
@@ -167,7 +185,7 @@ class ProgressBar:
         )
 
         self._bar = Progress(
-            TextColumn("migrating in"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TextColumn(self._label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
             TextColumn("{task.fields[detail]}"), console=Console(stderr=True), transient=True,
         )
         self._bar.start()
@@ -178,7 +196,7 @@ class ProgressBar:
             self._bar.stop()
             self._bar = None
         p = self._last
-        if done and p:
+        if done and p and self._label == "migrating in":
             print(f"corevisor: migration in: {_num(p.get('round')):.0f} rounds, "
                   f"{_num(p.get('sent_bytes')) / 2**20:.1f} MiB received", file=sys.stderr,
                   flush=True)
