@@ -118,7 +118,7 @@ def bench_restore(work: Path, rounds: int) -> dict[str, Any]:
     with running("tick", TICKING, log) as s:
         _wait_for(log, "peer: tick 20\n")
         s.snapshot("tick", snap)
-    cli, boot, inproc, build_ms = [], [], [], []
+    cli, boot, inproc = [], [], []
     with System(SystemSpec(partitions=()), shared_console=False, echo=False) as daemon:
         daemon.open()
         for r in range(rounds + 1):
@@ -140,8 +140,7 @@ def bench_restore(work: Path, rounds: int) -> dict[str, Any]:
                 boot.append(b)
                 inproc.append(t)
     return {"cli_restore_first_byte_ms": cli, "cli_boot_first_byte_ms": boot,
-            "in_process_restore_first_exit_ms": inproc, "memory_bytes": MEMORY,
-            "unused": build_ms}
+            "in_process_restore_first_exit_ms": inproc, "memory_bytes": MEMORY}
 
 
 def _overrides(name: str, log: Path) -> Any:
