@@ -483,14 +483,7 @@ class System:
         existing partitions, which must be created or stopped (module docstring).
         """
         name = config.name
-        with self._lock:
-            if self._closed or not self._opened:
-                raise StateError(f"cannot add partition {name}: the system is not open")
-            if name in self._parts or name in self._reserved:
-                raise StateError(f"cannot add partition {name}: a partition of that name exists")
-            self._reserved.add(name)
-            index = self._next_index
-            self._next_index += 1
+        index = self._reserve(name)
         try:
             peers = {end for c in channels for end in c.between} - {name}
             with self._locked(peers) as held:
@@ -512,6 +505,19 @@ class System:
             with self._lock:
                 self._reserved.discard(name)
             self._deliver()
+
+    def _reserve(self, name: str) -> int:
+        """Claim name for a partition being built (outside the lock); its index. The
+        caller discards the name from _reserved once the partition is in (or failed)."""
+        with self._lock:
+            if self._closed or not self._opened:
+                raise StateError(f"cannot add partition {name}: the system is not open")
+            if name in self._parts or name in self._reserved:
+                raise StateError(f"cannot add partition {name}: a partition of that name exists")
+            self._reserved.add(name)
+            index = self._next_index
+            self._next_index += 1
+            return index
 
     @contextlib.contextmanager
     def _locked(self, names: set[str]) -> Iterator[list[_Partition]]:
@@ -912,14 +918,8 @@ class System:
     ) -> PartitionInfo:
         """add() for a machine made by make (a restore, a migration's target)."""
         name = config.name
+        index = self._reserve(name)
         with self._lock:
-            if self._closed or not self._opened:
-                raise StateError(f"cannot add partition {name}: the system is not open")
-            if name in self._parts or name in self._reserved:
-                raise StateError(f"cannot add partition {name}: a partition of that name exists")
-            self._reserved.add(name)
-            index = self._next_index
-            self._next_index += 1
             channels = ends_for(name, self._channels)
         try:
             p = self._new_partition(index, config, channels, make)
