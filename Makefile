@@ -37,7 +37,7 @@ guests:
 	$(MAKE) -s -C guests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench fuzz
+	$(VENV)/bin/ruff check src tests bench fuzz lab
 	$(VENV)/bin/mypy
 
 bench: setup
