@@ -69,7 +69,7 @@ def pack(files: dict[str, Path | bytes], symlinks: dict[str, str] | None = None)
     stdin and stdout). Files keep their host mode; bytes become 0755 if they start with
     "#!", else 0644. Used for the lab's own initramfs and for the tests' L2 ones.
     """
-    from corevisor.loader import initramfs as cpio  # the product's writer, one home for newc
+    import corevisor.loader.initramfs as cpio  # the product's newc writer: one home for it
 
     entries: list[cpio.Entry] = [cpio.directory("dev"), cpio.char_device("dev/console", 5, 1)]
     have = {"dev", "dev/console"}

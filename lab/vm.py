@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from corevisor.errors import LoaderError
 from lab import pycache
 from lab.initramfs import BusyboxNotFound, l1_initramfs
 from lab.kernel import KernelNotFound, ModuleNotFound, find_kernel
@@ -179,14 +180,17 @@ def _prepare(cache: Path, python: Path | None) -> tuple[Path, Path]:
     try:
         kernel = find_kernel()
         initrd = l1_initramfs(kernel, cache)
+        image = kernel.vmlinux(cache)
     except KernelNotFound as e:
         raise LabError(str(e), EXIT_NO_KERNEL) from None
     except ModuleNotFound as e:
         raise LabError(f"packaged kernel lacks a module: {e}", EXIT_NO_KERNEL) from None
     except BusyboxNotFound as e:
         raise LabError(str(e), EXIT_SETUP) from None
+    except LoaderError as e:
+        raise LabError(f"cannot extract the vmlinux: {e}", EXIT_NO_KERNEL) from None
     pycache.precompile(cache / "pycache", python)
-    return kernel.image, initrd
+    return image, initrd
 
 
 def run(
