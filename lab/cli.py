@@ -8,6 +8,7 @@ failure of the lab itself is one line starting "lab:" and its own exit status
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", default="4G", help="L1 RAM, QEMU syntax (default 4G)")
     p.add_argument("--iommu", action="store_true",
                    help="an Intel IOMMU (intel_iommu=on) and QEMU's edu PCI device (1234:11e8)")
+    p.add_argument("--cpu", default="max",
+                   help="QEMU's CPU model (default max: AMD with SVM and nested paging)")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="kill QEMU after S seconds (default 1800)")
     p.add_argument("--writable", action="append", default=[], metavar="DIR",
@@ -41,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # SIGTERM (a CI timeout, kill): unwind, so QEMU is killed and the share removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     try:
         if not command:
@@ -48,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cpus < 1 or args.timeout <= 0:
             raise LabError("--cpus and --timeout must be positive", EXIT_SETUP)
         result = run(command, npt=bool(args.npt), cpus=args.cpus, memory=args.memory,
-                     iommu=args.iommu, timeout=args.timeout,
+                     iommu=args.iommu, cpu=args.cpu, timeout=args.timeout,
                      writable=[Path(w) for w in args.writable],
                      stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)
     except LabError as e:

@@ -23,11 +23,19 @@ import os
 import shutil
 import struct
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lab.kernel import Kernel
 
-__all__ = ["L1_MODULES", "BusyboxNotFound", "busybox_path", "l1_initramfs", "pack"]
+__all__ = [
+    "L1_MODULES",
+    "BusyboxNotFound",
+    "busybox_path",
+    "busybox_initramfs",
+    "l1_initramfs",
+    "pack",
+]
 
 L1_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "kvm_amd", "tun")
 INIT = Path(__file__).with_name("init.sh")
@@ -103,6 +111,22 @@ def _key(kernel: Kernel, busybox: Path, modules: list[Path]) -> str:
     return h.hexdigest()[:20]
 
 
+def busybox_initramfs(
+    init: bytes, modules: Sequence[Path], extra: Mapping[str, Path | bytes] | None = None
+) -> bytes:
+    """A newc archive of a busybox system: /init, a static /bin/busybox, the modules.
+
+    The modules go to /modules with /modules/order listing them in load order (as
+    Kernel.load_order gave them), which both the lab's init and the tests' L2 init
+    read. extra adds files (archive name -> host file or contents).
+    """
+    files: dict[str, Path | bytes] = {"init": init, "bin/busybox": busybox_path()}
+    files |= {f"modules/{m.name}": m for m in modules}
+    files["modules/order"] = "".join(f"{m.name}\n" for m in modules).encode()
+    files |= extra or {}
+    return pack(files)
+
+
 def l1_initramfs(kernel: Kernel, cache: Path) -> Path:
     """The cached L1 initramfs for kernel (built now if its inputs changed)."""
     busybox = busybox_path()
@@ -110,12 +134,9 @@ def l1_initramfs(kernel: Kernel, cache: Path) -> Path:
     out = cache / f"initramfs-{kernel.version}-{_key(kernel, busybox, modules)}.cpio"
     if out.exists():
         return out
-    files: dict[str, Path | bytes] = {"init": INIT.read_bytes(), "bin/busybox": busybox}
-    files |= {f"modules/{m.name}": m for m in modules}
-    files["modules/order"] = "".join(f"{m.name}\n" for m in modules).encode()
     cache.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(pack(files))
+    tmp.write_bytes(busybox_initramfs(INIT.read_bytes(), modules))
     os.replace(tmp, out)  # atomic: a concurrent lab run sees the whole file or none
     for old in cache.glob("initramfs-*.cpio"):
         if time.time() - old.stat().st_mtime > KEEP_OLD_S:

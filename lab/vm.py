@@ -17,10 +17,12 @@ init script (initramfs.py, init.sh), bytecode (pycache.py), argument parsing (cl
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -64,9 +66,12 @@ QEMU = "qemu-system-x86_64"
 # fails; panic=-1 with -no-reboot: a panic ends QEMU at once instead of hanging the run.
 L1_CMDLINE = "console=ttyS0 quiet panic=-1 rdinit=/init"
 NINEP_ROOT_TAG = "hostroot"
+# Where the guest mounts its own tmpfs over the host's root (lab/init.sh mounts these).
+TMPFS_DIRS = ("/tmp", "/run", "/var/tmp", "/dev/shm")
 _INIT_ERROR = re.compile(rb"lab-init: error (\w+): (.*)")
 _INIT_STATUS = {"module": EXIT_MODULE, "kvm": EXIT_NO_KVM, "iommu": EXIT_NO_IOMMU}
 _POLL_S = 0.2
+_PR_SET_PDEATHSIG = 1
 # Variables that describe the caller's session, not the command's environment: they
 # would point at sockets, fds or directories the L1 guest does not have.
 _DROPPED_ENV = frozenset({
@@ -150,7 +155,7 @@ def _virtfs(tag: str, path: Path, readonly: bool) -> list[str]:
 
 def _qemu_argv(
     kernel: Path, initrd: Path, share: Path, shares: list[str], *, npt: bool, cpus: int,
-    memory: str, iommu: bool,
+    memory: str, iommu: bool, cpu: str,
 ) -> list[str]:
     cmdline = f"{L1_CMDLINE} lab.npt={int(npt)}"
     devices: list[str] = []
@@ -164,7 +169,7 @@ def _qemu_argv(
     if iommu:
         devices += ["-device", "edu"]  # 1234:11e8, does DMA on command: for VFIO work
     return [
-        QEMU, "-accel", "tcg,thread=multi", "-M", "q35", "-cpu", "max",
+        QEMU, "-accel", "tcg,thread=multi", "-M", "q35", "-cpu", cpu,
         "-smp", str(cpus), "-m", memory,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
@@ -200,6 +205,7 @@ def run(
     cpus: int = 2,
     memory: str = "4G",
     iommu: bool = False,
+    cpu: str = "max",
     timeout: float = 1800.0,
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -210,16 +216,18 @@ def run(
 ) -> LabResult:
     """Boot the L1 guest, run command there (chrooted into the host's root), power off.
 
-    npt selects nested (True) or shadow (False) paging for kvm_amd; cwd and env default
-    to the caller's; writable lists host directories the command may write (each
-    mounted at its own path; everything else is read-only or a tmpfs); python is the
-    interpreter whose bytecode is precompiled on the host (default: the repository's
-    .venv). stdout/stderr, if given, receive the command's output as it comes; the
-    result holds all of it. Raises LabError for every failure that is not the
-    command's own.
+    npt selects nested (True) or shadow (False) paging for kvm_amd; cpu is QEMU's CPU
+    model (its "max" is the one with SVM and nested paging); cwd and env default to the
+    caller's, and cwd must be visible in the guest (not under TMPFS_DIRS); writable
+    lists host directories the command may write (each mounted at its own path;
+    everything else is read-only or a tmpfs); python is the interpreter whose bytecode
+    is precompiled on the host (default: the repository's .venv). stdout/stderr, if
+    given, receive the command's output as it comes; the result holds all of it.
+    Raises LabError for every failure that is not the command's own.
     """
     if not command:
         raise LabError("no command to run", EXIT_SETUP)
+    where = _visible((cwd or Path.cwd()).resolve(), "the working directory")
     cache = cache_dir()
     kernel, initrd = _prepare(cache, python)
     start = time.monotonic()
@@ -228,13 +236,11 @@ def run(
         call_env = dict(os.environ if env is None else env)
         call_env["PYTHONPYCACHEPREFIX"] = str((cache / "pycache").resolve())
         call_env["COREVISOR_LAB"] = f"npt={int(npt)}"
-        (share / "command").write_text(
-            _command_script(command, (cwd or Path.cwd()).resolve(), call_env)
-        )
+        (share / "command").write_text(_command_script(command, where, call_env))
         dirs = [(cache / "pycache", True), *((Path(w), False) for w in writable)]
         shares = _writable_shares(share, dirs)
         argv = _qemu_argv(kernel, initrd, share, shares, npt=npt, cpus=cpus, memory=memory,
-                          iommu=iommu)
+                          iommu=iommu, cpu=cpu)
         out, err = _Tail(share / "stdout", stdout), _Tail(share / "stderr", stderr)
         qemu_status = _boot(argv, share / "qemu.log", start + timeout, (out, err))
         console_log = share / "console.log"
@@ -251,6 +257,15 @@ def run(
                          console)
 
 
+def _visible(path: Path, what: str) -> Path:
+    """path, if the guest's chroot shows it; the guest's own tmpfs hide the host's."""
+    for hidden in TMPFS_DIRS:
+        if path == Path(hidden) or Path(hidden) in path.parents:
+            raise LabError(f"{what} {path} is under {hidden}, which the L1 guest replaces "
+                           "with its own empty tmpfs: use a directory elsewhere", EXIT_SETUP)
+    return path
+
+
 def _writable_shares(share: Path, dirs: Sequence[tuple[Path, bool]]) -> list[str]:
     """QEMU options for the writable host directories, and their list for the init script.
 
@@ -260,7 +275,7 @@ def _writable_shares(share: Path, dirs: Sequence[tuple[Path, bool]]) -> list[str
     qemu_args: list[str] = []
     mounts = ""
     for i, (path, loose) in enumerate(dirs):
-        where = path.resolve()
+        where = _visible(path.resolve(), "writable directory")
         if re.search(r"\s", str(where)):
             raise LabError(f"writable directory {where}: a path with white space", EXIT_SETUP)
         if not where.is_dir():
@@ -274,7 +289,8 @@ def _writable_shares(share: Path, dirs: Sequence[tuple[Path, bool]]) -> list[str
 def _boot(argv: list[str], log: Path, deadline: float, tails: Sequence[_Tail]) -> int | None:
     """Run QEMU, streaming the tails, until it exits (its status) or the deadline (None)."""
     with log.open("wb") as f:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=f)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=f,
+                                preexec_fn=_die_with_parent)
     try:
         status = _wait(proc, deadline, tails)
     finally:
@@ -284,6 +300,16 @@ def _boot(argv: list[str], log: Path, deadline: float, tails: Sequence[_Tail]) -
     for tail in tails:
         tail.pump()
     return status
+
+
+def _die_with_parent() -> None:
+    """In QEMU's child: SIGKILL when the lab's process dies, however it dies.
+
+    A lab run killed by a CI timeout must not leave a QEMU spinning on a shared
+    2-core machine (prctl PR_SET_PDEATHSIG).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _wait(proc: subprocess.Popen[bytes], deadline: float, tails: Sequence[_Tail]) -> int | None:
