@@ -37,10 +37,12 @@ def guests() -> dict[str, Path]:
     return {name: bundled.image_path(name) for name in bundled.GUESTS}
 
 
-def corevisor(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI in a child process, as a user would."""
+def corevisor(
+    *args: str, timeout: float = 180, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a child process, as a user would (prefix: e.g. `ip netns exec`)."""
     return subprocess.run(
-        [sys.executable, "-m", "corevisor.cli", *args],
+        [*prefix, sys.executable, "-m", "corevisor.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
