@@ -50,7 +50,9 @@ def ext4_root(image: Path, work: Path) -> Path:
     shutil.copy(GUEST / "rootfs-init", root / "sbin" / "init")
     (root / "sbin" / "init").chmod(0o755)
     subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-d", str(root), str(image), "32M"],
+        # no lazy init: the guest must not be zeroing inode tables while it powers off
+        ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+         "-d", str(root), str(image), "32M"],
         check=True, capture_output=True, timeout=120,
     )
     return image

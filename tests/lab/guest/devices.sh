@@ -2,7 +2,10 @@
 # virtio-rng: which source the kernel uses, and 32 bytes from it
 echo "l2: hwrng=$(cat /sys/class/misc/hw_random/rng_current)" \
      "bytes=$(head -c 32 /dev/hwrng | od -An -tx1 | tr -d ' \n')"
-# virtio-console: a line written only to hvc0
+# virtio-console: a line written only to hvc0. Both consoles end up on corevisor's
+# stdout: let the UART drain first (stty sets with TCSADRAIN), so the line is not
+# spliced into one the UART is still sending.
+stty -F /dev/console "$(stty -F /dev/console -g)"
 echo "l2: hvc0 says hello" > /dev/hvc0
 # virtio-net: configure eth0 and ping the other end of the TAP
 ip addr add 192.0.2.2/24 dev eth0
