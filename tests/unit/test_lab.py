@@ -78,7 +78,9 @@ def _lab_run(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 def test_without_qemu_one_line_and_status_120() -> None:
     r = _lab_run("--", "true", env={**os.environ, "PATH": "/nonexistent"})
     assert (r.returncode, r.stdout) == (lab.EXIT_NO_QEMU, "")
-    assert r.stderr == "lab: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)\n"
+    assert r.stderr == (
+        "lab: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)\n"
+    )
 
 
 def test_without_a_command_one_line_and_status_119() -> None:
