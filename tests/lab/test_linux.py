@@ -137,6 +137,12 @@ def test_vmlinux_pvh_boots_with_two_cpus_online(pvh2: Boot) -> None:
     assert "l2: online=0-1 nproc=2" in _serial(pvh2), _fail(pvh2)
 
 
+def test_the_kernel_saw_nothing_to_warn_about(bz1: Boot, pvh2: Boot) -> None:
+    """No WARN, no bad page, no taint: what the machine offers is what Linux expects."""
+    for boot in (bz1, pvh2):
+        assert re.search(r"l2: online=\S+ nproc=\d tainted=0\b", _serial(boot)), _fail(boot)
+
+
 # --- user space, and how a run ends ----------------------------------------------------
 
 def test_busybox_initramfs_runs_a_command(bz1: Boot) -> None:
