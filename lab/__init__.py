@@ -20,32 +20,6 @@ from lab.pycache import REPO
 if str(REPO / "src") not in sys.path:  # corevisor's cpio writer, without the venv
     sys.path.append(str(REPO / "src"))
 
-from lab.vm import (  # noqa: E402
-    EXIT_L1_FAILED,
-    EXIT_MODULE,
-    EXIT_NO_IOMMU,
-    EXIT_NO_KERNEL,
-    EXIT_NO_KVM,
-    EXIT_NO_QEMU,
-    EXIT_SETUP,
-    EXIT_TIMEOUT,
-    LabError,
-    LabResult,
-    cache_dir,
-    run,
-)
+from lab.vm import Exit, LabError, LabResult, cache_dir, run  # noqa: E402
 
-__all__ = [
-    "run",
-    "LabResult",
-    "LabError",
-    "cache_dir",
-    "EXIT_NO_IOMMU",
-    "EXIT_SETUP",
-    "EXIT_NO_QEMU",
-    "EXIT_NO_KERNEL",
-    "EXIT_MODULE",
-    "EXIT_NO_KVM",
-    "EXIT_TIMEOUT",
-    "EXIT_L1_FAILED",
-]
+__all__ = ["run", "LabResult", "LabError", "Exit", "cache_dir"]

@@ -2,7 +2,7 @@
 
 Prints the command's stdout and stderr as they come and exits with its status; every
 failure of the lab itself is one line starting "lab:" and its own exit status
-(lab/vm.py's EXIT_* constants, listed in lab/README.md).
+(lab.vm.Exit, listed in lab/README.md).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lab.vm import EXIT_SETUP, LabError, run
+from lab.vm import Exit, LabError, run
 
 __all__ = ["main"]
 
@@ -49,9 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     try:
         if not command:
-            raise LabError("no command (lab/run [OPTIONS] -- COMMAND...)", EXIT_SETUP)
+            raise LabError("no command (lab/run [OPTIONS] -- COMMAND...)", Exit.SETUP)
         if args.cpus < 1 or args.timeout <= 0:
-            raise LabError("--cpus and --timeout must be positive", EXIT_SETUP)
+            raise LabError("--cpus and --timeout must be positive", Exit.SETUP)
         result = run(command, npt=bool(args.npt), cpus=args.cpus, memory=args.memory,
                      iommu=args.iommu, cpu=args.cpu, timeout=args.timeout,
                      writable=[Path(w) for w in args.writable],

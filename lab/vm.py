@@ -8,7 +8,7 @@ command's output is streamed to the caller while it runs (polled from those file
 and the run ends when QEMU exits (the guest's init powers off) or the timeout kills it.
 
 Every way a run can fail without the command's own status is a LabError with one
-message and its own exit status (the EXIT_* constants), so `lab/run` prints one "lab:"
+message and its own exit status (Exit), so `lab/run` prints one "lab:"
 line and bench/ scripts can tell a lab problem from a failing command.
 
 What does not live here: the kernel and modules (kernel.py), the initramfs and the
@@ -18,6 +18,7 @@ init script (initramfs.py, init.sh), bytecode (pycache.py), argument parsing (cl
 from __future__ import annotations
 
 import ctypes
+import enum
 import os
 import re
 import shlex
@@ -36,30 +37,20 @@ from lab import pycache
 from lab.initramfs import BusyboxNotFound, l1_initramfs
 from lab.kernel import KernelNotFound, ModuleNotFound, find_kernel
 
-__all__ = [
-    "LabError",
-    "LabResult",
-    "run",
-    "cache_dir",
-    "EXIT_NO_IOMMU",
-    "EXIT_SETUP",
-    "EXIT_NO_QEMU",
-    "EXIT_NO_KERNEL",
-    "EXIT_MODULE",
-    "EXIT_NO_KVM",
-    "EXIT_TIMEOUT",
-    "EXIT_L1_FAILED",
-]
+__all__ = ["Exit", "LabError", "LabResult", "run", "cache_dir"]
 
-# lab/run's own exit statuses, one per kind of failure (a command's status passes through).
-EXIT_NO_IOMMU = 118  # --iommu, but the L1 guest has no IOMMU group
-EXIT_SETUP = 119  # the host lacks something else the lab needs (busybox-static), bad option
-EXIT_NO_QEMU = 120  # qemu-system-x86_64 is not installed
-EXIT_NO_KERNEL = 121  # no packaged kernel (linux-image-amd64) with its modules
-EXIT_MODULE = 122  # a module did not load in the L1 guest
-EXIT_NO_KVM = 123  # /dev/kvm is missing in the L1 guest
-EXIT_TIMEOUT = 124  # the run took longer than --timeout (QEMU killed)
-EXIT_L1_FAILED = 125  # the L1 guest stopped without a status (panic, mount failure, QEMU error)
+class Exit(enum.IntEnum):
+    """lab/run's own exit statuses, one per kind of failure (a command's status passes through)."""
+
+    NO_IOMMU = 118  # --iommu, but the L1 guest has no IOMMU group
+    SETUP = 119  # the host lacks something else (busybox-static), a bad option or directory
+    NO_QEMU = 120  # qemu-system-x86_64 is not installed
+    NO_KERNEL = 121  # no packaged kernel (linux-image-amd64) with its modules
+    MODULE = 122  # a module did not load in the L1 guest
+    NO_KVM = 123  # /dev/kvm is missing in the L1 guest
+    TIMEOUT = 124  # the run took longer than --timeout (QEMU killed)
+    L1_FAILED = 125  # the L1 guest stopped without a status (panic, mount failure, QEMU error)
+
 
 QEMU = "qemu-system-x86_64"
 # The L1 kernel's command line. quiet: the console is a file nobody reads unless a run
@@ -69,7 +60,7 @@ NINEP_ROOT_TAG = "hostroot"
 # Where the guest mounts its own tmpfs over the host's root (lab/init.sh mounts these).
 TMPFS_DIRS = ("/tmp", "/run", "/var/tmp", "/dev/shm")
 _INIT_ERROR = re.compile(rb"lab-init: error (\w+): (.*)")
-_INIT_STATUS = {"module": EXIT_MODULE, "kvm": EXIT_NO_KVM, "iommu": EXIT_NO_IOMMU}
+_INIT_STATUS = {"module": Exit.MODULE, "kvm": Exit.NO_KVM, "iommu": Exit.NO_IOMMU}
 _POLL_S = 0.2
 _PR_SET_PDEATHSIG = 1
 # Variables that describe the caller's session, not the command's environment: they
@@ -181,19 +172,19 @@ def _qemu_argv(
 def _prepare(cache: Path, python: Path | None) -> tuple[Path, Path]:
     """Host-side checks and the cached inputs: (kernel image, initramfs)."""
     if shutil.which(QEMU) is None:
-        raise LabError(f"{QEMU} is not installed (apt-get install qemu-system-x86)", EXIT_NO_QEMU)
+        raise LabError(f"{QEMU} is not installed (apt-get install qemu-system-x86)", Exit.NO_QEMU)
     try:
         kernel = find_kernel()
         initrd = l1_initramfs(kernel, cache)
         image = kernel.vmlinux(cache)
     except KernelNotFound as e:
-        raise LabError(str(e), EXIT_NO_KERNEL) from None
+        raise LabError(str(e), Exit.NO_KERNEL) from None
     except ModuleNotFound as e:
-        raise LabError(f"packaged kernel lacks a module: {e}", EXIT_NO_KERNEL) from None
+        raise LabError(f"packaged kernel lacks a module: {e}", Exit.NO_KERNEL) from None
     except BusyboxNotFound as e:
-        raise LabError(str(e), EXIT_SETUP) from None
+        raise LabError(str(e), Exit.SETUP) from None
     except LoaderError as e:
-        raise LabError(f"cannot extract the vmlinux: {e}", EXIT_NO_KERNEL) from None
+        raise LabError(f"cannot extract the vmlinux: {e}", Exit.NO_KERNEL) from None
     pycache.precompile(cache / "pycache", python)
     return image, initrd
 
@@ -226,7 +217,7 @@ def run(
     Raises LabError for every failure that is not the command's own.
     """
     if not command:
-        raise LabError("no command to run", EXIT_SETUP)
+        raise LabError("no command to run", Exit.SETUP)
     where = _visible((cwd or Path.cwd()).resolve(), "the working directory")
     cache = cache_dir()
     kernel, initrd = _prepare(cache, python)
@@ -248,7 +239,7 @@ def run(
         try:
             if qemu_status is None:
                 raise LabError(f"timeout: the run took longer than {timeout:g} s (QEMU killed)",
-                               EXIT_TIMEOUT)
+                               Exit.TIMEOUT)
             status = _status(share, qemu_status, console)
         except LabError as e:
             e.console = console
@@ -262,7 +253,7 @@ def _visible(path: Path, what: str) -> Path:
     for hidden in TMPFS_DIRS:
         if path == Path(hidden) or Path(hidden) in path.parents:
             raise LabError(f"{what} {path} is under {hidden}, which the L1 guest replaces "
-                           "with its own empty tmpfs: use a directory elsewhere", EXIT_SETUP)
+                           "with its own empty tmpfs: use a directory elsewhere", Exit.SETUP)
     return path
 
 
@@ -277,9 +268,9 @@ def _writable_shares(share: Path, dirs: Sequence[tuple[Path, bool]]) -> list[str
     for i, (path, loose) in enumerate(dirs):
         where = _visible(path.resolve(), "writable directory")
         if re.search(r"\s", str(where)):
-            raise LabError(f"writable directory {where}: a path with white space", EXIT_SETUP)
+            raise LabError(f"writable directory {where}: a path with white space", Exit.SETUP)
         if not where.is_dir():
-            raise LabError(f"writable directory {where} does not exist", EXIT_SETUP)
+            raise LabError(f"writable directory {where} does not exist", Exit.SETUP)
         qemu_args += _virtfs(f"rw{i}", where, readonly=False)
         mounts += f"rw{i} {where}{' loose' if loose else ''}\n"
     (share / "mounts").write_text(mounts)
@@ -335,13 +326,13 @@ def _status(share: Path, qemu_status: int, console: bytes) -> int:
         kind, detail = found.group(1).decode(), found.group(2).decode(errors="replace").strip()
         what = {"module": "module load failed", "kvm": "no /dev/kvm in the L1 guest",
                 "iommu": "no IOMMU in the L1 guest"}.get(kind, f"{kind} failed in the L1 guest")
-        raise LabError(f"{what}: {detail}", _INIT_STATUS.get(kind, EXIT_L1_FAILED))
+        raise LabError(f"{what}: {detail}", _INIT_STATUS.get(kind, Exit.L1_FAILED))
     qemu_log = (share / "qemu.log").read_text(errors="replace").strip()
     if qemu_status != 0:
         raise LabError(f"{QEMU} failed (status {qemu_status}): "
-                       f"{qemu_log.splitlines()[-1] if qemu_log else 'no message'}", EXIT_L1_FAILED)
+                       f"{qemu_log.splitlines()[-1] if qemu_log else 'no message'}", Exit.L1_FAILED)
     raise LabError(f"the L1 guest stopped without a status: {_last_words(console)}",
-                   EXIT_L1_FAILED)
+                   Exit.L1_FAILED)
 
 
 def _last_words(console: bytes) -> str:

@@ -6,10 +6,12 @@ has it, a skip is a bug.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,23 @@ def corevisor(
         stdin=subprocess.DEVNULL,
         check=False,
     )
+
+
+@contextlib.contextmanager
+def tap_in_netns(ns: str, tap: str, cidr: str) -> Iterator[str]:
+    """A network namespace ns holding TAP tap, up, with address cidr; removed afterwards.
+
+    The guest's NIC sits on the TAP; corevisor runs in the namespace
+    (`prefix=("ip", "netns", "exec", ns)`), so the host's own network is never touched.
+    """
+    subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True, timeout=30)
+    try:
+        for cmd in (
+            ("tuntap", "add", "dev", tap, "mode", "tap"),
+            ("addr", "add", cidr, "dev", tap),
+            ("link", "set", tap, "up"),
+        ):
+            subprocess.run(["ip", "-n", ns, *cmd], check=True, capture_output=True, timeout=30)
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)

@@ -31,6 +31,7 @@ import pytest
 
 from corevisor.loader.initramfs import build_initramfs
 from lab.kernel import Kernel
+from tests.kvm.conftest import tap_in_netns
 from tests.lab import linux
 
 pytestmark = pytest.mark.lab
@@ -66,17 +67,8 @@ def pvh1(vmlinux: Path, initrd: Path) -> Boot:
 @pytest.fixture(scope="module")
 def netns() -> Iterator[str]:
     """A network namespace holding a TAP with L1_IP/24: the L1 side of the guest's eth0."""
-    subprocess.run(["ip", "netns", "add", NS], check=True, capture_output=True, timeout=30)
-    try:
-        for cmd in (
-            ("tuntap", "add", "dev", TAP, "mode", "tap"),
-            ("addr", "add", f"{L1_IP}/24", "dev", TAP),
-            ("link", "set", TAP, "up"),
-        ):
-            subprocess.run(["ip", "-n", NS, *cmd], check=True, capture_output=True, timeout=30)
-        yield NS
-    finally:
-        subprocess.run(["ip", "netns", "del", NS], capture_output=True, timeout=30)
+    with tap_in_netns(NS, TAP, f"{L1_IP}/24") as ns:
+        yield ns
 
 
 @pytest.fixture(scope="module")

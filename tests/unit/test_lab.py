@@ -77,7 +77,7 @@ def _lab_run(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 def test_without_qemu_one_line_and_status_120() -> None:
     r = _lab_run("--", "true", env={**os.environ, "PATH": "/nonexistent"})
-    assert (r.returncode, r.stdout) == (lab.EXIT_NO_QEMU, "")
+    assert (r.returncode, r.stdout) == (lab.Exit.NO_QEMU, "")
     assert r.stderr == (
         "lab: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)\n"
     )
@@ -85,12 +85,12 @@ def test_without_qemu_one_line_and_status_120() -> None:
 
 def test_without_a_command_one_line_and_status_119() -> None:
     r = _lab_run()
-    assert r.returncode == lab.EXIT_SETUP
+    assert r.returncode == lab.Exit.SETUP
     assert r.stderr.startswith("lab: no command") and r.stderr.count("\n") == 1
 
 
 def test_a_working_directory_the_guest_cannot_see_is_refused() -> None:
     r = subprocess.run([sys.executable, str(LAB_RUN), "--", "true"], capture_output=True,
                        text=True, timeout=120, cwd="/tmp")
-    assert r.returncode == lab.EXIT_SETUP
+    assert r.returncode == lab.Exit.SETUP
     assert r.stderr.startswith("lab: the working directory /tmp is under /tmp")

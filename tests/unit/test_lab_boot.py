@@ -41,13 +41,13 @@ def test_a_command_gets_its_directory_environment_output_and_status_back() -> No
 
 def test_a_run_longer_than_its_timeout_is_killed_with_status_124() -> None:
     r = _lab_run("--timeout", "3", "--", "sleep", "600")
-    assert r.returncode == lab.EXIT_TIMEOUT
+    assert r.returncode == lab.Exit.TIMEOUT
     assert r.stderr == "lab: timeout: the run took longer than 3 s (QEMU killed)\n"
 
 
 def test_a_module_that_cannot_load_is_named_with_status_122() -> None:
     """Without SVM in the CPU model, kvm_amd refuses to load."""
     r = _lab_run("--cpu", "qemu64,-svm", "--", "true")
-    assert r.returncode == lab.EXIT_MODULE, r.stderr
+    assert r.returncode == lab.Exit.MODULE, r.stderr
     assert r.stderr.startswith("lab: module load failed: kvm-amd: ")
     assert r.stderr.count("\n") == 1
