@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="an Intel IOMMU (intel_iommu=on) and QEMU's edu PCI device (1234:11e8)")
     p.add_argument("--cpu", default="max",
                    help="QEMU's CPU model (default max: AMD with SVM and nested paging)")
+    p.add_argument("--l1-cmdline", default="", metavar="ARGS",
+                   help="more L1 kernel parameters, e.g. kvm_amd.vgif=0 (MODULE.x=y reach modules)")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="kill QEMU after S seconds (default 1800)")
     p.add_argument("--writable", action="append", default=[], metavar="DIR",
@@ -53,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cpus < 1 or args.timeout <= 0:
             raise LabError("--cpus and --timeout must be positive", Exit.SETUP)
         result = run(command, npt=bool(args.npt), cpus=args.cpus, memory=args.memory,
-                     iommu=args.iommu, cpu=args.cpu, timeout=args.timeout,
+                     iommu=args.iommu, cpu=args.cpu, l1_cmdline=args.l1_cmdline,
+                     timeout=args.timeout,
                      writable=[Path(w) for w in args.writable],
                      stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)
     except LabError as e:

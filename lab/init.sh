@@ -2,8 +2,8 @@
 # The lab's L1 init (PID 1 of the Linux guest QEMU-TCG boots; lab/initramfs.py packs it
 # as /init beside a static busybox and the modules in /modules, in load order).
 #
-# It loads the modules (kvm_amd with npt=lab.npt from the kernel command line and
-# nested=1), mounts the host's root read-only over 9p at /host with the guest's own
+# It loads the modules (with the MODULE.param= words of the kernel command line:
+# kvm_amd.npt=, kvm_amd.nested=1), mounts the host's root read-only over 9p at /host with the guest's own
 # /proc, /sys, /dev and tmpfs wherever the command may write, mounts the per-run share
 # (tag "lab": the command script, its output, its status) and any writable host
 # directories it lists, checks /dev/kvm (and an IOMMU group with lab.iommu=1), runs the
@@ -33,12 +33,18 @@ param() {  # param NAME DEFAULT: the value of lab.NAME= on the kernel command li
     echo "$2"
 }
 
-npt=$(param npt 1)
+modargs() {  # modargs MODULE: its MODULE.x=y words on the kernel command line, as x=y
+    for word in $(cat /proc/cmdline); do
+        case "$word" in "$1."*) echo "${word#"$1".}";; esac
+    done
+}
+
+# Module parameters come from the kernel command line, as modprobe would take them
+# (lab/vm.py puts kvm_amd.npt= and kvm_amd.nested=1 there; --l1-cmdline adds more).
 for ko in $(cat /modules/order); do
     name=${ko%.ko}
-    args=""
-    [ "$name" = kvm-amd ] && args="npt=$npt nested=1"
-    out=$(insmod "/modules/$ko" $args 2>&1) || fail module "$name: $out"
+    out=$(insmod "/modules/$ko" $(modargs "$(echo "$name" | tr - _)") 2>&1) \
+        || fail module "$name: $out"
 done
 
 mount -t 9p -o "$NINEP" lab /lab || fail mount "the per-run share (9p tag lab)"

@@ -146,9 +146,9 @@ def _virtfs(tag: str, path: Path, readonly: bool) -> list[str]:
 
 def _qemu_argv(
     kernel: Path, initrd: Path, share: Path, shares: list[str], *, npt: bool, cpus: int,
-    memory: str, iommu: bool, cpu: str,
+    memory: str, iommu: bool, cpu: str, l1_cmdline: str,
 ) -> list[str]:
-    cmdline = f"{L1_CMDLINE} lab.npt={int(npt)}"
+    cmdline = f"{L1_CMDLINE} kvm_amd.npt={int(npt)} kvm_amd.nested=1 {l1_cmdline}".strip()
     devices: list[str] = []
     if iommu:
         # The vIOMMU must exist before the PCI devices it translates for.
@@ -197,6 +197,7 @@ def run(
     memory: str = "4G",
     iommu: bool = False,
     cpu: str = "max",
+    l1_cmdline: str = "",
     timeout: float = 1800.0,
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -208,7 +209,8 @@ def run(
     """Boot the L1 guest, run command there (chrooted into the host's root), power off.
 
     npt selects nested (True) or shadow (False) paging for kvm_amd; cpu is QEMU's CPU
-    model (its "max" is the one with SVM and nested paging); cwd and env default to the
+    model (its "max" is the one with SVM and nested paging); l1_cmdline adds to the L1
+    kernel's command line (MODULE.param= words reach the modules); cwd and env default to the
     caller's, and cwd must be visible in the guest (not under TMPFS_DIRS); writable
     lists host directories the command may write (each mounted at its own path;
     everything else is read-only or a tmpfs); python is the interpreter whose bytecode
@@ -231,7 +233,7 @@ def run(
         dirs = [(cache / "pycache", True), *((Path(w), False) for w in writable)]
         shares = _writable_shares(share, dirs)
         argv = _qemu_argv(kernel, initrd, share, shares, npt=npt, cpus=cpus, memory=memory,
-                          iommu=iommu, cpu=cpu)
+                          iommu=iommu, cpu=cpu, l1_cmdline=l1_cmdline)
         out, err = _Tail(share / "stdout", stdout), _Tail(share / "stderr", stderr)
         qemu_status = _boot(argv, share / "qemu.log", start + timeout, (out, err))
         console_log = share / "console.log"

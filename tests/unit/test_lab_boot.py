@@ -25,15 +25,15 @@ def _lab_run(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 def test_a_command_gets_its_directory_environment_output_and_status_back() -> None:
     script = ('pwd; echo "$LAB_TEST_WORDS"; echo "$COREVISOR_LAB"; echo to-stderr >&2; '
-              "cat /sys/module/kvm_amd/parameters/npt /sys/module/kvm_amd/parameters/nested; "
+              "cd /sys/module/kvm_amd/parameters && cat npt nested vgif && cd - >/dev/null; "
               "test -c /dev/kvm && echo has-dev-kvm; grep -q -w svm /proc/cpuinfo && echo svm; "
               "touch /tmp/x /run/x && echo tmpfs-writable; touch src/x 2>/dev/null || "
               "echo root-read-only; exit 7")
-    r = _lab_run("--npt", "0", "--", "sh", "-c", script,
+    r = _lab_run("--npt", "0", "--l1-cmdline", "kvm_amd.vgif=0", "--", "sh", "-c", script,
                  env={**os.environ, "LAB_TEST_WORDS": "two  words 'q'"})
     assert r.returncode == 7, r.stderr
     assert r.stdout.splitlines() == [
-        str(REPO), "two  words 'q'", "npt=0", "N", "1", "has-dev-kvm", "svm",
+        str(REPO), "two  words 'q'", "npt=0", "N", "1", "0", "has-dev-kvm", "svm",
         "tmpfs-writable", "root-read-only",
     ]
     assert r.stderr == "to-stderr\n"
