@@ -17,6 +17,7 @@ init script (initramfs.py, init.sh), bytecode (pycache.py), argument parsing (cl
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import os
@@ -24,6 +25,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -165,6 +167,7 @@ def _qemu_argv(
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
         "-chardev", f"file,id=console,path={share / 'console.log'}", "-serial", "chardev:console",
+        "-monitor", f"unix:{share / 'monitor.sock'},server=on,wait=off",
         *devices,
     ]
 
@@ -286,6 +289,9 @@ def _boot(argv: list[str], log: Path, deadline: float, tails: Sequence[_Tail]) -
                                 preexec_fn=_die_with_parent)
     try:
         status = _wait(proc, deadline, tails)
+        if status is None:  # timed out: say where the L1 vCPUs were, for --console
+            with (log.parent / "console.log").open("ab") as console:
+                console.write(_l1_registers(log.parent / "monitor.sock"))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -293,6 +299,24 @@ def _boot(argv: list[str], log: Path, deadline: float, tails: Sequence[_Tail]) -
     for tail in tails:
         tail.pump()
     return status
+
+
+def _l1_registers(monitor: Path) -> bytes:
+    """QEMU's `info registers -a` from its monitor: where a stuck L1 guest is stuck."""
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(monitor))
+            s.sendall(b"info registers -a\n")
+            out = b""
+            with contextlib.suppress(TimeoutError):
+                while chunk := s.recv(65536):
+                    out += chunk
+    except OSError as e:
+        return f"\nlab: no L1 registers from QEMU's monitor: {e}\n".encode()
+    start = out.find(b"CPU#")  # past the monitor's banner and its echo of the command
+    regs = out[start:] if start >= 0 else out
+    return b"\nlab: timeout; the L1 vCPUs (QEMU monitor, info registers -a):\n" + regs
 
 
 def _die_with_parent() -> None:
