@@ -22,12 +22,9 @@ setup: sysdeps $(STAMP) guests
 # all in ONE boot of the lab's L1 guest: QEMU-TCG with an emulated AMD SVM CPU, where
 # /dev/kvm is kvm_amd with nested paging (lab/README.md, docs/lab.md). No pytest cache
 # (the root is read-only there) and no hypothesis plugin (seconds to import there).
-# LAB_TESTS lists where lab tests live: collecting the whole suite there to deselect it
-# would cost minutes (imports run ~30x slower in the lab).
-LAB_TESTS  ?= tests/lab
 LAB_PYTEST := -m lab -p no:cacheprovider -p no:hypothesispytest -q -rA --durations=0
 lab-test: setup
-	lab/run --timeout 1500 -- $(PY) -m pytest $(LAB_PYTEST) $(LAB_TESTS)
+	lab/run --timeout 1500 -- $(PY) -m pytest $(LAB_PYTEST) tests
 
 # System packages, installed only when missing: a compiler and binutils for the guests
 # (all the demo needs); for the tests and benchmarks also QEMU, gdb, ACPICA, cpio,
