@@ -29,8 +29,8 @@ L2_MODULES = (
 # Every byte on the serial console costs ~1.4 ms in the lab: the kernel stays quiet.
 # reboot=k, panic=-1, pci=off: corevisor's own defaults for --kernel (docs/linux.md).
 # noxsave: the lab's software SVM does not intercept XSETBV, so KVM keeps an L2's XCR0
-# at x87 only and XSAVE would not save its SSE registers across task switches
-# (docs/lab.md, "Limits"); FXSAVE saves them.
+# at x87 only; Linux notices, warns (taint W) and falls back to FXSAVE (docs/lab.md,
+# "Limits"). With noxsave it starts that way, and a warning means something else.
 CMDLINE = "console=ttyS0 quiet reboot=k panic=-1 pci=off noxsave"
 TIMEOUT = 240  # corevisor's --timeout for one boot; a boot takes ~15-60 s in the lab
 
