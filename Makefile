@@ -5,7 +5,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test setup sysdeps sysdeps-demo guests lint bench fuzz clean
+.PHONY: demo test lab-test setup sysdeps sysdeps-demo guests lint bench fuzz clean
 
 # Seconds per fuzz target for `make fuzz` (CI passes a small budget).
 FUZZ_SECONDS ?= 180
@@ -17,6 +17,14 @@ test: setup
 	$(PY) -m pytest -q
 
 setup: sysdeps $(STAMP) guests
+
+# The tests that need hardware virtualization (marker lab; `make test` deselects them),
+# all in ONE boot of the lab's L1 guest: QEMU-TCG with an emulated AMD SVM CPU, where
+# /dev/kvm is kvm_amd with nested paging (lab/README.md, docs/lab.md). No pytest cache
+# (the root is read-only there) and no hypothesis plugin (seconds to import there).
+LAB_PYTEST := -m lab -p no:cacheprovider -p no:hypothesispytest -q -rA --durations=0
+lab-test: setup
+	lab/run --timeout 1500 -- $(PY) -m pytest $(LAB_PYTEST) tests
 
 # System packages, installed only when missing: a compiler and binutils for the guests
 # (all the demo needs); for the tests and benchmarks also QEMU, gdb, ACPICA, cpio,
@@ -37,7 +45,7 @@ guests:
 	$(MAKE) -s -C guests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench fuzz
+	$(VENV)/bin/ruff check src tests bench fuzz lab
 	$(VENV)/bin/mypy
 
 bench: setup

@@ -44,6 +44,7 @@ from corevisor.devices.i8042 import I8042
 from corevisor.devices.pm1 import Pm1
 from corevisor.devices.pm_timer import PmTimer
 from corevisor.devices.postcode import PostCode
+from corevisor.devices.pvpanic import PvPanic
 from corevisor.devices.rtc import Rtc
 from corevisor.devices.uart16550 import Uart16550
 from corevisor.errors import ConfigError, KvmError, SnapshotError
@@ -355,7 +356,8 @@ def attach_legacy_devices(
     res: Resources,
     report: Callable[[str, str], None] = report_to_stderr,
 ) -> SerialBackend:
-    """The PC devices every bundled guest (and Linux) expects at their usual ports.
+    """The PC devices every bundled guest (and Linux) expects at their usual ports,
+    and pvpanic, through which a guest kernel reports its panic.
 
     Returns the serial backend (the hypercall console writes there too); one passed in
     belongs to the caller and is not closed with the machine. Host input starts with
@@ -379,6 +381,7 @@ def attach_legacy_devices(
         "rtc": Rtc(),
         "postcode": PostCode(),
         "debug-exit": DebugExit(m.guest_exit),
+        "pvpanic": PvPanic(m.guest_panic),
     }
     _attach_ports(m, devices, res)
     return serial

@@ -176,6 +176,10 @@ class Machine:
         """The guest pulsed the reset line (i8042 command 0xFE)."""
         self.finish(StopReport("reset", "guest reset the machine (i8042 reset line)"))
 
+    def guest_panic(self) -> None:
+        """The guest's kernel reported a panic (pvpanic): a crash, whatever it does next."""
+        self.finish(StopReport("fault", "guest kernel panicked (pvpanic)"))
+
     # --- lifecycle ------------------------------------------------------------------
     def _refuse(self, verb: str) -> StateError:
         return StateError(f"cannot {verb} machine {self.name}: it is {self._state.value}")

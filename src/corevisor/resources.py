@@ -63,6 +63,7 @@ LEGACY_PORTS: dict[str, tuple[int, int]] = {
     "com1": (layout.COM1_PORT, 8),
     "hypercall": (layout.HYPERCALL_PORT, 4),
     "doorbell": (layout.DOORBELL_PORT, 4),
+    "pvpanic": (layout.PVPANIC_PORT, 1),
     "fw-cfg": (layout.FW_CFG_PORT, layout.FW_CFG_PORT_SIZE),
     "pm1": (layout.PM1A_EVT_PORT, PM1_SIZE),
     "pm-timer": (layout.PM_TMR_PORT, 4),

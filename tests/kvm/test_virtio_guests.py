@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kvm.conftest import corevisor
+from tests.kvm.conftest import corevisor, tap_in_netns
 
 GREETING = b"corevisor blk test: sector zero"
 START, SECTORS = 8, 64
@@ -122,15 +122,7 @@ def _ping(ip: str) -> subprocess.CompletedProcess[str]:
     reason="needs root, iproute2 and /dev/net/tun (network namespace + TAP)",
 )
 def test_net_answers_ping_in_a_private_namespace(guests: dict[str, Path]) -> None:
-    subprocess.run(["ip", "netns", "add", NS], check=True, capture_output=True, timeout=30)
-    proc: subprocess.Popen[str] | None = None
-    try:
-        for cmd in (
-            ("tuntap", "add", "dev", TAP, "mode", "tap"),
-            ("addr", "add", f"{HOST_IP}/24", "dev", TAP),
-            ("link", "set", TAP, "up"),
-        ):
-            subprocess.run(["ip", "-n", NS, *cmd], check=True, capture_output=True, timeout=30)
+    with tap_in_netns(NS, TAP, f"{HOST_IP}/24"):
         proc = subprocess.Popen(
             ["ip", "netns", "exec", NS, sys.executable, "-m", "corevisor.cli", "run", "net"]
             + ["--net", TAP, "--cmdline", f"ip={GUEST_IP} count=3 timeout=40"],
@@ -139,30 +131,34 @@ def test_net_answers_ping_in_a_private_namespace(guests: dict[str, Path]) -> Non
             stderr=subprocess.PIPE,
             text=True,
         )
-        assert proc.stdout is not None
-        out: list[str] = []
-        deadline = time.monotonic() + 30
-        while not any(x.startswith("net: up ") for x in out):
-            ready, _, _ = select.select(
-                [proc.stdout], [], [], max(0.0, deadline - time.monotonic())
-            )
-            line = proc.stdout.readline() if ready else ""
-            assert line, f"the guest never came up: {out}"
-            out.append(line.rstrip("\n"))
-        assert f"ip={GUEST_IP}" in out[-1]
-        ping = _ping(GUEST_IP)
-        assert ping.returncode == 0, ping.stdout + ping.stderr
-        assert "3 received" in ping.stdout and "BAD CHECKSUM" not in ping.stdout, ping.stdout
-        rest, err = proc.communicate(timeout=30)
-        out += rest.splitlines()
-        assert proc.returncode == 0, err
-        assert out[-1] == "net: done, 3 echo replies", out
-        assert [x for x in out if x.startswith("net: echo reply ")] == [
-            f"net: echo reply {k} to {HOST_IP} seq={k}" for k in (1, 2, 3)
-        ]
-        assert f"net: arp reply to {HOST_IP}" in out
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        subprocess.run(["ip", "netns", "del", NS], capture_output=True, timeout=30)
+        try:
+            assert proc.stdout is not None
+            out: list[str] = []
+            deadline = time.monotonic() + 30
+            while not any(x.startswith("net: up ") for x in out):
+                ready, _, _ = select.select(
+                    [proc.stdout], [], [], max(0.0, deadline - time.monotonic())
+                )
+                line = proc.stdout.readline() if ready else ""
+                assert line, f"the guest never came up: {out}"
+                out.append(line.rstrip("\n"))
+            assert f"ip={GUEST_IP}" in out[-1]
+            ping = _ping(GUEST_IP)
+            assert ping.returncode == 0, ping.stdout + ping.stderr
+            assert "3 received" in ping.stdout and "BAD CHECKSUM" not in ping.stdout, ping.stdout
+            rest, err = proc.communicate(timeout=30)
+            out += rest.splitlines()
+            assert proc.returncode == 0, err
+            assert out[-1] == "net: done, 3 echo replies", out
+            assert [x for x in out if x.startswith("net: echo reply ")] == [
+                f"net: echo reply {k} to {HOST_IP} seq={k}" for k in (1, 2, 3)
+            ]
+            assert f"net: arp reply to {HOST_IP}" in out
+        finally:
+            _kill(proc)
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()

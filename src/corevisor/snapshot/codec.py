@@ -74,6 +74,7 @@ STATE_TYPES: tuple[tuple[str, str], ...] = (
     ("corevisor.devices.rtc", "RtcState"),
     ("corevisor.devices.postcode", "PostCodeState"),
     ("corevisor.devices.debug_exit", "DebugExitState"),
+    ("corevisor.devices.pvpanic", "PvPanicState"),
     ("corevisor.devices.pm1", "Pm1State"),
     ("corevisor.devices.pm_timer", "PmTimerState"),
     ("corevisor.devices.fw_cfg", "FwCfgState"),

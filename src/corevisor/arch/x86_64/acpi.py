@@ -14,9 +14,10 @@ never raised, since no fixed event exists), a FACS (required without HW_REDUCED_
 its global lock and waking vector are unused; FIRMWARE_CTRL only, not X_FIRMWARE_CTRL
 too, or Linux installs it twice), SMI_CMD = 0 (no mode switch: always in
 ACPI mode), no C2/C3 states, and TMR_VAL_EXT (a 32-bit timer). The DSDT describes COM1,
-the fw_cfg device (QEMU0002, which Linux's qemu_fw_cfg driver binds), \\_S5 and the
-virtio-mmio devices (aml.py). What lives elsewhere: the MP table (mptable.py), the e820
-map (bootparams.py), the port numbers (layout.py).
+the fw_cfg device (QEMU0002, which Linux's qemu_fw_cfg driver binds), pvpanic (QEMU0001,
+Linux's pvpanic-mmio), \\_S5 and the virtio-mmio devices (aml.py). What lives
+elsewhere: the MP table (mptable.py), the e820 map (bootparams.py), the port numbers
+(layout.py).
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def write_acpi_tables(
     com1 = (layout.COM1_PORT, layout.COM1_IRQ)
     fw_cfg = (layout.FW_CFG_PORT, layout.FW_CFG_PORT_SIZE)
     facs_addr = place(facs(), align=64)  # the FACS must be 64-byte aligned
-    dsdt = aml.sleep_states() + aml.system_bus(com1, virtio_mmio, fw_cfg)
+    dsdt = aml.sleep_states() + aml.system_bus(com1, virtio_mmio, fw_cfg, layout.PVPANIC_PORT)
     dsdt_addr = place(sdt(b"DSDT", 2, dsdt))
     fadt_addr = place(fadt(dsdt_addr, facs_addr))
     madt_addr = place(madt(ncpus))

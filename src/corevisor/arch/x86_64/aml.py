@@ -2,9 +2,10 @@
 
 Only what the DSDT needs: \\_S5 (the sleep type that powers off, devices/pm1.py), and a
 Scope(\\_SB) holding the COM1 UART (PNP0501, its I/O ports and ISA IRQ), the fw_cfg
-device (QEMU0002, its I/O ports, as QEMU describes it) and one Device per virtio-mmio
-window with _HID "LNRO0005" (the ID Linux's virtio_mmio driver matches), _UID and a
-_CRS of one Memory32Fixed and one Extended Interrupt descriptor. Bytes are built by small
+device (QEMU0002, its I/O ports, as QEMU describes it), pvpanic (QEMU0001, one port)
+and one Device per virtio-mmio window with _HID "LNRO0005" (the ID Linux's virtio_mmio
+driver matches), _UID and a _CRS of one Memory32Fixed and one Extended Interrupt
+descriptor. Bytes are built by small
 functions, each named after the AML term it encodes, so a reader can check them
 against the specification; tests disassemble the result with `iasl -d`.
 
@@ -34,6 +35,7 @@ __all__ = [
     "irq_no_flags",
     "com_port",
     "fw_cfg_device",
+    "pvpanic_device",
     "package",
     "sleep_states",
     "system_bus",
@@ -174,16 +176,27 @@ def fw_cfg_device(port: int, length: int) -> bytes:
     )
 
 
+def pvpanic_device(port: int) -> bytes:
+    """Device(PEVT): QEMU's pvpanic, _HID "QEMU0001" (Linux's pvpanic-mmio binds it)."""
+    return device(
+        "PEVT",
+        name("_HID", string("QEMU0001")) + name("_CRS", resource_template(io_port(port, 1))),
+    )
+
+
 def system_bus(
     com1: tuple[int, int],
     windows: Sequence[tuple[int, int, int]],
     fw_cfg: tuple[int, int] | None = None,
+    pvpanic: int | None = None,
 ) -> bytes:
-    """Scope(\\_SB): the COM1 UART (port, irq), fw_cfg (port, length), virtio-mmio."""
+    """Scope(\\_SB): the COM1 UART (port, irq), fw_cfg (port, length), pvpanic (port),
+    virtio-mmio."""
     fw_cfg_aml = fw_cfg_device(*fw_cfg) if fw_cfg is not None else b""
+    pvpanic_aml = pvpanic_device(pvpanic) if pvpanic is not None else b""
     return scope(
         b"\x5c" + name_seg("_SB"),
-        com_port("COM1", 1, *com1) + fw_cfg_aml + virtio_mmio_devices(windows),
+        com_port("COM1", 1, *com1) + fw_cfg_aml + pvpanic_aml + virtio_mmio_devices(windows),
     )
 
 

@@ -65,6 +65,9 @@ COM1_IRQ = 4
 # doorbells (channel.py).
 HYPERCALL_PORT = 0x500
 DOORBELL_PORT = 0x504
+# pvpanic (devices/pvpanic.py; "QEMU0001" in the DSDT, which says where it is): a guest
+# kernel reports its panic here. QEMU's 0x505 is inside the doorbell port.
+PVPANIC_PORT = 0x508
 
 # QEMU's fw_cfg on x86: selector 0x510, data 0x511, DMA address 0x514-0x51B (devices/fw_cfg.py).
 FW_CFG_PORT = 0x510
