@@ -24,7 +24,7 @@ sysdeps:
 sysdeps-demo:
 	@./scripts/install-system-deps demo
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/corevisor/sandbox/_sigsys.c
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'

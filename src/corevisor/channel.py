@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from corevisor import sandbox
 from corevisor.arch.x86_64.layout import DOORBELL_PORT
 from corevisor.resources import CHANNEL_GSIS
 from corevisor.signals import start_thread
@@ -132,7 +133,7 @@ class DoorbellRelay:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = start_thread(self._run, self._name)
+            self._thread = start_thread(self._run, self._name, sandbox.DOORBELL)
 
     def _run(self) -> None:
         poller = select.poll()

@@ -105,6 +105,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE[,STRING]",
         help="a multiboot module, with its string (default FILE); repeatable",
     )
+    run.add_argument(
+        "--sandbox",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="confine every VMM thread to its seccomp allowlist (default: on, or the "
+        "system file's [system] sandbox); --no-sandbox turns it off",
+    )
     linuxboot.add_arguments(run)
     guests = sub.add_parser("guests", help="list the bundled guests and their image paths")
     guests.add_argument("--build", action="store_true", help="(re)build them first")
@@ -203,6 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "guests":
             return _list_guests(args.build)
         system = _resolve(args)
+        if args.sandbox is not None:
+            system = replace(system, sandbox=args.sandbox)
+        if system.sandbox:
+            from corevisor import sandbox
+
+            sandbox.enable()
         return _run_system(system, args.timeout)
     except CorevisorError as e:
         _err(str(e))

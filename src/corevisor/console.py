@@ -46,6 +46,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
 
+from corevisor import sandbox
 from corevisor.errors import ConfigError, show
 from corevisor.signals import start_thread
 from corevisor.spec import SerialKind, SerialSpec
@@ -98,7 +99,7 @@ class _InputPump:
         self._feed = feed
         self._wake_r, self._wake_w = os.pipe()
         try:
-            self._thread = start_thread(self._run, f"serial-in-{name}")
+            self._thread = start_thread(self._run, f"serial-in-{name}", sandbox.CONSOLE)
         except BaseException:
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -309,7 +310,7 @@ class UnixSocketSerial:
         """
         self._feed = feed
         if self._thread is None and not self._closed:
-            self._thread = start_thread(self._run, f"serial-{self._name}")
+            self._thread = start_thread(self._run, f"serial-{self._name}", sandbox.SOCKET)
 
     @property
     def connected(self) -> bool:
