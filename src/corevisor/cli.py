@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
@@ -112,6 +112,15 @@ def _parser() -> argparse.ArgumentParser:
         help="confine every VMM thread to its seccomp allowlist (default: on, or the "
         "system file's [system] sandbox); --no-sandbox turns it off",
     )
+    run.add_argument(
+        "--jail",
+        metavar="DIR",
+        default=None,
+        help="(root) run in new mount/PID/IPC namespaces, pivoted into DIR holding only "
+        "what the run needs, as --uid/--gid (docs/sandbox.md)",
+    )
+    run.add_argument("--uid", default=None, help="with --jail: the user to run as (id or name)")
+    run.add_argument("--gid", default=None, help="with --jail: the group to run as (id or name)")
     linuxboot.add_arguments(run)
     guests = sub.add_parser("guests", help="list the bundled guests and their image paths")
     guests.add_argument("--build", action="store_true", help="(re)build them first")
@@ -194,6 +203,32 @@ def _run_system(config: SystemSpec, timeout: float | None) -> int:
         return system.run(timeout)
 
 
+def _id(value: str, flag: str, lookup: Callable[[str], int]) -> int:
+    """A numeric id, or a name looked up in the user or group database."""
+    if value.isdigit():
+        return int(value)
+    try:
+        return lookup(value)
+    except KeyError:
+        raise CorevisorError(f"{flag} {show(value)}: no such user or group") from None
+
+
+def _jail(system: SystemSpec, args: argparse.Namespace) -> SystemSpec:
+    """--jail DIR --uid U --gid G: continue inside the jail (sandbox/jail.py)."""
+    if args.jail is None:
+        raise CorevisorError("--uid and --gid go with --jail DIR")
+    if args.uid is None or args.gid is None:
+        raise CorevisorError("--jail needs --uid and --gid (the unprivileged user to run as)")
+    import grp
+    import pwd
+
+    from corevisor.sandbox import jail
+
+    uid = _id(args.uid, "--uid", lambda n: pwd.getpwnam(n).pw_uid)
+    gid = _id(args.gid, "--gid", lambda n: grp.getgrnam(n).gr_gid)
+    return jail.enter(system, Path(args.jail), uid, gid)
+
+
 def _list_guests(build: bool) -> int:
     if build:
         bundled.build_guests()
@@ -212,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         system = _resolve(args)
         if args.sandbox is not None:
             system = replace(system, sandbox=args.sandbox)
+        if args.jail is not None or args.uid is not None or args.gid is not None:
+            system = _jail(system, args)
         if system.sandbox:
             from corevisor import sandbox
 
