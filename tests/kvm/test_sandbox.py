@@ -110,7 +110,8 @@ def test_blk_in_the_jail_writes_the_users_disk(
     jail = _jail_args(tmp_path, jail_user)
     r = corevisor("run", "blk", "--disk", str(img), "--cmdline", "mode=check", *jail)
     _check(r, ["blk: ok 64 sectors"], 0)
-    assert img.read_bytes()[:512] != b"corevisor blk test: sector zero".ljust(512, b"\0")
+    written = img.read_bytes()[8 * 512 : 72 * 512]  # the guest's pattern, sectors 8..71
+    assert written.count(0) < len(written) // 2
 
 
 @pytest.mark.parametrize("call", ["open", "execve", "socket", "fork"])

@@ -192,11 +192,13 @@ def _inside(root: Path, path: Path) -> Path:
 def _bind(root: Path, path: Path, readonly: bool) -> None:
     """Bind path at the same place in the jail (a file onto a file, a dir onto a dir)."""
     target = _inside(root, path)
+    if target.exists():  # named twice (two partitions, one image): bound already
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
-        target.mkdir(exist_ok=True)
+        target.mkdir()
     else:
-        target.touch(exist_ok=True)
+        target.touch()
     _mount(str(path), str(target), None, MS_BIND)
     flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0)
     _mount(None, str(target), None, flags)
