@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,3 +234,84 @@ def test_the_jail_refuses_root_and_bad_arguments(tmp_path: Path) -> None:
     assert r.returncode == 2 and "go with --jail" in r.stderr
     r = corevisor("run", "hello", "--jail", str(tmp_path / "none"), "--uid", "1", "--gid", "1")
     assert r.returncode == 2 and "not a directory" in r.stderr
+
+
+# --- an ordinary user with access to /dev/kvm and nothing else ---------------------------
+USER = "cvuser"
+
+
+@pytest.fixture(scope="session")
+def plain_user() -> tuple[int, int]:
+    try:
+        pw = pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
+                       check=True, capture_output=True)
+        pw = pwd.getpwnam(USER)
+    return pw.pw_uid, pw.pw_gid
+
+
+def _as_user(user: tuple[int, int], *args: str) -> subprocess.CompletedProcess[str]:
+    """corevisor as user, with /dev/kvm's group as its only supplementary group.
+
+    This machine's Python lives under /root (mode 0700): in a private mount namespace
+    the test makes /root traversable with only the interpreter in it, as a system
+    Python in /usr would be. Nothing else changes for the user.
+    """
+    kvm_gid = os.stat("/dev/kvm").st_gid
+    run = (f"exec setpriv --reuid={user[0]} --regid={user[1]} "
+           f'--groups={kvm_gid} -- "$@"')
+    prefix = Path(sys.base_prefix)
+    if prefix.is_relative_to("/root"):
+        top = Path("/root") / prefix.relative_to("/root").parts[0]
+        run = (f'set -e; t=$(mktemp -d); mount --bind {top} "$t"; '
+               f"mount -t tmpfs -o mode=0755 tmpfs /root; mkdir {top}; "
+               f'mount --move "$t" {top}; ' + run)
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", run, "sh",
+         sys.executable, "-m", "corevisor.cli", *args],
+        capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL, check=False,
+        cwd="/",
+    )
+
+
+@pytest.fixture
+def user_dir(plain_user: tuple[int, int]) -> Iterator[Path]:
+    """A directory of the user's own (pytest's tmp_path is root's, mode 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="corevisor-user-"))
+    os.chown(path, *plain_user)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.skipif(not is_root, reason="creates the user")
+def test_an_ordinary_user_runs_guests_the_demo_and_disks(
+    guests: dict[str, Path], plain_user: tuple[int, int], user_dir: Path
+) -> None:
+    tmp_path = user_dir
+    r = _as_user(plain_user, "run", "hello", "--cmdline", "exit=3", "--cpus", "2", "--pin", "0,1")
+    _check(r, ["hello: exit 3", 'hello: cmdline "exit=3"'], 3)
+    _check(_as_user(plain_user, "run"), ["rtos | rtos: done"], 0)
+    img = _disk(tmp_path, plain_user)
+    r = _as_user(plain_user, "run", "blk", "--disk", str(img), "--cmdline", "mode=check")
+    _check(r, ["blk: ok 64 sectors"], 0)
+    sock = tmp_path / "sock"
+    sock.mkdir()
+    os.chown(sock, *plain_user)
+    r = _as_user(plain_user, "run", "hello", "--serial", f"unix:{sock}/hello.sock")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.skipif(not is_root, reason="creates the user")
+def test_what_needs_root_says_so_in_one_line(
+    guests: dict[str, Path], plain_user: tuple[int, int], tmp_path: Path
+) -> None:
+    tmp_path.chmod(0o755)
+    r = _as_user(plain_user, "run", "hello", "--jail", str(tmp_path), "--uid", "1", "--gid", "1")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("corevisor: --jail needs root"), r.stderr
+    r = _as_user(plain_user, "run", "net", "--net", "cvnoperm0")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "cannot attach to TAP cvnoperm0" in r.stderr and "needs root" in r.stderr, r.stderr

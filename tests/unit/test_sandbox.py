@@ -166,3 +166,63 @@ def test_tracebacks_on_a_confined_thread_read_no_source_file() -> None:
         print("formatted", "device bug" in text)
     """))
     assert r.returncode == 0 and "formatted True" in r.stdout, r.stderr
+
+
+def run_bpf(program: tuple[tuple[int, int, int, int], ...], nr: int, args: tuple[int, ...] = (),
+            arch: int = 0xC000003E) -> tuple[int, int]:
+    """A classic-BPF interpreter for the instructions bpf.py emits: (action, steps)."""
+    data = {0: nr, 4: arch}
+    for i, a in enumerate((*args, 0, 0, 0, 0, 0, 0)[:6]):
+        data[16 + 8 * i] = a & 0xFFFFFFFF
+    acc, pc, steps = 0, 0, 0
+    while True:
+        code, jt, jf, k = program[pc]
+        steps += 1
+        if code == 0x20:
+            acc = data[k]
+        elif code == 0x54:
+            acc &= k
+        elif code in (0x15, 0x35):
+            hit = acc == k if code == 0x15 else acc >= k
+            pc += jt if hit else jf
+        elif code == 0x06:
+            return k, steps
+        pc += 1
+
+
+@pytest.mark.parametrize("role", sandbox.ROLES)
+def test_each_program_allows_exactly_its_rules(role: str) -> None:
+    from corevisor.sandbox.bpf import RET_ALLOW, RET_TRAP
+
+    prog = policy.program(role).insns
+    allowed = policy.calls(role)
+    for name, nr in NUMBERS.items():
+        action, _ = run_bpf(prog, nr, (0, 0, 0))
+        if name == "clone3" and role == sandbox.CONTROL:
+            assert action == 0x50000 | 38  # ENOSYS
+        elif name not in allowed or name in ("ioctl", "prctl", "clone", "socket"):
+            assert action in (RET_TRAP, RET_ALLOW), name  # argument-checked or forbidden
+            if name not in allowed:
+                assert action == RET_TRAP, name
+        else:
+            assert action == RET_ALLOW, (role, name)
+    assert run_bpf(prog, NUMBERS["write"], arch=0x40000003)[0] == RET_TRAP  # i386 ABI
+    assert run_bpf(prog, NUMBERS["write"] | 0x40000000)[0] == RET_TRAP  # x32 ABI
+    if role != sandbox.DOORBELL:
+        for request in policy.ioctls(role):
+            assert run_bpf(prog, NUMBERS["ioctl"], (3, request | (0xFF << 32)))[0] == RET_ALLOW
+        assert run_bpf(prog, NUMBERS["ioctl"], (3, 0xDEAD))[0] == RET_TRAP
+    if role != sandbox.CONTROL:
+        assert run_bpf(prog, NUMBERS["mmap"], (0, 4096, 0x5))[0] == RET_TRAP  # PROT_EXEC
+        assert run_bpf(prog, NUMBERS["mmap"], (0, 4096, 0x3))[0] == RET_ALLOW
+    else:
+        assert run_bpf(prog, NUMBERS["clone"], (0x3D0F00,))[0] == RET_ALLOW  # a thread
+        assert run_bpf(prog, NUMBERS["clone"], (0x01200011,))[0] == RET_TRAP  # fork
+
+
+def test_kvm_run_costs_a_few_dozen_bpf_instructions() -> None:
+    """The vCPU's hot call, through both filters it has (control's and its own)."""
+    args = (5, b.KVM_RUN, 0)
+    steps = sum(run_bpf(policy.program(r).insns, NUMBERS["ioctl"], args)[1]
+                for r in (sandbox.CONTROL, sandbox.VCPU))
+    assert steps < 80, steps

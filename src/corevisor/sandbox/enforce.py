@@ -45,7 +45,7 @@ def _check_kernel() -> None:
 def _reporter() -> None:
     """faulthandler for the Python traceback, then the C handler in front of it."""
     try:
-        from corevisor.sandbox import _sigsys
+        import corevisor.sandbox._sigsys as _sigsys
     except ImportError as e:
         raise SandboxError(
             f"the sandbox's SIGSYS reporter is not built ({e}): reinstall corevisor "
