@@ -47,3 +47,20 @@ def corevisor(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[s
         stdin=subprocess.DEVNULL,
         check=False,
     )
+
+
+JAIL_USER = "cvjail"
+
+
+@pytest.fixture(scope="session")
+def jail_user() -> tuple[int, int]:
+    """A real unprivileged user for --jail (created once if this host lacks it)."""
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(JAIL_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                        "/usr/sbin/nologin", JAIL_USER], check=True, capture_output=True)
+        pw = pwd.getpwnam(JAIL_USER)
+    return pw.pw_uid, pw.pw_gid

@@ -23,7 +23,6 @@ from tests.kvm.conftest import corevisor
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMS = ROOT / "guests" / "systems"
-JAIL_USER = "cvjail"
 is_root = os.geteuid() == 0
 
 # (id, run arguments, lines stdout must contain, exit status)
@@ -44,18 +43,6 @@ RUNS = [
     ("rowrite", [str(SYSTEMS / "rowrite.toml")], [], 0),
     ("rng", ["rng", "--rng"], ["rng: ok"], 0),
 ]
-
-
-@pytest.fixture(scope="session")
-def jail_user() -> tuple[int, int]:
-    """A real unprivileged user for the jail (created once if this host lacks it)."""
-    try:
-        pw = pwd.getpwnam(JAIL_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                        "/usr/sbin/nologin", JAIL_USER], check=True, capture_output=True)
-        pw = pwd.getpwnam(JAIL_USER)
-    return pw.pw_uid, pw.pw_gid
 
 
 def _jail_args(tmp_path: Path, user: tuple[int, int]) -> list[str]:

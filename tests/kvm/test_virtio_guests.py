@@ -121,19 +121,26 @@ def _ping(ip: str) -> subprocess.CompletedProcess[str]:
     os.geteuid() != 0 or shutil.which("ip") is None or not os.path.exists("/dev/net/tun"),
     reason="needs root, iproute2 and /dev/net/tun (network namespace + TAP)",
 )
-def test_net_answers_ping_in_a_private_namespace(guests: dict[str, Path]) -> None:
+@pytest.mark.parametrize("jailed", [False, True], ids=["sandbox", "jail"])
+def test_net_answers_ping_in_a_private_namespace(
+    guests: dict[str, Path], jail_user: tuple[int, int], tmp_path: Path, jailed: bool
+) -> None:
+    # In the jail the VMM attaches as the jail's user: the TAP is made for that user.
+    owner = ("user", str(jail_user[0])) if jailed else ()
+    jail = ["--jail", str(tmp_path), "--uid", str(jail_user[0]), "--gid", str(jail_user[1])]
     subprocess.run(["ip", "netns", "add", NS], check=True, capture_output=True, timeout=30)
     proc: subprocess.Popen[str] | None = None
     try:
         for cmd in (
-            ("tuntap", "add", "dev", TAP, "mode", "tap"),
+            ("tuntap", "add", "dev", TAP, "mode", "tap", *owner),
             ("addr", "add", f"{HOST_IP}/24", "dev", TAP),
             ("link", "set", TAP, "up"),
         ):
             subprocess.run(["ip", "-n", NS, *cmd], check=True, capture_output=True, timeout=30)
         proc = subprocess.Popen(
             ["ip", "netns", "exec", NS, sys.executable, "-m", "corevisor.cli", "run", "net"]
-            + ["--net", TAP, "--cmdline", f"ip={GUEST_IP} count=3 timeout=40"],
+            + ["--net", TAP, "--cmdline", f"ip={GUEST_IP} count=3 timeout=40"]
+            + (jail if jailed else []),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

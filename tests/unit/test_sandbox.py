@@ -226,3 +226,28 @@ def test_kvm_run_costs_a_few_dozen_bpf_instructions() -> None:
     steps = sum(run_bpf(policy.program(r).insns, NUMBERS["ioctl"], args)[1]
                 for r in (sandbox.CONTROL, sandbox.VCPU))
     assert steps < 80, steps
+
+
+def _system_file(tmp_path: Path, extra: str) -> Path:
+    from tests.kvm.images import pvh_elf  # a minimal PVH image
+
+    (tmp_path / "g.elf").write_bytes(pvh_elf(b"\xf4"))
+    path = tmp_path / "s.toml"
+    path.write_text(f'[partitions.a]\nimage = "g.elf"\n\n[system]\n{extra}\n')
+    return path
+
+
+@pytest.mark.parametrize(("extra", "expected"), [("", True), ("sandbox = true", True),
+                                                 ("sandbox = false", False)])
+def test_the_system_file_key(tmp_path: Path, extra: str, expected: bool) -> None:
+    from corevisor.config.toml import load_config
+
+    assert load_config(_system_file(tmp_path, extra)).sandbox is expected
+
+
+def test_the_system_file_key_must_be_a_boolean(tmp_path: Path) -> None:
+    from corevisor.config.toml import load_config
+    from corevisor.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"s\.toml: system\.sandbox: expected true or false"):
+        load_config(_system_file(tmp_path, 'sandbox = "yes"'))
