@@ -190,6 +190,7 @@ def test_the_jailed_vmm_is_confined(
     assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
     assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
     assert status["NSpid"].split()[-1] == "1"  # PID 1 of its own PID namespace
+    assert _status(jailed_pio.pid)["Seccomp"] == "2"  # the waiting parent: confined too
     for task in Path(f"/proc/{vmm}/task").iterdir():  # every thread under a filter
         assert _status(int(task.name))["Seccomp"] == "2", task.name
     assert os.readlink(f"/proc/{vmm}/ns/mnt") != os.readlink("/proc/self/ns/mnt")

@@ -42,7 +42,7 @@ def _check_kernel() -> None:
         )
 
 
-def _reporter() -> None:
+def reporter() -> None:
     """faulthandler for the Python traceback, then the C handler in front of it."""
     try:
         import corevisor.sandbox._sigsys as _sigsys
@@ -81,7 +81,7 @@ def _patch_linecache() -> None:
 def enable() -> None:
     """The reporter, every role's program built, control on every thread (TSYNC)."""
     _check_kernel()
-    _reporter()
+    reporter()
     _patch_linecache()
     programs = {r: policy.program(r) for r in ROLES}
     try:

@@ -20,6 +20,10 @@ Before any guest code runs, the VMM is moved where a bug in it can reach next to
 5. setgroups([]), setgid(G), setuid(U): no capability survives, and no_new_privs
    (set with the seccomp filters) keeps it so.
 
+The parent stays root, outside the PID namespace, so it is confined too: a filter of
+its own allows it to wait, to signal its child (no other process), to write its one
+line and to exit.
+
 Everything the run will import is imported before the pivot: the interpreter's files
 are not in the jail. The jail does not chown a file of the user's: images and disks
 must be readable (writable) by U:G through their own permission bits; a ``file:``
@@ -266,6 +270,21 @@ def _drop(spec: JailSpec) -> None:
         raise JailError("jail: still able to become root after dropping privileges")
 
 
+def _confine_parent(child: int) -> None:
+    """The parent stays root outside the jail: it gets a filter of its own, allowing
+    little beyond waiting for its child and signalling it (and no other process)."""
+    from corevisor.sandbox import enforce, policy
+    from corevisor.sandbox.bpf import Allow, ArgIn, Rule, build, install
+    from corevisor.sandbox.syscalls import NUMBERS
+
+    enforce.reporter()
+    names = (*policy.BASE, "wait4", "rt_sigaction", "newfstatat", "fstat", "ioctl", "lseek")
+    rules: dict[int, Rule] = {NUMBERS[n]: Allow() for n in names}
+    rules[NUMBERS["kill"]] = ArgIn(0, frozenset({child}))
+    rules[NUMBERS["ioctl"]] = ArgIn(1, frozenset({policy.TCGETS, policy.TIOCGWINSZ}))
+    install(build(rules))
+
+
 def _wait_for(child: int) -> NoReturn:
     """The parent's whole life after the fork: pass signals on, exit as the child did."""
 
@@ -275,6 +294,7 @@ def _wait_for(child: int) -> NoReturn:
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
+    _confine_parent(child)
     _, status = os.waitpid(child, 0)
     if os.WIFSIGNALED(status):
         killer = os.WTERMSIG(status)
