@@ -27,7 +27,7 @@ sysdeps-demo:
 $(STAMP): pyproject.toml setup.py src/corevisor/sandbox/_sigsys.c
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev,bench]'
 	touch $@
 
 guests:

@@ -21,11 +21,9 @@ and writes bench/results/exits.json.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import statistics
-import struct
 import sys
 import threading
 import time
@@ -36,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from corevisor.builder import build  # noqa: E402
+from corevisor.kvm.stats import StatsFile  # noqa: E402
 from corevisor.spec import ExitMode, PartitionSpec, SerialSpec  # noqa: E402
 from tests.kvm.asm import guest  # noqa: E402
 
@@ -87,39 +86,7 @@ class Stamp:
         self.event.set()
 
 
-KVM_GET_STATS_FD = 0xAECE  # _IO(KVMIO, 0xce); bench-only, so not in kvm/bindings.py
 HALT_STATS = ("halt_exits", "halt_attempted_poll", "halt_successful_poll", "halt_wakeup")
-
-
-class VcpuStats:
-    """Selected counters of KVM's binary statistics for one vCPU (KVM_GET_STATS_FD).
-
-    Open it before the vCPU runs: the ioctl takes the vCPU mutex, which KVM_RUN holds
-    for as long as the guest sits in HLT. Reading the stats fd needs no lock.
-    """
-
-    def __init__(self, vcpu_fd: int, names: tuple[str, ...]) -> None:
-        self.fd = fcntl.ioctl(vcpu_fd, KVM_GET_STATS_FD, 0)
-        _flags, name_size, num_desc, _id, desc_off, data_off = struct.unpack(
-            "<6I", os.pread(self.fd, 24, 0)
-        )
-        desc_size = 16 + name_size
-        descs = os.pread(self.fd, desc_size * num_desc, desc_off)
-        self.offsets = {}
-        for i in range(num_desc):
-            d = descs[i * desc_size : (i + 1) * desc_size]
-            _f, _exp, _size, offset, _bucket = struct.unpack_from("<IhHII", d)
-            name = d[16:].split(b"\0", 1)[0].decode()
-            if name in names:
-                self.offsets[name] = data_off + offset
-
-    def read(self) -> dict[str, int]:
-        return {
-            n: struct.unpack("<Q", os.pread(self.fd, 8, off))[0] for n, off in self.offsets.items()
-        }
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def thread_cpu_ns(tid: int) -> int:
@@ -139,7 +106,8 @@ def run_mode(
     result: dict[str, float] = {}
     # (a) idle with a 1 kHz timer
     with build(cfg) as m:
-        stats = VcpuStats(m.vcpus[0].fd.fd, HALT_STATS)
+        # opened before the vCPU runs: the ioctl waits for the mutex KVM_RUN holds in HLT
+        stats = StatsFile(m.vcpus[0].fd.stats_fd())
         m.at_close(stats.close)
         m.start()
         time.sleep(0.3)  # boot (CPL0 set-up is emulated)
@@ -152,8 +120,9 @@ def run_mode(
         s1 = stats.read()
         result["idle_cpu_pct"] = 100 * (c1 - c0) / (t1 - t0)
         for name in HALT_STATS:
-            if name in s1:
-                result[f"idle_{name}_per_s"] = (s1[name] - s0[name]) / idle_s
+            v0, v1 = s0.get(name), s1.get(name)
+            if isinstance(v0, int) and isinstance(v1, int):
+                result[f"idle_{name}_per_s"] = (v1 - v0) / idle_s
         m.stop("bench done")
     # (b) doorbell wake-ups, no timer
     bell = os.eventfd(0, os.EFD_CLOEXEC)

@@ -473,6 +473,12 @@ void rt_load_idt(void)
 
 void rt_set_handler(int vector, trap_handler_t h) { handlers[vector & 0xFF] = h; }
 
+void rt_set_user_gate(int vector, trap_handler_t h)
+{
+    handlers[vector & 0xFF] = h;
+    idt[vector & 0xFF].type = 0xEE;     /* DPL3: `int $vector` allowed from CPL3 */
+}
+
 static const char *const exc_names[32] = {
     "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP",
     "#SS", "#GP", "#PF", "r15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP",

@@ -103,6 +103,9 @@ struct trap_frame {
 };
 typedef void (*trap_handler_t)(struct trap_frame *tf);
 void rt_set_handler(int vector, trap_handler_t h);
+/* A system-call gate: h runs for `int $vector` from CPL3 (the gate gets DPL3). On the PVM
+ * test host `int $N` at CPL3 raises #UD instead; see ptstress.c for the fallback. */
+void rt_set_user_gate(int vector, trap_handler_t h);
 void rt_load_idt(void);         /* for APs */
 
 /* ---- CPL3 ---- */

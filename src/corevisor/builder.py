@@ -49,6 +49,7 @@ from corevisor.kvm.bindings import (
     KVM_X86_DISABLE_EXITS_PAUSE,
     Cap,
 )
+from corevisor.kvm.host import REQUIRED as REQUIRED_CAPS
 from corevisor.kvm.ioctls import Kvm
 from corevisor.loader import (
     Initrd,
@@ -66,9 +67,9 @@ from corevisor.spec import ExitMode, PartitionSpec
 from corevisor.vcpu import StopReport
 
 if TYPE_CHECKING:  # the virtio stack is imported only by partitions that have devices
+    from corevisor.runstats import MachineRun
     from corevisor.virtio.attach import VirtioSlot
 
-REQUIRED_CAPS = (Cap.IRQCHIP, Cap.USER_MEMORY, Cap.IMMEDIATE_EXIT, Cap.PIT2, Cap.MP_STATE)
 
 
 def _report_to_stderr(name: str, message: str) -> None:
@@ -90,6 +91,8 @@ class PartitionLinks:
     serial: SerialBackend | None = None
     watchdog: Callable[[int], None] = field(default=_no_watchdog)  # HC_WATCHDOG's ms
     report: Callable[[str, str], None] = field(default=_report_to_stderr)  # (name, event)
+    # --stats: receives the machine's statistics as it closes; None collects nothing
+    stats: Callable[[MachineRun], None] | None = None
 
 
 def build(
@@ -132,6 +135,8 @@ def build(
         attach_channels(m, links, res)
         if config.gdb is not None:
             attach_debugger(m, config, links)
+        if links.stats is not None:
+            attach_stats(m, links.stats)
     except BaseException:
         m.close()
         raise
@@ -147,6 +152,16 @@ def attach_debugger(m: Machine, config: PartitionSpec, links: PartitionLinks) ->
     attach_gdb(
         m, config.gdb, wait=not config.gdb_attach, report=lambda msg: links.report(m.name, msg)
     )
+
+
+def attach_stats(m: Machine, sink: Callable[[MachineRun], None]) -> None:
+    """Last step: open the VM's and vCPUs' statistics fds now, before any vCPU runs (the
+    vCPU ioctl takes the mutex KVM_RUN holds), and read them when the machine closes:
+    registered last, it runs first, after the vCPU threads ended and before their fds
+    close."""
+    from corevisor.runstats import StatsCollector  # only runs that ask for --stats
+
+    m.at_close(StatsCollector(m, sink).close)
 
 
 def _check_host(kvm: Kvm, config: PartitionSpec) -> None:

@@ -28,6 +28,8 @@ GUESTS = {
     "timer": "LAPIC timer ticks interrupting a user-mode loop; UART interrupt check",
     "fault": "triple-faults on purpose",
     "pio": "count=N port writes from user mode (benchmark guest)",
+    "ptstress": "benchmark: page-table stress, map/touch/unmap and CR3 switches "
+    "(pages=N spaces=N iters=N pattern=seq|rand|shared)",
     "rtos": "preemptive RTOS: pings a peer partition over a channel (msgs=N wdfail=1 crash=1)",
     "peer": "bare-metal peer partition: mode=pong|echo|sink|counter|writer|reader|rowriter",
     "blk": "virtio-blk driver: mode=check (write, flush, verify) or mode=bench seq=1M|rand=4K",

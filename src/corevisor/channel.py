@@ -25,8 +25,10 @@ from dataclasses import dataclass
 
 from corevisor import sandbox
 from corevisor.arch.x86_64.layout import DOORBELL_PORT
+from corevisor.errors import DeviceError
 from corevisor.resources import CHANNEL_GSIS
 from corevisor.signals import start_thread
+from corevisor.snapshot import require_state, require_uint
 from corevisor.spec import MAX_CHANNELS, ChannelSpec, Doorbell
 
 __all__ = [
@@ -35,9 +37,13 @@ __all__ = [
     "FLAG_READONLY",
     "FLAG_CAN_RING",
     "Channel",
+    "ChannelState",
     "ChannelEnd",
+    "ChannelEndState",
     "ReadOnlyGuard",
+    "ReadOnlyGuardState",
     "DoorbellPort",
+    "DoorbellPortState",
     "open_channels",
     "ends_for",
 ]
@@ -105,6 +111,51 @@ class Channel:
             irq_fd=self.bells.get(partition),
         )
 
+    # --- save / restore: rings not yet delivered ----------------------------------------
+    def save(self) -> ChannelState:
+        """The rings still waiting in the doorbell eventfds (a ring to a partition whose
+        VM is down, or one the relay thread has not copied yet). Each count is read and
+        written back at once, so taking the state does not swallow a ring. The shared
+        pages are not in here: they are memory, saved as a memory file."""
+        return ChannelState(
+            name=self.name,
+            size=self.config.size,
+            bells=tuple((n, _peek_eventfd(fd)) for n, fd in sorted(self.bells.items())),
+            rings=tuple((n, _peek_eventfd(fd)) for n, fd in sorted(self._relayed().items())),
+        )
+
+    def _relayed(self) -> dict[str, int]:
+        """The ring eventfds a relay thread copies (none: the kernel path rings the bells)."""
+        return {} if self.rings is self.bells else self.rings
+
+    def restore(self, state: ChannelState) -> None:
+        """Ring again what was waiting (only adds rings: a ring is never taken back)."""
+        st = require_state(f"channel {self.name}", state, ChannelState)
+        if (st.name, st.size) != (self.name, self.config.size):
+            raise DeviceError(
+                f"channel {self.name}: state of channel {st.name} ({st.size} bytes), this "
+                f"one has {self.config.size}"
+            )
+        pairs = [(fds, self._counts(saved, fds)) for fds, saved in (
+            (self.bells, st.bells), (self._relayed(), st.rings)
+        )]
+        for fds, counts in pairs:
+            for name, count in counts.items():
+                if count:
+                    os.eventfd_write(fds[name], count)
+
+    def _counts(self, saved: object, fds: dict[str, int]) -> dict[str, int]:
+        """Saved (partition, count) pairs, checked against this channel's doorbells."""
+        where = f"channel {self.name}"
+        if type(saved) is not tuple or not all(
+            type(p) is tuple and len(p) == 2 and type(p[0]) is str for p in saved
+        ):
+            raise DeviceError(f"{where} state: doorbells are not (partition, count) pairs")
+        counts = {name: require_uint(where, f"doorbell[{name}]", n, 63) for name, n in saved}
+        if sorted(counts) != sorted(fds) or len(counts) != len(saved):
+            raise DeviceError(f"{where} state: doorbells of {sorted(counts)}, not {sorted(fds)}")
+        return counts
+
     def close(self) -> None:
         """Stop the relay and close the memfd and eventfds; idempotent."""
         if self._relay is not None:
@@ -156,6 +207,40 @@ class DoorbellRelay:
         os.close(self._stop)
 
 
+def _peek_eventfd(fd: int) -> int:
+    """An eventfd's count, left as it was (read, then written back)."""
+    try:
+        count = os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+    os.eventfd_write(fd, count)
+    return count
+
+
+@dataclass(frozen=True)
+class ChannelState:
+    """A channel's doorbell counts not yet delivered, per receiving partition."""
+
+    name: str
+    size: int
+    bells: tuple[tuple[str, int], ...]  # receiver -> count on its irqfd eventfd
+    rings: tuple[tuple[str, int], ...]  # receiver -> count its relay has not copied
+
+
+@dataclass(frozen=True)
+class ChannelEndState:
+    """A partition's place in its system, as its guest sees it through HC_CHANNEL_INFO:
+    a restored partition must find every channel where it was (fds are not state)."""
+
+    name: str
+    index: int
+    gpa: int
+    size: int
+    peer: str
+    readonly: bool
+    can_ring: bool
+
+
 @dataclass(frozen=True)
 class ChannelEnd:
     """One partition's view of a channel: what its VM maps and what HC_CHANNEL_INFO says."""
@@ -188,6 +273,22 @@ class ChannelEnd:
         os.eventfd_write(self.ring_fd, 1)
         return True
 
+    def save(self) -> ChannelEndState:
+        return ChannelEndState(
+            self.name, self.index, self.gpa, self.size, self.peer, self.readonly,
+            self.ring_fd is not None,
+        )
+
+    def restore(self, state: ChannelEndState) -> None:
+        """An end is fixed by the system's config: restoring it means checking that the
+        guest finds the channel exactly as it was."""
+        require_state(f"channel {self.name}", state, ChannelEndState)
+        if state != self.save():
+            raise DeviceError(
+                f"channel {self.name}: the guest saw {state}, this system gives it "
+                f"{self.save()}"
+            )
+
 
 def open_channels(configs: Sequence[ChannelSpec]) -> list[Channel]:
     """Create every channel's memfd and eventfds; on failure nothing is left open."""
@@ -207,6 +308,12 @@ def ends_for(partition: str, channels: Sequence[Channel]) -> tuple[ChannelEnd, .
     mine = [ch for ch in channels if partition in ch.config.between]
     assert len(mine) <= MAX_CHANNELS, "config/validate.py caps channels per partition"
     return tuple(ch.end(partition, i) for i, ch in enumerate(mine))
+
+
+@dataclass(frozen=True)
+class ReadOnlyGuardState:
+    channel: str
+    refused: int  # writes refused so far (the first one was reported)
 
 
 class ReadOnlyGuard:
@@ -234,6 +341,21 @@ class ReadOnlyGuard:
                 f"({len(data)} bytes); further refusals are only counted"
             )
 
+    def save(self) -> ReadOnlyGuardState:
+        return ReadOnlyGuardState(self.channel, self.refused)
+
+    def restore(self, state: ReadOnlyGuardState) -> None:
+        """Take over the count, so a restored guest's refusals are still reported once."""
+        st = require_state(f"channel-{self.channel} guard", state, ReadOnlyGuardState)
+        if st.channel != self.channel:
+            raise DeviceError(f"channel-{self.channel} guard: state of channel {st.channel}")
+        self.refused = require_uint(f"channel-{self.channel} guard", "refused", st.refused)
+
+
+@dataclass(frozen=True)
+class DoorbellPortState:
+    unmatched: int
+
 
 class DoorbellPort:
     """Port 0x504 as userspace sees it: only rings no ioeventfd matched reach it.
@@ -251,3 +373,10 @@ class DoorbellPort:
 
     def write(self, offset: int, data: bytes) -> None:
         self.unmatched += 1
+
+    def save(self) -> DoorbellPortState:
+        return DoorbellPortState(self.unmatched)
+
+    def restore(self, state: DoorbellPortState) -> None:
+        st = require_state("doorbell", state, DoorbellPortState)
+        self.unmatched = require_uint("doorbell", "unmatched", st.unmatched)

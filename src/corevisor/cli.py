@@ -19,11 +19,14 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from corevisor import bundled, linuxboot
 from corevisor.errors import CorevisorError, show
 from corevisor.spec import SystemSpec
+
+if TYPE_CHECKING:
+    from corevisor.runstats import MachineRun
 
 EXIT_USER_ERROR = 2
 # The `run` options that describe one partition, and the partition key a system file
@@ -121,9 +124,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--uid", default=None, help="with --jail: the user to run as (id or name)")
     run.add_argument("--gid", default=None, help="with --jail: the group to run as (id or name)")
+    run.add_argument(
+        "--stats",
+        action="store_true",
+        help="at exit, print each machine's exit, page-fault, MMU, TLB and halt-poll counts",
+    )
+    run.add_argument(
+        "--stats-json",
+        metavar="PATH",
+        type=Path,
+        default=None,
+        help="at exit, write those numbers and all of KVM's statistics as JSON (docs/stats.md)",
+    )
     linuxboot.add_arguments(run)
     guests = sub.add_parser("guests", help="list the bundled guests and their image paths")
     guests.add_argument("--build", action="store_true", help="(re)build them first")
+    host = sub.add_parser(
+        "host", help="what this host's KVM is: flavour, MMU mode, capabilities, cores"
+    )
+    host.add_argument("--json", action="store_true", help="print it as one JSON object")
     return p
 
 
@@ -189,18 +208,42 @@ def _resolve(args: argparse.Namespace) -> SystemSpec:
     return SystemSpec(partitions=(part,))
 
 
-def _run_system(config: SystemSpec, timeout: float | None) -> int:
+def _run_system(config: SystemSpec, args: argparse.Namespace) -> int:
     """Run every partition under the health monitor; see system.py for the exit status.
 
     SIGINT, SIGTERM and SIGHUP stop every partition cleanly (terminal restored, unix:
-    sockets removed) and the run exits with 128 + the signal's number.
+    sockets removed) and the run exits with 128 + the signal's number. With --stats /
+    --stats-json, every machine's statistics are reported once all have closed.
     """
     from corevisor.signals import stop_signals  # KVM imports only when running
     from corevisor.system import System
 
-    system = System(config)
-    with stop_signals(system.request_stop):
-        return system.run(timeout)
+    stats_json: Path | None = args.stats_json
+    if stats_json is not None and not stats_json.parent.is_dir():
+        where = stats_json.parent
+        raise CorevisorError(f"--stats-json {stats_json}: directory {where} does not exist")
+    system = System(config, collect_stats=args.stats or stats_json is not None)
+    try:
+        with stop_signals(system.request_stop):
+            return system.run(args.timeout)
+    finally:
+        if system.stats is not None:
+            _report_stats(system.stats, config, args.stats, stats_json)
+
+
+def _report_stats(
+    runs: list[MachineRun], config: SystemSpec, text: bool, path: Path | None
+) -> None:
+    from corevisor import runstats
+
+    host = runstats.host_summary()
+    if text:
+        for r in runs:
+            lines = runstats.summary(r, host.get("kvm", ""), host.get("mmu", ""))
+            print(lines, file=sys.stderr, flush=True)
+    if path is not None:
+        names = [p.name for p in config.partitions]
+        runstats.write_json(path, runstats.document(runs, names, host))
 
 
 def _id(value: str, flag: str, lookup: Callable[[str], int]) -> int:
@@ -239,11 +282,29 @@ def _list_guests(build: bool) -> int:
     return 0
 
 
+def _host_report(as_json: bool) -> int:
+    """`corevisor host`: 0 if corevisor can run here, 1 if /dev/kvm or a required
+    capability is missing (the report says which)."""
+    import json
+
+    from corevisor.kvm import host
+
+    info = host.detect()
+    if as_json:
+        print(json.dumps(info.to_json(), indent=2))
+    else:
+        print(host.format_report(info))
+    usable = not info.dev_kvm and all(info.cap(c) for c in host.REQUIRED)
+    return 0 if usable else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         if args.command == "guests":
             return _list_guests(args.build)
+        if args.command == "host":
+            return _host_report(args.json)
         system = _resolve(args)
         if args.sandbox is not None:
             system = replace(system, sandbox=args.sandbox)
@@ -253,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from corevisor import sandbox
 
             sandbox.enable()
-        return _run_system(system, args.timeout)
+        return _run_system(system, args)
     except CorevisorError as e:
         _err(str(e))
         return EXIT_USER_ERROR

@@ -26,6 +26,7 @@ from corevisor.arch.x86_64.layout import HYPERCALL_PORT
 from corevisor.channel import ChannelEnd
 from corevisor.errors import GuestMemoryError
 from corevisor.memory import GuestMemory
+from corevisor.snapshot import require_state, require_uint
 
 __all__ = [
     "HYPERCALL_PORT",
@@ -40,6 +41,7 @@ __all__ = [
     "HC_CHANNEL_INFO",
     "HypercallHost",
     "Hypercalls",
+    "HypercallsState",
     "handler_table",
 ]
 
@@ -136,6 +138,16 @@ def handler_table(host: HypercallHost) -> dict[int, Handler]:
     }
 
 
+@dataclass(frozen=True)
+class HypercallsState:
+    """The port's counters. A call runs whole during the guest's `out`, so none is ever
+    in flight in a paused machine; what the handlers serve (console, channels, the
+    watchdog) is saved by its owner, and HypercallHost is rebuilt from the config."""
+
+    calls: int
+    ignored: int
+
+
 class Hypercalls:
     """Port 0x500: a 4-byte write of a call block's address runs one hypercall."""
 
@@ -163,3 +175,12 @@ class Hypercalls:
         ret, ret2 = handler(tuple(args)) if handler is not None else (-errno.ENOSYS, 0)
         self.calls += 1
         self._memory.write(gpa + _RESULT_OFFSET, _RESULT.pack(ret, ret2 & (1 << 64) - 1))
+
+    def save(self) -> HypercallsState:
+        return HypercallsState(self.calls, self.ignored)
+
+    def restore(self, state: HypercallsState) -> None:
+        st = require_state("hypercall", state, HypercallsState)
+        require_uint("hypercall", "calls", st.calls)
+        require_uint("hypercall", "ignored", st.ignored)
+        self.calls, self.ignored = st.calls, st.ignored

@@ -13,6 +13,7 @@ memory map policy (arch/x86_64/layout.py).
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -21,6 +22,40 @@ from typing import TypeVar
 from corevisor.errors import GuestMemoryError
 
 _T = TypeVar("_T", bound=ctypes.Structure)
+PAGE_SIZE = 4096
+
+
+def _is_memfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
+    except OSError:
+        return False
+
+
+def file_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """Page-aligned [a, b) pieces of the file fd's [start, end) that SEEK_DATA calls data
+    (start is page-aligned; all of it where the file system cannot tell)."""
+    extents = []
+    pos = start
+    try:
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after pos
+                    break
+                raise
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            a = data // PAGE_SIZE * PAGE_SIZE
+            extents.append((max(a, start), min(-(-hole // PAGE_SIZE) * PAGE_SIZE, end)))
+            pos = hole
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ESPIPE):
+            raise
+        return [(start, end)]
+    return extents
 
 
 @dataclass
@@ -167,6 +202,32 @@ class GuestMemory:
         """Set size bytes of guest RAM to one value (zeroing a .bss, for instance)."""
         r, off = self._find_writable(gpa, size)
         r.mm[off : off + size] = bytes([byte]) * size
+
+    # --- for snapshots: where the data is, and dropping it -------------------------------
+    def data_extents(self, gpa: int, size: int) -> list[tuple[int, int]]:
+        """Page-aligned (gpa, size) pieces of [gpa, gpa+size) that may hold non-zero data.
+
+        A memfd mapped shared (fresh RAM) has holes exactly where nothing was ever
+        written, so SEEK_DATA/SEEK_HOLE skip those pages without reading them. Any other
+        backing (a snapshot file mapped copy-on-write differs from its file) answers the
+        whole range.
+        """
+        r, off = self._find(gpa, size)
+        start = r.offset + off
+        if not _is_memfd(r.fd):
+            return [(gpa, size)]
+        return [(gpa + a - start, b - a) for a, b in file_extents(r.fd, start, start + size)]
+
+    def discard(self, gpa: int, size: int) -> None:
+        """Make whole pages [gpa, gpa+size) read as zero again and give them back to the
+        host (MADV_REMOVE on memfd RAM; written zeros elsewhere)."""
+        r, off = self._find_writable(gpa, size)
+        if gpa % PAGE_SIZE or size % PAGE_SIZE:
+            raise GuestMemoryError(f"discard {gpa:#x}+{size:#x} is not whole pages")
+        if _is_memfd(r.fd) and (r.offset + off) % mmap.PAGESIZE == 0:
+            r.mm.madvise(mmap.MADV_REMOVE, off, size)
+        else:
+            r.mm[off : off + size] = bytes(size)
 
     def _find_writable(self, gpa: int, size: int) -> tuple[MemoryRegion, int]:
         """_find, refusing read-only regions: what the guest may not write, a device acting

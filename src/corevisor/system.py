@@ -66,7 +66,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from corevisor.arch.x86_64.cpu import format_registers
 from corevisor.builder import PartitionLinks, build
@@ -77,6 +77,9 @@ from corevisor.machine import Machine
 from corevisor.signals import describe, exit_status, start_thread
 from corevisor.spec import PartitionSpec, RestartPolicy, SerialKind, SystemSpec
 from corevisor.vcpu import StopReport
+
+if TYPE_CHECKING:
+    from corevisor.runstats import MachineRun
 
 __all__ = [
     "System",
@@ -172,6 +175,32 @@ class Watchdog:
         deadline = self.deadline
         return deadline is not None and now >= deadline
 
+    # --- save / restore ------------------------------------------------------------
+    def save(self) -> WatchdogState:
+        """The period and what is left of it (a deadline on this host's clock means
+        nothing elsewhere); call with the machine paused."""
+        deadline = self.deadline
+        left = None if deadline is None else max(0, round((deadline - self._clock()) * 1000))
+        return WatchdogState(self.period_ms, left)
+
+    def restore(self, state: WatchdogState) -> None:
+        """Re-arm with what was left: the guest, whose clocks did not move while saved,
+        has exactly that long to kick."""
+        from corevisor.snapshot import require_state, require_uint  # keeps the imports as they were
+
+        st = require_state("watchdog", state, WatchdogState)
+        require_uint("watchdog", "period_ms", st.period_ms, 63)
+        if st.left_ms is not None:
+            require_uint("watchdog", "left_ms", st.left_ms, 63)
+        self.period_ms = st.period_ms
+        self.deadline = None if st.left_ms is None else self._clock() + st.left_ms / 1000
+
+
+@dataclass(frozen=True)
+class WatchdogState:
+    period_ms: int
+    left_ms: int | None  # None: not armed
+
 
 class _Partition:
     """One partition: its config and links, its current machine, what happened to it."""
@@ -219,11 +248,14 @@ class System:
         err: TextIO | None = None,
         echo: bool = True,
         shared_console: bool | None = None,
+        collect_stats: bool = False,
     ) -> None:
         """echo: print events on err (stderr). shared_console: stdout partitions share
         the terminal line by line, with log files (default: unless the file has exactly
-        one partition and no log_dir, which keeps plain stdout with input)."""
+        one partition and no log_dir, which keeps plain stdout with input).
+        collect_stats: --stats, every machine's statistics as it closes (runstats.py)."""
         self.config = config
+        self.stats: list[MachineRun] | None = [] if collect_stats else None
         self.kvm_path = kvm_path
         self._err = err if err is not None else sys.stderr
         self._lock = threading.RLock()  # the partition table, channels, consoles, flags
@@ -421,6 +453,7 @@ class System:
                 serial=console,
                 watchdog=watchdog.kick,
                 report=self.report,
+                stats=self.stats.append if self.stats is not None else None,
             )
             p = _Partition(index, config, links, watchdog, console)
             p.machine = build(config, self.kvm_path, links)

@@ -81,6 +81,9 @@ class Vcpu:
         self.host_core = host_core
         self.state = VcpuState.CREATED  # written by the vCPU thread, under _cond
         self.exits = 0
+        # --stats (runstats.py): I/O exits are exits minus these, so the I/O path adds nothing
+        self.mmio_exits = 0
+        self.other_exits: dict[int, int] = {}  # exit reason -> count, off the hot path
         # Installed by a debugger (gdb/target.py): called on this thread for KVM_EXIT_DEBUG
         # and KVM_EXIT_INTERNAL_ERROR; True means "mine, handled" (the handler has posted
         # a hold, so the vCPU parks until the debugger releases it).
@@ -339,6 +342,7 @@ class Vcpu:
                 mm[p : p + size] = dev.read(offset, size)
 
     def _mmio(self) -> None:
+        self.mmio_exits += 1
         addr, data, length, is_write = self.fd.mmio_exit()
         if is_write:
             self.mmio.write(addr, data[:length])
@@ -347,6 +351,7 @@ class Vcpu:
 
     def _other_exit(self, reason: int) -> StopReport | None:
         """Exits off the hot path: each is handled or becomes a StopReport."""
+        self.other_exits[reason] = self.other_exits.get(reason, 0) + 1
         if reason in (b.ExitReason.IRQ_WINDOW_OPEN, b.ExitReason.INTR):
             return None
         handler = self.debug_handler

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,23 +23,9 @@ from corevisor.virtio.blk import (
 )
 from corevisor.virtio.console import Console
 from corevisor.virtio.mmio import REG, STATUS_NEEDS_RESET, VirtioMmio
-from tests.unit.virtio_driver import MIB, FakeDriver
+from tests.unit.virtio_driver import FakeDriver
 
 HDR, DATA, STATUS = 0x80000, 0x90000, 0xA0000
-
-
-@pytest.fixture
-def mem() -> Iterator[GuestMemory]:
-    m = GuestMemory.anonymous([(0, 2 * MIB)])
-    yield m
-    m.close()
-
-
-@pytest.fixture
-def image(tmp_path: Path) -> Path:
-    p = tmp_path / "disk.img"
-    p.write_bytes(bytes(range(256)) * 16)  # 8 sectors
-    return p
 
 
 def _blk(mem: GuestMemory, path: Path, readonly: bool = False) -> tuple[VirtioMmio, FakeDriver]:

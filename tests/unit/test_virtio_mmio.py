@@ -32,13 +32,6 @@ from tests.unit.virtio_driver import MIB, FakeDriver
 
 
 @pytest.fixture
-def mem() -> Iterator[GuestMemory]:
-    m = GuestMemory.anonymous([(0, 2 * MIB)])
-    yield m
-    m.close()
-
-
-@pytest.fixture
 def reports() -> list[str]:
     return []
 

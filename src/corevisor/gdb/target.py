@@ -28,18 +28,17 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 from corevisor.arch.x86_64 import paging
 from corevisor.gdb import debugregs, x86_64
 from corevisor.kvm import bindings as b
+from corevisor.kvm import host
 from corevisor.machine import Machine
 from corevisor.vcpu import Vcpu, VcpuState
 
 SIGINT = 2
 SIGTRAP = 5
 INT3 = 0xCC
-PVM_MODULE = Path("/sys/module/kvm_pvm")  # KVM provided by PVM (see docs/debugging.md)
 STEP_OVER_TIMEOUT = 5.0  # seconds one instruction may take when stepping off a breakpoint
 DEBUGGER = "debugger"  # the vCPU hold reason of the all-stop discipline
 
@@ -93,7 +92,7 @@ class DebugTarget:
         # breakpoints) and never fires them at CPL3 either (measured): a watchpoint
         # would silently never stop, so it is refused there and GDB's software
         # watchpoints (`set can-use-hw-watchpoints 0`, single steps) are the way.
-        self.hw_watch_supported = self.hw_supported and not PVM_MODULE.exists()
+        self.hw_watch_supported = self.hw_supported and not host.detect().is_pvm
         self._control: list[tuple[int, tuple[int, ...]] | None] = [None] * len(self.vcpus)
         # While attached, debug exits are ours; detached, they are faults as usual.
         self.attached = halted

@@ -10,6 +10,7 @@ instead of corrupting a vCPU later. What does not live here: calling the ioctls
 from __future__ import annotations
 
 import ctypes
+import functools
 from ctypes import c_int32, c_uint8, c_uint16, c_uint32, c_uint64
 from enum import IntEnum
 
@@ -132,6 +133,7 @@ class kvm_msrs_header(ctypes.Structure):
     _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32)]
 
 
+@functools.cache  # one class per size: building a ctypes class costs ~0.1 ms
 def kvm_msrs(n: int) -> type[ctypes.Structure]:
     """A struct kvm_msrs with room for n entries (a flexible array in C)."""
 
@@ -161,6 +163,7 @@ class kvm_cpuid_entry2(ctypes.Structure):
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
 
 
+@functools.cache
 def kvm_cpuid2(n: int) -> type[ctypes.Structure]:
     """A struct kvm_cpuid2 with room for n entries."""
 
@@ -288,12 +291,31 @@ class kvm_ioapic_state(ctypes.Structure):
     ]
 
 
+class kvm_pic_state(ctypes.Structure):
+    """One 8259A as KVM models it."""
+
+    _fields_ = [
+        (name, c_uint8)
+        for name in (
+            "last_irr irr imr isr priority_add irq_base read_reg_select poll special_mask "
+            "init_state auto_eoi rotate_on_auto_eoi special_fully_nested_mode init4 elcr "
+            "elcr_mask"
+        ).split()
+    ]
+
+
+class _irqchip_union(ctypes.Union):
+    _fields_ = [("dummy", c_uint8 * 512), ("pic", kvm_pic_state), ("ioapic", kvm_ioapic_state)]
+
+
 class kvm_irqchip(ctypes.Structure):
-    """KVM_GET_IRQCHIP's argument: chip_id 0/1 = PIC master/slave, 2 = IOAPIC."""
+    """KVM_GET/SET_IRQCHIP's argument: chip_id says which chip the union holds."""
 
-    _fields_ = [("chip_id", c_uint32), ("pad", c_uint32), ("chip", c_uint8 * 512)]
+    _fields_ = [("chip_id", c_uint32), ("pad", c_uint32), ("chip", _irqchip_union)]
 
 
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
 KVM_IRQCHIP_IOAPIC = 2
 # Interrupt delivery modes (IOAPIC redirection entries, LAPIC LVT entries: bits 8-10)
 APIC_DM_NMI = 0b100
@@ -319,6 +341,31 @@ class kvm_debug_exit_arch(ctypes.Structure):
     ]
 
 
+class kvm_stats_header(ctypes.Structure):
+    """The start of a KVM_GET_STATS_FD file: where its id, descriptors and data are."""
+
+    _fields_ = [
+        ("flags", c_uint32),
+        ("name_size", c_uint32),  # bytes of the id string and of each descriptor's name
+        ("num_desc", c_uint32),
+        ("id_offset", c_uint32),
+        ("desc_offset", c_uint32),
+        ("data_offset", c_uint32),
+    ]
+
+
+class kvm_stats_desc(ctypes.Structure):
+    """One statistic's descriptor; name_size bytes of its NUL-padded name follow it."""
+
+    _fields_ = [
+        ("flags", c_uint32),  # KVM_STATS_TYPE_* | KVM_STATS_UNIT_* | KVM_STATS_BASE_*
+        ("exponent", ctypes.c_int16),  # value * base**exponent is in the unit
+        ("size", c_uint16),  # number of u64 values (buckets for a histogram)
+        ("offset", c_uint32),  # from the start of the data block
+        ("bucket_size", c_uint32),  # linear histograms only
+    ]
+
+
 for _cls, _size in (
     (kvm_userspace_memory_region, 32),
     (kvm_regs, 144),
@@ -341,11 +388,15 @@ for _cls, _size in (
     (kvm_irqchip, 520),
     (kvm_guest_debug, 72),
     (kvm_debug_exit_arch, 32),
+    (kvm_stats_header, 24),
+    (kvm_stats_desc, 16),
 ):
     _check(_cls, _size)
 assert kvm_sregs.cr0.offset == 224 and kvm_sregs.efer.offset == 264
 assert kvm_vcpu_events.exception_payload.offset == 56
 assert kvm_guest_debug.debugreg.offset == 8 and kvm_debug_exit_arch.pc.offset == 8
+assert kvm_stats_desc.size.offset == 6 and kvm_stats_desc.bucket_size.offset == 12
+assert kvm_stats_header.data_offset.offset == 20
 assert kvm_ioapic_state.redirtbl.offset == 24 and kvm_irqchip.chip.offset == 8
 
 # --- ioctl numbers ------------------------------------------------------------------
@@ -384,6 +435,7 @@ KVM_GET_VCPU_EVENTS = _ior(0x9F, 64)
 KVM_SET_VCPU_EVENTS = _iow(0xA0, 64)
 KVM_GET_TSC_KHZ = _io(0xA3)
 KVM_SET_GUEST_DEBUG = _iow(0x9B, 72)
+KVM_GET_STATS_FD = _io(0xCE)  # vm and vcpu ioctl
 KVM_GET_IRQCHIP = _iowr(0x62, 520)
 # struct kvm_signal_mask is a u32 length followed by the sigset: the number encodes 4.
 KVM_SET_SIGNAL_MASK = _iow(0x8B, 4)
@@ -410,9 +462,28 @@ KVM_GUESTDBG_INJECT_DB = 0x00040000
 KVM_GUESTDBG_INJECT_BP = 0x00080000
 KVM_GUESTDBG_BLOCKIRQ = 0x00100000
 
+# kvm_stats_desc.flags (Documentation/virt/kvm/api.rst, KVM_GET_STATS_FD)
+KVM_STATS_TYPE_MASK = 0xF << 0
+KVM_STATS_TYPE_CUMULATIVE = 0x0
+KVM_STATS_TYPE_INSTANT = 0x1
+KVM_STATS_TYPE_PEAK = 0x2
+KVM_STATS_TYPE_LINEAR_HIST = 0x3
+KVM_STATS_TYPE_LOG_HIST = 0x4
+KVM_STATS_UNIT_SHIFT = 4
+KVM_STATS_UNIT_MASK = 0xF << KVM_STATS_UNIT_SHIFT
+KVM_STATS_UNIT_NONE = 0x0 << KVM_STATS_UNIT_SHIFT
+KVM_STATS_UNIT_BYTES = 0x1 << KVM_STATS_UNIT_SHIFT
+KVM_STATS_UNIT_SECONDS = 0x2 << KVM_STATS_UNIT_SHIFT
+KVM_STATS_UNIT_CYCLES = 0x3 << KVM_STATS_UNIT_SHIFT
+KVM_STATS_UNIT_BOOLEAN = 0x4 << KVM_STATS_UNIT_SHIFT
+KVM_STATS_BASE_SHIFT = 8
+KVM_STATS_BASE_MASK = 0xF << KVM_STATS_BASE_SHIFT
+KVM_STATS_BASE_POW10 = 0x0 << KVM_STATS_BASE_SHIFT
+KVM_STATS_BASE_POW2 = 0x1 << KVM_STATS_BASE_SHIFT
+
 
 class Cap(IntEnum):
-    """KVM_CAP_* numbers corevisor asks about."""
+    """KVM_CAP_* numbers corevisor asks about (kvm/host.py says what each is used for)."""
 
     IRQCHIP = 0
     HLT = 1
@@ -424,23 +495,47 @@ class Cap(IntEnum):
     PIT = 11
     MP_STATE = 14
     COALESCED_MMIO = 15
+    IOMMU = 18
     SET_GUEST_DEBUG = 23
     IRQ_ROUTING = 25
     IRQFD = 32
     PIT2 = 33
+    PIT_STATE2 = 35
     IOEVENTFD = 36
     SET_IDENTITY_MAP_ADDR = 37
+    ADJUST_CLOCK = 39
     VCPU_EVENTS = 41
+    DEBUGREGS = 50
     X86_ROBUST_SINGLESTEP = 51
+    XSAVE = 55
+    XCRS = 56
+    GET_TSC_KHZ = 61
     MAX_VCPUS = 66
+    TSC_DEADLINE_TIMER = 72
+    SYNC_REGS = 74
     SIGNAL_MSI = 77
     READONLY_MEM = 81
+    IRQFD_RESAMPLE = 82
+    X86_SMM = 117
     GUEST_DEBUG_HW_BPS = 119
     GUEST_DEBUG_HW_WPS = 120
+    SPLIT_IRQCHIP = 121
+    IOEVENTFD_ANY_LENGTH = 122
     IMMEDIATE_EXIT = 136
     X86_DISABLE_EXITS = 143
+    NESTED_STATE = 157
+    COALESCED_PIO = 162
+    MANUAL_DIRTY_LOG_PROTECT2 = 168
     HALT_POLL = 182
+    X86_USER_SPACE_MSR = 188
+    X86_MSR_FILTER = 189
+    DIRTY_LOG_RING = 192
     SET_GUEST_DEBUG2 = 195  # answers with the KVM_GUESTDBG_* flags this host supports
+    EXIT_HYPERCALL = 201
+    BINARY_STATS_FD = 203
+    EXIT_ON_EMULATION_FAILURE = 204
+    XSAVE2 = 208  # answers with the size of KVM_GET_XSAVE2's buffer
+    VM_TSC_CONTROL = 214
 
 
 class ExitReason(IntEnum):
@@ -499,3 +594,143 @@ MSR_LSTAR = 0xC0000082
 MSR_CSTAR = 0xC0000083
 MSR_SYSCALL_MASK = 0xC0000084
 MSR_KERNEL_GS_BASE = 0xC0000102
+
+
+# --- vCPU and VM state (snapshot/state.py) -------------------------------------------
+# Structures, ioctl numbers and constants of the state ioctls, kept together in one
+# block: XSAVE (and XSAVE2), XCRS, DEBUGREGS, CPUID2, the MSR lists, PIT2 and the KVM
+# clock (the irqchip's structures, PICs and IOAPIC, are with the LAPIC's above).
+class kvm_xsave(ctypes.Structure):
+    """KVM_GET/SET_XSAVE's 4 KiB XSAVE image. With KVM_CAP_XSAVE2 the kernel reads and
+    writes KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) bytes instead (a flexible tail)."""
+
+    _fields_ = [("region", c_uint32 * 1024)]
+
+
+KVM_MAX_XCRS = 16
+
+
+class kvm_xcr(ctypes.Structure):
+    _fields_ = [("xcr", c_uint32), ("reserved", c_uint32), ("value", c_uint64)]
+
+
+class kvm_xcrs(ctypes.Structure):
+    _fields_ = [
+        ("nr_xcrs", c_uint32),
+        ("flags", c_uint32),
+        ("xcrs", kvm_xcr * KVM_MAX_XCRS),
+        ("padding", c_uint64 * 16),
+    ]
+
+
+class kvm_debugregs(ctypes.Structure):
+    _fields_ = [
+        ("db", c_uint64 * 4),
+        ("dr6", c_uint64),
+        ("dr7", c_uint64),
+        ("flags", c_uint64),
+        ("reserved", c_uint64 * 9),
+    ]
+
+
+class kvm_clock_data(ctypes.Structure):
+    """KVM_GET/SET_CLOCK: the kvmclock's nanoseconds, and (flags) which extras are valid."""
+
+    _fields_ = [
+        ("clock", c_uint64),
+        ("flags", c_uint32),
+        ("pad0", c_uint32),
+        ("realtime", c_uint64),
+        ("host_tsc", c_uint64),
+        ("pad", c_uint32 * 4),
+    ]
+
+
+class kvm_pit_channel_state(ctypes.Structure):
+    _fields_ = [
+        ("count", c_uint32),
+        ("latched_count", c_uint16),
+        ("count_latched", c_uint8),
+        ("status_latched", c_uint8),
+        ("status", c_uint8),
+        ("read_state", c_uint8),
+        ("write_state", c_uint8),
+        ("write_latch", c_uint8),
+        ("rw_mode", c_uint8),
+        ("mode", c_uint8),
+        ("bcd", c_uint8),
+        ("gate", c_uint8),
+        ("count_load_time", ctypes.c_int64),
+    ]
+
+
+class kvm_pit_state2(ctypes.Structure):
+    _fields_ = [
+        ("channels", kvm_pit_channel_state * 3),
+        ("flags", c_uint32),
+        ("reserved", c_uint32 * 9),
+    ]
+
+
+@functools.cache
+def kvm_msr_list(n: int) -> type[ctypes.Structure]:
+    """A struct kvm_msr_list with room for n indices (a flexible array in C)."""
+
+    class _MsrList(ctypes.Structure):
+        _fields_ = [("nmsrs", c_uint32), ("indices", c_uint32 * n)]
+
+    return _MsrList
+
+
+_state_structs: tuple[tuple[type[ctypes.Structure], int], ...] = (
+    (kvm_xsave, 4096),
+    (kvm_xcr, 16),
+    (kvm_xcrs, 392),
+    (kvm_debugregs, 128),
+    (kvm_clock_data, 48),
+    (kvm_pic_state, 16),
+    (kvm_pit_channel_state, 24),
+    (kvm_pit_state2, 112),
+)
+for _struct, _struct_size in _state_structs:
+    _check(_struct, _struct_size)
+assert kvm_xcrs.padding.offset == 264 and kvm_debugregs.flags.offset == 48
+assert kvm_clock_data.realtime.offset == 16 and kvm_clock_data.host_tsc.offset == 24
+assert kvm_pit_channel_state.count_load_time.offset == 16 and kvm_pit_state2.flags.offset == 72
+
+KVM_GET_MSR_FEATURE_INDEX_LIST = _iowr(0x0A, 4)
+KVM_SET_IRQCHIP = _ior(0x63, 520)  # _IOR in the kernel header, although it writes
+KVM_SET_CLOCK = _iow(0x7B, 48)
+KVM_GET_CLOCK = _ior(0x7C, 48)
+KVM_GET_CPUID2 = _iowr(0x91, 8)
+KVM_GET_PIT2 = _ior(0x9F, 112)
+KVM_SET_PIT2 = _iow(0xA0, 112)
+KVM_GET_DEBUGREGS = _ior(0xA1, 128)
+KVM_SET_DEBUGREGS = _iow(0xA2, 128)
+KVM_SET_TSC_KHZ = _io(0xA2)
+KVM_GET_XSAVE = _ior(0xA4, 4096)
+KVM_SET_XSAVE = _iow(0xA5, 4096)
+KVM_GET_XCRS = _ior(0xA6, 392)
+KVM_SET_XCRS = _iow(0xA7, 392)
+KVM_KVMCLOCK_CTRL = _io(0xAD)
+KVM_GET_XSAVE2 = _ior(0xCF, 4096)  # the buffer is KVM_CAP_XSAVE2 bytes, not 4096
+assert KVM_GET_XSAVE2 == 0x9000AECF and KVM_SET_IRQCHIP == 0x8208AE63
+
+# kvm_clock_data.flags
+KVM_CLOCK_TSC_STABLE = 1 << 1
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3
+
+# kvm_vcpu_events.flags: which optional parts of the structure are valid
+KVM_VCPUEVENT_VALID_NMI_PENDING = 1 << 0
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 1 << 1
+KVM_VCPUEVENT_VALID_SHADOW = 1 << 2
+KVM_VCPUEVENT_VALID_SMM = 1 << 3
+KVM_VCPUEVENT_VALID_PAYLOAD = 1 << 4
+KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 1 << 5
+
+# MSRs whose restore order matters (snapshot/state.py)
+MSR_IA32_TSC_ADJUST = 0x3B
+MSR_IA32_TSC_DEADLINE = 0x6E0
+MSR_KVM_FIRST = 0x4B564D00  # KVM's own paravirtual MSRs: 0x4b564d00 upwards
+MSR_KVM_LAST = 0x4B564DFF

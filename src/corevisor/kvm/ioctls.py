@@ -82,6 +82,25 @@ class SupportedCpuid:
     edx: int
 
 
+def _cpuid_list(fd: int, request: int, name: str) -> list[SupportedCpuid]:
+    """A kvm_cpuid2 answer (supported or per-vCPU), growing the buffer until it fits."""
+    n = 64
+    while True:
+        buf = b.kvm_cpuid2(n)()
+        buf.nent = n
+        try:
+            fcntl.ioctl(fd, request, buf, True)
+        except OSError as e:
+            if e.errno == errno.E2BIG and n < 4096:
+                n *= 2
+                continue
+            raise KvmError(name, e.errno or 0) from None
+        return [
+            SupportedCpuid(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+            for e in buf.entries[: buf.nent]
+        ]
+
+
 class Kvm:
     """The /dev/kvm system file descriptor."""
 
@@ -113,21 +132,44 @@ class Kvm:
 
     def supported_cpuid(self) -> list[SupportedCpuid]:
         """KVM_GET_SUPPORTED_CPUID, growing the buffer until it fits."""
-        n = 64
-        while True:
-            buf = b.kvm_cpuid2(n)()
-            buf.nent = n
-            try:
-                fcntl.ioctl(self.fd, b.KVM_GET_SUPPORTED_CPUID, buf, True)
-            except OSError as e:
-                if e.errno == errno.E2BIG and n < 4096:
-                    n *= 2
-                    continue
-                raise KvmError("KVM_GET_SUPPORTED_CPUID", e.errno or 0) from None
-            return [
-                SupportedCpuid(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-                for e in buf.entries[: buf.nent]
-            ]
+        return _cpuid_list(self.fd, b.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID")
+
+    # --- state: what the host can save and restore (snapshot/state.py) --------------
+    def msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: every MSR this KVM can save and restore for a vCPU,
+        KVM's own paravirtual ones included."""
+        return self._msr_list(b.KVM_GET_MSR_INDEX_LIST, "KVM_GET_MSR_INDEX_LIST")
+
+    def msr_feature_index_list(self) -> list[int]:
+        """KVM_GET_MSR_FEATURE_INDEX_LIST: the read-only feature MSRs (ARCH_CAPABILITIES,
+        microcode revision, ...) this KVM describes; [] where the ioctl is missing."""
+        try:
+            return self._msr_list(
+                b.KVM_GET_MSR_FEATURE_INDEX_LIST, "KVM_GET_MSR_FEATURE_INDEX_LIST"
+            )
+        except KvmError as e:
+            if e.errno in (errno.EINVAL, errno.ENOTTY):
+                return []
+            raise
+
+    def _msr_list(self, request: int, name: str) -> list[int]:
+        """Ask with an empty list first: the kernel answers E2BIG with the count."""
+        probe = b.kvm_msr_list(0)()
+        try:
+            fcntl.ioctl(self.fd, request, probe, True)
+            return []
+        except OSError as e:
+            if e.errno != errno.E2BIG:
+                raise KvmError(name, e.errno or 0) from None
+        buf = b.kvm_msr_list(probe.nmsrs)()
+        buf.nmsrs = probe.nmsrs
+        _ioctl(self.fd, request, buf, name)
+        return list(buf.indices[: buf.nmsrs])
+
+    def xsave_size(self) -> int:
+        """Bytes of a vCPU's XSAVE image: KVM_CAP_XSAVE2's answer, else the 4 KiB of
+        KVM_GET_XSAVE (a KVM without XSAVE2 has no larger state to give)."""
+        return max(self.check_extension(b.Cap.XSAVE2), ctypes.sizeof(b.kvm_xsave))
 
     def create_vm(self) -> VmFd:
         fd = _ioctl(self.fd, b.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
@@ -198,18 +240,46 @@ class VmFd:
         msi = b.kvm_msi(address & 0xFFFFFFFF, address >> 32, data, 0, 0)
         return _ioctl(self.fd, b.KVM_SIGNAL_MSI, msi, "KVM_SIGNAL_MSI")
 
+    # --- state of the in-kernel devices (snapshot/state.py) -------------------------
+    def get_irqchip(self, chip_id: int) -> b.kvm_irqchip:
+        """KVM_GET_IRQCHIP of one chip: KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE or _IOAPIC."""
+        chip = b.kvm_irqchip(chip_id)
+        _ioctl(self.fd, b.KVM_GET_IRQCHIP, chip, "KVM_GET_IRQCHIP")
+        return chip
+
+    def set_irqchip(self, chip: b.kvm_irqchip) -> None:
+        _ioctl(self.fd, b.KVM_SET_IRQCHIP, chip, "KVM_SET_IRQCHIP")
+
+    def get_pit2(self) -> b.kvm_pit_state2:
+        st = b.kvm_pit_state2()
+        _ioctl(self.fd, b.KVM_GET_PIT2, st, "KVM_GET_PIT2")
+        return st
+
+    def set_pit2(self, st: b.kvm_pit_state2) -> None:
+        _ioctl(self.fd, b.KVM_SET_PIT2, st, "KVM_SET_PIT2")
+
+    def get_clock(self) -> b.kvm_clock_data:
+        """KVM_GET_CLOCK: the VM's kvmclock in ns (plus host realtime/TSC where flagged)."""
+        data = b.kvm_clock_data()
+        _ioctl(self.fd, b.KVM_GET_CLOCK, data, "KVM_GET_CLOCK")
+        return data
+
+    def set_clock(self, data: b.kvm_clock_data) -> None:
+        _ioctl(self.fd, b.KVM_SET_CLOCK, data, "KVM_SET_CLOCK")
+
     def enable_cap(self, cap: b.Cap, *args: int) -> None:
         req = b.kvm_enable_cap(int(cap), 0)
         for i, a in enumerate(args):
             req.args[i] = a
         _ioctl(self.fd, b.KVM_ENABLE_CAP, req, "KVM_ENABLE_CAP")
 
+    def stats_fd(self) -> int:
+        """KVM_GET_STATS_FD: a new fd of the VM's binary statistics (kvm/stats.py reads it)."""
+        return _ioctl(self.fd, b.KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD")
+
     def ioapic_redirections(self) -> tuple[int, ...]:
         """The in-kernel IOAPIC's 24 redirection entries (KVM_GET_IRQCHIP, chip 2)."""
-        chip = b.kvm_irqchip(b.KVM_IRQCHIP_IOAPIC, 0)
-        _ioctl(self.fd, b.KVM_GET_IRQCHIP, chip, "KVM_GET_IRQCHIP")
-        ioapic = b.kvm_ioapic_state.from_buffer_copy(bytes(chip.chip))
-        return tuple(ioapic.redirtbl)
+        return tuple(self.get_irqchip(b.KVM_IRQCHIP_IOAPIC).chip.ioapic.redirtbl)
 
     def create_vcpu(self, index: int) -> VcpuFd:
         """A new vCPU; its fd is closed again if mapping its kvm_run page fails."""
@@ -334,15 +404,21 @@ class VcpuFd:
         _ioctl(self.fd, b.KVM_SET_FPU, fpu, "KVM_SET_FPU")
 
     def set_msrs(self, msrs: dict[int, int]) -> None:
-        buf = b.kvm_msrs(len(msrs))()
-        buf.nmsrs = len(msrs)
-        for i, (index, data) in enumerate(msrs.items()):
-            buf.entries[i].index = index
-            buf.entries[i].data = data
-        done = _ioctl(self.fd, b.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
+        """Set every MSR of msrs, in order; KvmError naming the first one refused."""
+        done = self.set_msrs_upto(list(msrs.items()))
         if done != len(msrs):
             bad = list(msrs)[done]
             raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {bad:#x} was refused")
+
+    def set_msrs_upto(self, msrs: list[tuple[int, int]]) -> int:
+        """KVM_SET_MSRS of (index, value) pairs in order: how many KVM set (it stops at
+        the first it refuses, which is msrs[answer])."""
+        buf = b.kvm_msrs(len(msrs))()
+        buf.nmsrs = len(msrs)
+        for i, (index, data) in enumerate(msrs):
+            buf.entries[i].index = index
+            buf.entries[i].data = data
+        return _ioctl(self.fd, b.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         buf = b.kvm_msrs(len(indices))()
@@ -385,6 +461,50 @@ class VcpuFd:
     def set_lapic(self, st: b.kvm_lapic_state) -> None:
         _ioctl(self.fd, b.KVM_SET_LAPIC, st, "KVM_SET_LAPIC")
 
+    # --- state for snapshots (snapshot/state.py) -------------------------------------
+    def get_xsave(self, size: int) -> bytes:
+        """The vCPU's XSAVE image of size bytes (Kvm.xsave_size): KVM_GET_XSAVE2 when
+        it is larger than the classic 4 KiB, which KVM_GET_XSAVE would truncate."""
+        buf = bytearray(size)
+        if size > ctypes.sizeof(b.kvm_xsave):
+            _ioctl(self.fd, b.KVM_GET_XSAVE2, buf, "KVM_GET_XSAVE2")
+        else:
+            _ioctl(self.fd, b.KVM_GET_XSAVE, buf, "KVM_GET_XSAVE")
+        return bytes(buf)
+
+    def set_xsave(self, image: bytes) -> None:
+        """KVM_SET_XSAVE; the kernel reads as many bytes as KVM_CAP_XSAVE2 says."""
+        _ioctl(self.fd, b.KVM_SET_XSAVE, bytearray(image), "KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> b.kvm_xcrs:
+        xcrs = b.kvm_xcrs()
+        _ioctl(self.fd, b.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")
+        return xcrs
+
+    def set_xcrs(self, xcrs: b.kvm_xcrs) -> None:
+        _ioctl(self.fd, b.KVM_SET_XCRS, xcrs, "KVM_SET_XCRS")
+
+    def get_debugregs(self) -> b.kvm_debugregs:
+        regs = b.kvm_debugregs()
+        _ioctl(self.fd, b.KVM_GET_DEBUGREGS, regs, "KVM_GET_DEBUGREGS")
+        return regs
+
+    def set_debugregs(self, regs: b.kvm_debugregs) -> None:
+        _ioctl(self.fd, b.KVM_SET_DEBUGREGS, regs, "KVM_SET_DEBUGREGS")
+
+    def get_cpuid2(self) -> list[SupportedCpuid]:
+        """KVM_GET_CPUID2: the CPUID this vCPU was given, growing the buffer as needed."""
+        return _cpuid_list(self.fd, b.KVM_GET_CPUID2, "KVM_GET_CPUID2")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ: the guest's TSC rate (scaled by the hardware if it differs)."""
+        _ioctl(self.fd, b.KVM_SET_TSC_KHZ, khz, "KVM_SET_TSC_KHZ")
+
+    def kvmclock_ctrl(self) -> None:
+        """KVM_KVMCLOCK_CTRL: tell a kvmclock guest it was paused (no soft-lockup report);
+        EINVAL means the guest has no kvmclock, which the caller may ignore."""
+        _ioctl(self.fd, b.KVM_KVMCLOCK_CTRL, 0, "KVM_KVMCLOCK_CTRL")
+
     def set_guest_debug(self, control: int, debugregs: tuple[int, ...] = ()) -> None:
         """KVM_SET_GUEST_DEBUG: control is KVM_GUESTDBG_* flags (0 turns debugging off);
         debugregs are DR0-DR3, (unused), (unused), DR6, DR7 for KVM_GUESTDBG_USE_HW_BP."""
@@ -395,6 +515,12 @@ class VcpuFd:
 
     def get_tsc_khz(self) -> int:
         return _ioctl(self.fd, b.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
+
+    def stats_fd(self) -> int:
+        """KVM_GET_STATS_FD: a new fd of this vCPU's binary statistics. The ioctl takes the
+        vCPU's mutex, which KVM_RUN holds while the guest runs (or sits in HLT): ask for it
+        before the vCPU thread starts; reading the fd later needs no lock."""
+        return _ioctl(self.fd, b.KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD")
 
     def set_signal_mask(self, blocked: set[int]) -> None:
         """KVM_SET_SIGNAL_MASK: the signals blocked while this vCPU is inside KVM_RUN.

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
-from corevisor.errors import ConfigError
+from corevisor.errors import ConfigError, DeviceError
+from corevisor.snapshot import require_bool, require_bytes, require_state, require_uint
 from corevisor.virtio.config import SECTOR, check_image
 from corevisor.virtio.device import VirtioDevice
 from corevisor.virtio.queue import ChainReader, ChainWriter, DescriptorChain, QueueError
 
 __all__ = [
     "Blk",
+    "BlkState",
     "VIRTIO_ID_BLOCK",
     "VIRTIO_BLK_F_SEG_MAX",
     "VIRTIO_BLK_F_RO",
@@ -62,6 +65,23 @@ ID_BYTES = 20  # VIRTIO_BLK_ID_BYTES
 QUEUE_SIZE = 256
 CHUNK = 1 << 20
 _HEADER = struct.Struct("<IIQ")
+
+
+@dataclass(frozen=True)
+class BlkState:
+    """What the guest has seen of the disk, and the request counters.
+
+    A request is served whole on the I/O thread, so none is ever half-done in a saved
+    state: the disk's contents live in its image file. size and readonly are what the
+    guest read from the config space; a restore onto a disk of another size is refused
+    (the guest's file systems would no longer fit). serial is what GET_ID answered.
+    """
+
+    size: int
+    readonly: bool
+    serial: bytes
+    requests: int
+    errors: int
 
 
 class Blk(VirtioDevice):
@@ -162,6 +182,30 @@ class Blk(VirtioDevice):
     def _flush(self) -> int:
         os.fsync(self.fd)
         return VIRTIO_BLK_S_OK
+
+    # --- save / restore ---------------------------------------------------------------
+    def save(self) -> BlkState:
+        return BlkState(self.size, self.readonly, self.serial, self.requests, self.errors)
+
+    def check_state(self, state: object) -> None:
+        st = require_state(self.name, state, BlkState)
+        require_uint(self.name, "size", st.size)
+        require_bool(self.name, "readonly", st.readonly)
+        require_bytes(self.name, "serial", st.serial, ID_BYTES)
+        require_uint(self.name, "requests", st.requests)
+        require_uint(self.name, "errors", st.errors)
+        if (st.size, st.readonly) != (self.size, self.readonly):
+            raise DeviceError(
+                f"{self.name}: the guest saw a {st.size}-byte "
+                f"{'read-only ' if st.readonly else ''}disk; {self.path} is {self.size} "
+                f"bytes{' and read-only' if self.readonly else ''}"
+            )
+
+    def load_state(self, state: object) -> None:
+        assert isinstance(state, BlkState)
+        self.serial = state.serial
+        self.requests = state.requests
+        self.errors = state.errors
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -15,17 +15,26 @@ import os
 import struct
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from corevisor.snapshot import require_bytes, require_state
 from corevisor.virtio.device import VirtioDevice
 from corevisor.virtio.queue import DescriptorChain, QueueError
 
-__all__ = ["Console", "VIRTIO_ID_CONSOLE", "INPUT_LIMIT"]
+__all__ = ["Console", "ConsoleState", "VIRTIO_ID_CONSOLE", "INPUT_LIMIT"]
 
 VIRTIO_ID_CONSOLE = 3
 QUEUE_SIZE = 64
 RX, TX = 0, 1
 INPUT_LIMIT = 64 << 10
 _OUT_CHUNK = 64 << 10
+
+
+@dataclass(frozen=True)
+class ConsoleState:
+    """Host input the guest has not taken yet (it waits for receive buffers)."""
+
+    pending: bytes
 
 
 class Console(VirtioDevice):
@@ -99,6 +108,22 @@ class Console(VirtioDevice):
             done = True
         if done:
             ctx.notify_used(q)
+
+    # --- save / restore ---------------------------------------------------------------
+    def save(self) -> ConsoleState:
+        with self._lock:
+            return ConsoleState(bytes(self._pending))
+
+    def check_state(self, state: object) -> None:
+        st = require_state(self.name, state, ConsoleState)
+        require_bytes(self.name, "pending", st.pending, INPUT_LIMIT)
+
+    def load_state(self, state: object) -> None:
+        assert isinstance(state, ConsoleState)
+        with self._lock:
+            self._pending = bytearray(state.pending)
+        if state.pending and self._input_fd >= 0:
+            os.eventfd_write(self._input_fd, 1)  # the I/O thread delivers it when it can
 
     def close(self) -> None:
         if self._input_fd >= 0:

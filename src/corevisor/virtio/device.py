@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from corevisor.errors import SnapshotError
 from corevisor.memory import GuestMemory
 from corevisor.virtio.queue import DescriptorChain, Queue
 
@@ -162,3 +163,23 @@ class VirtioDevice:
 
     def process_fd(self, fd: int) -> None:
         """One of fds() is readable. May raise QueueError."""
+
+    # --- save / restore (convention 5; the transport calls these, lock held) -----------
+    def save(self) -> object:
+        """The back end's own state beyond what it is built from: a frozen dataclass of
+        plain values (each device type has its own)."""
+        raise SnapshotError(f"{self.name}: this device's state cannot be saved")
+
+    def check_state(self, state: object) -> None:
+        """Raise DeviceError if state cannot be this device's; changes nothing."""
+        raise SnapshotError(f"{self.name}: this device's state cannot be restored")
+
+    def load_state(self, state: object) -> None:
+        """Take over a state check_state accepted (after the transport re-activated the
+        device, so what activate() set is overridden by what was saved)."""
+        raise SnapshotError(f"{self.name}: this device's state cannot be restored")
+
+    def restore(self, state: object) -> None:
+        """check_state, then load_state: the Stateful protocol for a lone back end."""
+        self.check_state(state)
+        self.load_state(state)

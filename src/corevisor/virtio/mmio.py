@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from corevisor.errors import DeviceError, GuestMemoryError
 from corevisor.memory import GuestMemory
+from corevisor.snapshot import require_uint
 from corevisor.virtio.device import (
     INT_CONFIG_CHANGE,
     TRANSPORT_FEATURES,
@@ -119,10 +120,8 @@ _U32 = struct.Struct("<I")
 
 @dataclass(frozen=True)
 class VirtioMmioState:
-    """The transport's registers and queues, plain values only (convention 5).
-
-    Device-type state (none of the current types has any beyond the config they are
-    built from) would travel next to this, keyed by device type.
+    """The transport's registers and queues, plain values only (convention 5), and the
+    back end's own state (``device``: BlkState, NetState, ConsoleState, RngState).
     """
 
     device_type: int
@@ -134,6 +133,7 @@ class VirtioMmioState:
     interrupt_status: int
     config_generation: int
     queues: tuple[QueueState, ...]
+    device: object
 
 
 class VirtioMmio:
@@ -358,6 +358,7 @@ class VirtioMmio:
                 interrupt_status=self.interrupt.status,
                 config_generation=self.config_generation,
                 queues=tuple(q.save() for q in self.queues),
+                device=self.device.save(),
             )
 
     def restore(self, state: VirtioMmioState) -> None:
@@ -381,6 +382,14 @@ class VirtioMmio:
                 f"virtio-mmio state: driver features {state.driver_features:#x} were never "
                 f"offered ({self.offered:#x})"
             )
+        where = f"{self.device.name} transport"
+        for name in ("device_features_sel", "driver_features_sel", "queue_sel"):
+            require_uint(where, name, getattr(state, name), 32)
+        require_uint(where, "interrupt_status", state.interrupt_status, 2)
+        require_uint(where, "config_generation", state.config_generation, 32)
+        for q, qs in zip(self.queues, state.queues, strict=True):
+            q.check_state(qs)
+        self.device.check_state(state.device)
         with self.lock:
             self.device.reset()
             for q, qs in zip(self.queues, state.queues, strict=True):
@@ -402,6 +411,7 @@ class VirtioMmio:
                 self.device.activate(ctx)
                 for fd in self.notify_fds:
                     os.eventfd_write(fd, 1)
+            self.device.load_state(state.device)
             self.device.wake()
 
     def close(self) -> None:

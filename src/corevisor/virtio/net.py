@@ -26,13 +26,16 @@ import fcntl
 import os
 import struct
 import zlib
+from dataclasses import dataclass
 
-from corevisor.errors import ConfigError
+from corevisor.errors import ConfigError, DeviceError
+from corevisor.snapshot import require_bool, require_bytes, require_state, require_uint
 from corevisor.virtio.device import DeviceContext, VirtioDevice
 from corevisor.virtio.queue import DescriptorChain, QueueError
 
 __all__ = [
     "Net",
+    "NetState",
     "open_tap",
     "VIRTIO_ID_NET",
     "VIRTIO_NET_F_MAC",
@@ -58,6 +61,25 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 IFNAMSIZ = 16
+
+
+@dataclass(frozen=True)
+class NetState:
+    """The NIC as the guest knows it, and its counters.
+
+    mac is what the guest read from the config space: a restored NIC keeps it whatever
+    its new TAP would have derived (a clone that must differ is given a new MAC by its
+    caller, not by the restore). rx_wanted says the guest has posted receive buffers
+    the TAP should fill. Frames waiting in the TAP are host state and are not saved:
+    a network may lose packets across a snapshot, as across any pause.
+    """
+
+    mac: bytes
+    rx_wanted: bool
+    rx_frames: int
+    tx_frames: int
+    rx_dropped: int
+    tx_dropped: int
 
 
 def open_tap(name: str, where: str = "net") -> int:
@@ -191,6 +213,28 @@ class Net(VirtioDevice):
         except OSError:
             self.tx_dropped += 1
         return 0
+
+    # --- save / restore ---------------------------------------------------------------
+    def save(self) -> NetState:
+        return NetState(
+            self.mac, self._rx_wanted, self.rx_frames, self.tx_frames, self.rx_dropped,
+            self.tx_dropped,
+        )
+
+    def check_state(self, state: object) -> None:
+        st = require_state(self.name, state, NetState)
+        if len(require_bytes(self.name, "mac", st.mac, 6)) != 6:
+            raise DeviceError(f"{self.name} state: mac is {len(st.mac)} bytes, not 6")
+        require_bool(self.name, "rx_wanted", st.rx_wanted)
+        for name in ("rx_frames", "tx_frames", "rx_dropped", "tx_dropped"):
+            require_uint(self.name, name, getattr(st, name))
+
+    def load_state(self, state: object) -> None:
+        assert isinstance(state, NetState)
+        self.mac = state.mac
+        self._rx_wanted = state.rx_wanted
+        self.rx_frames, self.tx_frames = state.rx_frames, state.tx_frames
+        self.rx_dropped, self.tx_dropped = state.rx_dropped, state.tx_dropped
 
     def close(self) -> None:
         if self.tap_fd >= 0:

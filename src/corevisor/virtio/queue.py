@@ -416,6 +416,20 @@ class Queue:
 
     def restore(self, state: QueueState) -> None:
         """Take over a saved queue; refuse a state this queue could not have been in."""
+        self.check_state(state)
+        self.size = state.size
+        self.ready = state.ready
+        self.desc_table = state.desc_table
+        self.avail_ring = state.avail_ring
+        self.used_ring = state.used_ring
+        self.next_avail = state.next_avail
+        self.next_used = state.next_used
+        self.signalled_used = state.signalled_used
+        self.event_idx = state.event_idx
+        self.indirect = state.indirect
+
+    def check_state(self, state: QueueState) -> None:
+        """Raise DeviceError unless state is one this queue could have been in."""
         if not isinstance(state, QueueState):
             raise DeviceError(f"virtqueue: cannot restore from {type(state).__name__}")
         if state.max_size != self.max_size:
@@ -432,13 +446,12 @@ class Queue:
             value = getattr(state, name)
             if type(value) is not int or not 0 <= value <= 0xFFFF:
                 raise DeviceError(f"virtqueue state: {name}={value!r} is not a 16-bit index")
-        self.size = state.size
-        self.ready = state.ready
-        self.desc_table = state.desc_table
-        self.avail_ring = state.avail_ring
-        self.used_ring = state.used_ring
-        self.next_avail = state.next_avail
-        self.next_used = state.next_used
-        self.signalled_used = state.signalled_used
-        self.event_idx = state.event_idx
-        self.indirect = state.indirect
+        if state.signalled_used is not None and (
+            type(state.signalled_used) is not int or not 0 <= state.signalled_used <= 0xFFFF
+        ):
+            raise DeviceError(
+                f"virtqueue state: signalled_used={state.signalled_used!r} is not a 16-bit index"
+            )
+        for name in ("ready", "event_idx", "indirect"):
+            if type(getattr(state, name)) is not bool:
+                raise DeviceError(f"virtqueue state: {name} is not a bool")

@@ -11,15 +11,23 @@ busy or make the VMM allocate much: the driver simply asks again.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
+from corevisor.snapshot import require_state
 from corevisor.virtio.device import VirtioDevice
 from corevisor.virtio.queue import DescriptorChain, QueueError
 
-__all__ = ["Rng", "VIRTIO_ID_RNG"]
+__all__ = ["Rng", "RngState", "VIRTIO_ID_RNG"]
 
 VIRTIO_ID_RNG = 4
 QUEUE_SIZE = 256
 MAX_PER_REQUEST = 64 << 10
+
+
+@dataclass(frozen=True)
+class RngState:
+    """Nothing: every request is answered whole when it is served, and the entropy
+    itself is never state (a restored guest must not replay the old bytes)."""
 
 
 class Rng(VirtioDevice):
@@ -38,3 +46,12 @@ class Rng(VirtioDevice):
         writer = chain.writer()
         writer.write(os.urandom(min(writer.remaining, MAX_PER_REQUEST)))
         return writer.written
+
+    def save(self) -> RngState:
+        return RngState()
+
+    def check_state(self, state: object) -> None:
+        require_state(self.name, state, RngState)
+
+    def load_state(self, state: object) -> None:
+        """Nothing to take over."""
