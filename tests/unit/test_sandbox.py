@@ -251,3 +251,26 @@ def test_the_system_file_key_must_be_a_boolean(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"s\.toml: system\.sandbox: expected true or false"):
         load_config(_system_file(tmp_path, 'sandbox = "yes"'))
+
+
+def test_the_jail_holds_what_the_spec_names_and_limits_follow_its_size(tmp_path: Path) -> None:
+    from corevisor.sandbox import jail
+    from corevisor.spec import BlkSpec, NetSpec, PartitionSpec, SerialSpec, SystemSpec, VirtioSpec
+
+    img, disk, ro_disk = tmp_path / "g.elf", tmp_path / "d.img", tmp_path / "r.img"
+    a = PartitionSpec(name="a", image=img, memory=64 << 20, cpus=2,
+                      serial=SerialSpec.unix(tmp_path / "s" / "a.sock"),
+                      virtio=VirtioSpec(blk=(BlkSpec(disk), BlkSpec(ro_disk, readonly=True)),
+                                        net=(NetSpec("tap0"),)))
+    b_ = PartitionSpec(name="b", image=img, memory=16 << 20,
+                       serial=SerialSpec.file(tmp_path / "b.log"))
+    system = SystemSpec(partitions=(a, b_), log_dir=tmp_path / "logs")
+    planned, spec = jail.plan(system, tmp_path / "root", 1000, 1000)
+    assert planned == system  # a log_dir was given: nothing to add
+    assert spec.ro == (img, ro_disk, img) and spec.rw == (disk,)
+    assert spec.create_files == (tmp_path / "b.log",)
+    assert spec.create_dirs == (tmp_path / "s", tmp_path / "logs")
+    assert spec.devices == ("/dev/kvm", "/dev/null", "/dev/net/tun")
+    assert spec.nofile == 256 + 2 * 64
+    threads = 4 + (2 + 3 + 2) + (1 + 0 + 2)
+    assert spec.address_space == (80 << 20) + (1 << 30) + threads * (80 << 20)

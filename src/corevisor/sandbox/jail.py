@@ -132,6 +132,7 @@ def plan(system: SystemSpec, root: Path, uid: int, gid: int) -> tuple[SystemSpec
             dirs.append(p.serial.path.parent)
         if p.gdb is not None and p.gdb.host == "localhost":
             ro.extend(Path(f) for f in ("/etc/hosts", "/etc/nsswitch.conf") if Path(f).exists())
+    # System's own rule for a shared console with log files (system.py, __init__)
     shared = len(system.partitions) != 1 or system.log_dir is not None
     if shared:
         log_dir = system.log_dir
@@ -160,16 +161,20 @@ def preload() -> None:
         importlib.import_module(name)
 
 
-def _check(system: SystemSpec, spec: JailSpec) -> None:
+def _precheck(root: Path, uid: int, gid: int) -> None:
+    """What must hold before anything is created for the jail."""
     if os.geteuid() != 0:
         raise JailError("--jail needs root: it creates namespaces, mounts and device nodes, "
                         "then drops to --uid/--gid")
-    if spec.uid == 0 or spec.gid == 0:
+    if uid == 0 or gid == 0:
         raise JailError("--uid/--gid 0: the jail drops to an unprivileged user, not root")
-    if not spec.root.is_dir():
-        raise JailError(f"--jail {show(spec.root)}: not a directory")
-    if spec.root.resolve() == Path("/"):
+    if not root.is_dir():
+        raise JailError(f"--jail {show(root)}: not a directory")
+    if root.resolve() == Path("/"):
         raise JailError("--jail /: the jail needs a directory of its own")
+
+
+def _check(spec: JailSpec) -> None:
     for path in (*spec.ro, *spec.rw):
         if not path.exists():
             raise JailError(f"jail: {show(path)}: does not exist")
@@ -307,8 +312,10 @@ def _wait_for(child: int) -> NoReturn:
 def enter(system: SystemSpec, root: Path, uid: int, gid: int) -> SystemSpec:
     """Build the jail and return in it, as U:G, in a child process (the parent never
     returns: it exits with the child's status). Returns the spec to run."""
-    system, spec = plan(system, Path(os.path.abspath(root)), uid, gid)
-    _check(system, spec)
+    root = Path(os.path.abspath(root))
+    _precheck(root, uid, gid)
+    system, spec = plan(system, root, uid, gid)
+    _check(spec)
     preload()
     _create_owned(spec)
     if _libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWPID) != 0:
