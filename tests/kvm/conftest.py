@@ -52,15 +52,20 @@ def corevisor(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[s
 JAIL_USER = "cvjail"
 
 
-@pytest.fixture(scope="session")
-def jail_user() -> tuple[int, int]:
-    """A real unprivileged user for --jail (created once if this host lacks it)."""
+def ensure_user(name: str) -> tuple[int, int]:
+    """A real unprivileged user (created once, with no home and no login, if missing)."""
     import pwd
 
     try:
-        pw = pwd.getpwnam(JAIL_USER)
+        pw = pwd.getpwnam(name)
     except KeyError:
         subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                        "/usr/sbin/nologin", JAIL_USER], check=True, capture_output=True)
-        pw = pwd.getpwnam(JAIL_USER)
+                        "/usr/sbin/nologin", name], check=True, capture_output=True)
+        pw = pwd.getpwnam(name)
     return pw.pw_uid, pw.pw_gid
+
+
+@pytest.fixture(scope="session")
+def jail_user() -> tuple[int, int]:
+    """The user --jail drops to in the tests."""
+    return ensure_user(JAIL_USER)

@@ -7,7 +7,6 @@ seccomp mode and what its root holds, read from /proc by the test)."""
 from __future__ import annotations
 
 import os
-import pwd
 import re
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kvm.conftest import corevisor
+from tests.kvm.conftest import corevisor, ensure_user
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMS = ROOT / "guests" / "systems"
@@ -230,13 +229,7 @@ USER = "cvuser"
 
 @pytest.fixture(scope="session")
 def plain_user() -> tuple[int, int]:
-    try:
-        pw = pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-                       check=True, capture_output=True)
-        pw = pwd.getpwnam(USER)
-    return pw.pw_uid, pw.pw_gid
+    return ensure_user(USER)
 
 
 def _as_user(user: tuple[int, int], *args: str) -> subprocess.CompletedProcess[str]:
