@@ -15,7 +15,6 @@ PartitionLinks; a lone machine gets the defaults.
 from __future__ import annotations
 
 import errno
-import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from corevisor.devices.pm1 import Pm1
 from corevisor.devices.pm_timer import PmTimer
 from corevisor.devices.rtc import Rtc
 from corevisor.devices.uart16550 import Uart16550
-from corevisor.errors import ConfigError, KvmError, show
+from corevisor.errors import ConfigError, KvmError
 from corevisor.hypercall import HypercallHost, Hypercalls, handler_table
 from corevisor.kvm.bindings import (
     KVM_MEM_READONLY,
@@ -61,6 +60,7 @@ from corevisor.loader import (
 )
 from corevisor.machine import Machine
 from corevisor.memory import GuestMemory, MemoryRegion
+from corevisor.outputs import report_to_stderr
 from corevisor.resources import CHANNEL_SLOTS, FIXED_GSIS, Resources, Space, machine_map
 from corevisor.sandbox.probe import probe_from_env
 from corevisor.spec import ExitMode, PartitionSpec
@@ -70,10 +70,6 @@ if TYPE_CHECKING:  # the virtio stack is imported only by partitions that have d
     from corevisor.runstats import MachineRun
     from corevisor.virtio.attach import VirtioSlot
 
-
-
-def _report_to_stderr(name: str, message: str) -> None:
-    print(f"corevisor: {name}: {show(message, limit=None)}", file=sys.stderr, flush=True)
 
 
 def _no_watchdog(ms: int) -> None:
@@ -90,7 +86,7 @@ class PartitionLinks:
     # config.serial for this machine alone.
     serial: SerialBackend | None = None
     watchdog: Callable[[int], None] = field(default=_no_watchdog)  # HC_WATCHDOG's ms
-    report: Callable[[str, str], None] = field(default=_report_to_stderr)  # (name, event)
+    report: Callable[[str, str], None] = field(default=report_to_stderr)  # (name, event)
     # --stats: receives the machine's statistics as it closes; None collects nothing
     stats: Callable[[MachineRun], None] | None = None
 
@@ -121,7 +117,7 @@ def build(
         attach_irqchip(m)
         attach_exit_policy(m, config)
         attach_vcpus(m, config)
-        serial = attach_legacy_devices(m, config, links.serial, res)
+        serial = attach_legacy_devices(m, config, links.serial, res, links.report)
         attach_acpi_pm(m, res)
         attach_hypercalls(m, config, links, serial, res)
         virtio = attach_virtio_devices(m, config, links, serial, res)
@@ -161,7 +157,9 @@ def attach_stats(m: Machine, sink: Callable[[MachineRun], None]) -> None:
     close."""
     from corevisor.runstats import StatsCollector  # only runs that ask for --stats
 
-    m.at_close(StatsCollector(m, sink).close)
+    collector = StatsCollector(m, sink)
+    m.stats = collector
+    m.at_close(collector.close)
 
 
 def _check_host(kvm: Kvm, config: PartitionSpec) -> None:
@@ -240,15 +238,17 @@ def attach_legacy_devices(
     config: PartitionSpec,
     serial: SerialBackend | None,
     res: Resources,
+    report: Callable[[str, str], None] = report_to_stderr,
 ) -> SerialBackend:
     """The PC devices every bundled guest (and Linux) expects at their usual ports.
 
     Returns the serial backend (the hypercall console writes there too); one passed in
     belongs to the caller and is not closed with the machine. Host input starts with
-    the machine (a terminal goes raw only then).
+    the machine (a terminal goes raw only then). ``report`` hears of an output target
+    that failed (outputs.py): the guest never does.
     """
     if serial is None:
-        serial = m.own(open_serial(config.serial, config.name))
+        serial = m.own(open_serial(config.serial, config.name, report))
     vm = m.vm
 
     def com1_irq(level: bool) -> None:

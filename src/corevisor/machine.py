@@ -35,15 +35,19 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from corevisor.arch.x86_64.cpu import format_registers
 from corevisor.bus import Bus
+from corevisor.devices.debug_exit import exit_message, exit_status
 from corevisor.errors import CorevisorError, StateError
 from corevisor.halt import HaltWatch, ioapic_can_wake, machine_stuck, read_halt_state
 from corevisor.kvm.ioctls import Kvm, VcpuFd, VmFd
 from corevisor.memory import GuestMemory
 from corevisor.vcpu import ACK_TIMEOUT, StopReport, Vcpu
+
+if TYPE_CHECKING:
+    from corevisor.runstats import StatsCollector
 
 __all__ = ["Machine", "MachineState", "Closeable"]
 
@@ -92,6 +96,9 @@ class Machine:
         self._stopped = threading.Event()
         self._closed = False
         self._halt = HaltWatch()
+        # KVM's statistics files, when the build opened them (builder.attach_stats); a
+        # daemon reads them while the machine runs (api/metrics.py).
+        self.stats: StatsCollector | None = None
 
     @property
     def state(self) -> MachineState:
@@ -133,8 +140,9 @@ class Machine:
         self._stopped.set()
 
     def guest_exit(self, code: int) -> None:
-        """The guest wrote its exit status to the debug-exit port."""
-        self.finish(StopReport("exit", f"guest exited with status {code}", code=code))
+        """The guest wrote its exit status to the debug-exit port (code: the value written;
+        the report carries the process status it maps to, devices/debug_exit.py)."""
+        self.finish(StopReport("exit", exit_message(code), code=exit_status(code)))
 
     def guest_reset(self) -> None:
         """The guest pulsed the reset line (i8042 command 0xFE)."""

@@ -33,6 +33,16 @@ guest halted with interrupts off (halt.py) and whether it stopped. Then:
 Other partitions are never touched (except by halt-system): each has its own VM,
 threads and cores. A paused partition's watchdog does not run; resume re-arms it.
 
+**Channels at run time.** ``add`` may bring new channels joining the new partition to
+existing ones, and ``remove`` takes a partition's channels away with it. A guest finds
+its channels once, at boot (HC_CHANNEL_INFO; ABI 1.0 has no hot-add), so the other end
+must not be running or paused: a created one is rebuilt at once with its new channel
+list, a stopped one gets it when it starts again; a running one refuses (StateError).
+
+**Serial taps.** With ``tap_serial`` every partition's serial output also goes through
+a SerialTap owned by the system (console.py), which outlives restarts: ``serial(name)``
+gives it to a reader (the API's serial stream).
+
 **Events.** Every state change, end, crash, restart, watchdog expiry and report is an
 Event. ``subscribe(callback)`` receives them in order, one at a time, on the thread
 that caused them or on the monitor's -- never on a vCPU or I/O thread (reports made
@@ -63,19 +73,20 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from corevisor.arch.x86_64.cpu import format_registers
 from corevisor.builder import PartitionLinks, build
 from corevisor.channel import Channel, ChannelEnd, ends_for, open_channels
-from corevisor.console import ConsoleMux, PrefixedSerial
+from corevisor.console import ConsoleMux, PrefixedSerial, SerialBackend, SerialTap, open_serial
 from corevisor.errors import CorevisorError, NotFoundError, StateError, show
 from corevisor.machine import Machine
+from corevisor.outputs import silence
 from corevisor.signals import describe, exit_status, start_thread
-from corevisor.spec import PartitionSpec, RestartPolicy, SerialKind, SystemSpec
+from corevisor.spec import ChannelSpec, PartitionSpec, RestartPolicy, SerialKind, SystemSpec
 from corevisor.vcpu import StopReport
 
 if TYPE_CHECKING:
@@ -211,13 +222,13 @@ class _Partition:
         config: PartitionSpec,
         links: PartitionLinks,
         watchdog: Watchdog,
-        console: PrefixedSerial | None,
+        console: PrefixedSerial | SerialTap | None,
     ) -> None:
         self.index = index
         self.config = config
         self.links = links
         self.watchdog = watchdog
-        self.console = console  # owned here when the system shares its terminal
+        self.console = console  # owned here (a shared terminal, a tap); outlives restarts
         self.state = _S.CREATED  # written under lock; read anywhere
         self.machine: Machine | None = None
         self.status: int | None = None
@@ -249,11 +260,14 @@ class System:
         echo: bool = True,
         shared_console: bool | None = None,
         collect_stats: bool = False,
+        tap_serial: bool = False,
     ) -> None:
         """echo: print events on err (stderr). shared_console: stdout partitions share
         the terminal line by line, with log files (default: unless the file has exactly
         one partition and no log_dir, which keeps plain stdout with input).
-        collect_stats: --stats, every machine's statistics as it closes (runstats.py)."""
+        collect_stats: --stats, every machine's statistics as it closes (runstats.py).
+        tap_serial: every partition's serial output can be read with serial(name) (a
+        daemon)."""
         self.config = config
         self.stats: list[MachineRun] | None = [] if collect_stats else None
         self.kvm_path = kvm_path
@@ -267,6 +281,7 @@ class System:
         if shared_console is None:
             shared_console = len(config.partitions) != 1 or config.log_dir is not None
         self._shared = shared_console
+        self._tap = tap_serial
         self._mux: ConsoleMux | None = None
         self._width = 0
         self.log_dir: Path | None = None
@@ -329,9 +344,13 @@ class System:
         self._write(text + (event.registers + "\n" if event.registers else ""))
 
     def _write(self, text: str) -> None:
-        with contextlib.suppress(OSError, ValueError):
+        try:
             self._err.write(text)
             self._err.flush()
+        except (OSError, ValueError):
+            # A failed stderr loses the line, never the status: pointed at /dev/null,
+            # what it still buffers drains at exit instead of making that fail (120).
+            silence(self._err)
 
     def _set_state(self, p: _Partition, state: PartitionState) -> None:
         old, p.state = p.state, state
@@ -344,6 +363,25 @@ class System:
 
     def partition(self, name: str) -> PartitionInfo:
         return self._get(name).info()
+
+    def serial(self, name: str) -> SerialTap:
+        """The partition's serial tap (the system needs tap_serial)."""
+        console = self._get(name).console
+        if not isinstance(console, SerialTap):
+            raise StateError(f"partition {name}: its serial output is not tapped")
+        return console
+
+    def channels(self) -> list[Channel]:
+        """The open channels (borrowed; for their counters)."""
+        return list(self._channels)
+
+    def spec(self) -> SystemSpec:
+        """The system as it is now: what a new partition is validated against
+        (config/validate.validate_addition)."""
+        with self._lock:
+            parts = tuple(p.config for p in self._parts.values())
+            channels = tuple(ch.config for ch in self._channels)
+        return SystemSpec(parts, channels=channels, log_dir=self.log_dir)
 
     def machine(self, name: str) -> Machine | None:
         """The partition's current machine (borrowed: the monitor may close and replace
@@ -403,23 +441,38 @@ class System:
         except OSError as e:
             raise CorevisorError(f"log_dir {log_dir}: {e.strerror or e}") from None
         self.log_dir = log_dir
-        self._mux = ConsoleMux()
+        # The shared terminal reports its own failure (and a log's) as an event.
+        self._mux = ConsoleMux(report=self.report)
         self._width = max((len(p.name) for p in self.config.partitions), default=0)
         n = len(self.config.partitions)
         self.report("system", f"{n} partition{'s' if n != 1 else ''}; serial logs in {log_dir}")
         self._deliver()
 
-    def _console(self, config: PartitionSpec) -> PrefixedSerial | None:
-        """A shared-terminal console for a "stdout" partition (None: the machine opens
-        its own backend, and owns it)."""
-        if self._mux is None or self.log_dir is None or config.serial.kind is not SerialKind.STDOUT:
-            return None
-        width = max(self._width, len(config.name))
-        return self._mux.backend(config.name, str(self.log_dir / f"{config.name}.log"), width)
+    def _console(self, config: PartitionSpec) -> PrefixedSerial | SerialTap | None:
+        """The partition's serial backend if the system owns it: a shared-terminal one for
+        a "stdout" partition, any backend behind a tap (None: the machine opens its own)."""
+        shared: PrefixedSerial | None = None
+        if (
+            self._mux is not None and self.log_dir is not None
+            and config.serial.kind is SerialKind.STDOUT
+        ):
+            width = max(self._width, len(config.name))
+            log = str(self.log_dir / f"{config.name}.log")
+            shared = self._mux.backend(config.name, log, width)
+        if not self._tap:
+            return shared
+        inner: SerialBackend = shared if shared is not None else open_serial(
+            config.serial, config.name, self.report
+        )
+        return SerialTap(inner)
 
     # --- operations -----------------------------------------------------------------------
-    def add(self, config: PartitionSpec) -> PartitionInfo:
-        """Build a new partition (state created) while the others run; not started."""
+    def add(self, config: PartitionSpec, channels: Sequence[ChannelSpec] = ()) -> PartitionInfo:
+        """Build a new partition (state created) while the others run; not started.
+
+        channels: new channels (validated and placed: validate_addition) joining it to
+        existing partitions, which must be created or stopped (module docstring).
+        """
         name = config.name
         with self._lock:
             if self._closed or not self._opened:
@@ -429,17 +482,76 @@ class System:
             self._reserved.add(name)
             index = self._next_index
             self._next_index += 1
-            channels = ends_for(name, self._channels)
         try:
-            p = self._new_partition(index, config, channels)
-            with self._lock:
-                self._parts[name] = p
-            self._publish(p, "state", "-> created")
+            peers = {end for c in channels for end in c.between} - {name}
+            with self._locked(peers) as held:
+                for peer in held:
+                    self._require_idle(peer, f"add channel to partition {name}")
+                opened = self._open_more(channels)
+                try:
+                    p = self._new_partition(index, config, ends_for(name, self._channels))
+                except BaseException:
+                    self._close_channels(opened)
+                    raise
+                with self._lock:
+                    self._parts[name] = p
+                self._publish(p, "state", "-> created")
+                for peer in held:
+                    self._rewire(peer)
             return p.info()
         finally:
             with self._lock:
                 self._reserved.discard(name)
             self._deliver()
+
+    @contextlib.contextmanager
+    def _locked(self, names: set[str]) -> Iterator[list[_Partition]]:
+        """The named partitions, each locked, in name order (so two operations that
+        lock several never deadlock); NotFoundError for one that does not exist."""
+        parts = [self._get(n) for n in sorted(names)]
+        with contextlib.ExitStack() as stack:
+            for p in parts:
+                stack.enter_context(p.lock)
+                if self._parts.get(p.name) is not p:
+                    raise NotFoundError(f"no partition named {p.name}")
+            yield parts
+
+    @staticmethod
+    def _require_idle(p: _Partition, what: str) -> None:
+        """p's guest must not be running: it reads its channel list only at boot."""
+        if p.state not in (_S.CREATED, _S.STOPPED):
+            raise StateError(
+                f"cannot {what}: partition {p.name} is {p.state.value} and its guest finds "
+                "channels only at boot (stop it first)"
+            )
+
+    def _open_more(self, specs: Sequence[ChannelSpec]) -> list[Channel]:
+        """Open channels at run time (their relays started if the others' are)."""
+        opened = open_channels(specs)
+        with self._lock:
+            self._channels.extend(opened)
+            if self._channels_started:
+                for ch in opened:
+                    ch.start()
+        return opened
+
+    def _close_channels(self, channels: Sequence[Channel]) -> None:
+        with self._lock:
+            self._channels = [ch for ch in self._channels if ch not in channels]
+        for ch in channels:
+            ch.close()
+
+    def _rewire(self, p: _Partition) -> None:
+        """p's channel list changed (p's lock held; p created or stopped): a created
+        partition is rebuilt now, a stopped one picks it up when it starts again."""
+        p.links = replace(p.links, channels=ends_for(p.name, self._channels))
+        if p.state is not _S.CREATED:
+            return
+        self._close_machine(p)
+        try:
+            p.machine = build(p.config, self.kvm_path, p.links)
+        except CorevisorError as e:
+            self._end(p, EXIT_GUEST_FAULT, "error", f"rebuild with new channels failed: {e}")
 
     def _new_partition(
         self, index: int, config: PartitionSpec, channels: tuple[ChannelEnd, ...]
@@ -507,15 +619,41 @@ class System:
             self._restart(p, "restarted by the host", raise_errors=True)
 
     def remove(self, name: str) -> None:
-        """created | stopped -> gone: its machine and console are released."""
-        with self._operation(name) as p:
-            self._require(p, "remove", _S.CREATED, _S.STOPPED)
-            self._close_machine(p)
-            if p.console is not None:
-                p.console.close()
-            with self._lock:
-                del self._parts[name]
-            self._publish(p, "removed", "removed")
+        """created | stopped -> gone: its machine, console and channels are released (the
+        other end of each channel must be created or stopped too)."""
+        try:
+            while True:
+                peers = self._peers(name)
+                with self._locked({name, *peers}) as held:
+                    if self._peers(name) != peers:
+                        continue  # a channel came or went meanwhile: lock the new set
+                    p = next(q for q in held if q.name == name)
+                    self._require(p, "remove", _S.CREATED, _S.STOPPED)
+                    for q in held:
+                        if q is not p:
+                            self._require_idle(q, f"remove partition {name}")
+                    self._close_machine(p)
+                    if p.console is not None:
+                        p.console.close()
+                    with self._lock:
+                        del self._parts[name]
+                        gone = [ch for ch in self._channels if name in ch.config.between]
+                        self._channels = [ch for ch in self._channels if ch not in gone]
+                    for q in held:  # before the fds close: a created peer's VM holds them
+                        if q is not p:
+                            self._rewire(q)
+                    for ch in gone:
+                        ch.close()
+                    self._publish(p, "removed", "removed")
+                    return
+        finally:
+            self._deliver()
+
+    def _peers(self, name: str) -> set[str]:
+        """The partitions a channel joins to name."""
+        with self._lock:
+            return {e for ch in self._channels if name in ch.config.between
+                    for e in ch.config.between} - {name}
 
     # --- transitions (the partition's lock held) -----------------------------------------
     def _start_channels(self) -> None:

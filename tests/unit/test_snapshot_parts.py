@@ -69,10 +69,10 @@ def test_blk_state_round_trip_and_counters(mem: GuestMemory, image: Path) -> Non
         dev.handle_queue(0)
         state = dev.save()
         assert state.device == BlkState(4096, False, b"disk.img", 1, 0)
-        other = _round_trip(lambda: VirtioMmio(Blk(image), mem, lambda msg: None), state)
-        other.close()
     finally:
-        dev.close()
+        dev.close()  # the restored device takes the disk's write lock (inputs.lock_file)
+    other = _round_trip(lambda: VirtioMmio(Blk(image), mem, lambda msg: None), state)
+    other.close()
 
 
 def test_blk_refuses_a_disk_of_another_size(mem: GuestMemory, image: Path, tmp_path: Path) -> None:

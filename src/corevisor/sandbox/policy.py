@@ -88,7 +88,7 @@ _CALLS: dict[str, tuple[str, ...]] = {
         "newfstatat", "fstat", "stat", "lstat", "statx", "fstatfs", "statfs",
         "getdents64", "readlink", "readlinkat", "access", "faccessat", "faccessat2",
         "getcwd", "mkdir", "mkdirat", "unlink", "unlinkat", "rename", "renameat",
-        "renameat2", "fchmod", "ftruncate", "fallocate", "fsync", "fdatasync",
+        "renameat2", "chmod", "fchmodat", "fchmod", "ftruncate", "fallocate", "fsync", "fdatasync",
         "fcntl", "flock", "dup", "pipe2", "umask",
         # machines: guest RAM, channel memory, eventfds, polling, the monitor's sleep
         "memfd_create", "eventfd2", "poll", "ppoll", "pselect6", "select",

@@ -109,6 +109,10 @@ class VirtioDevice:
         # Set by the transport so a device can ask for another look at its fds (net
         # RX after the driver adds buffers) without knowing about the I/O thread.
         self.wake: Callable[[], None] = lambda: None
+        # Counters for the metrics (api/metrics.py), written on the I/O thread only.
+        self.requests = 0  # requests completed (chains put in a used ring)
+        self.bytes_from_guest = 0  # payload the guest handed over (a disk write, a frame)
+        self.bytes_to_guest = 0  # bytes written into the guest's buffers
 
     # --- negotiation and config ---------------------------------------------------------
     def features(self) -> int:
@@ -152,7 +156,10 @@ class VirtioDevice:
         q = ctx.queues[index]
         served = False
         while (chain := q.pop()) is not None:
-            q.add_used(chain.head, request(chain))
+            written = request(chain)
+            q.add_used(chain.head, written)
+            self.requests += 1
+            self.bytes_to_guest += written
             served = True
         if served:
             ctx.notify_used(q)
