@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from corevisor import bundled, linuxboot
+from corevisor import bundled, linuxboot, provisioning
 from corevisor.errors import CorevisorError, show
 from corevisor.outputs import ensure_std_fds, notice
 from corevisor.spec import SystemSpec
@@ -142,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
         help="at exit, write those numbers and all of KVM's statistics as JSON (docs/stats.md)",
     )
     linuxboot.add_arguments(run)
+    provisioning.add_arguments(run)
     guests = sub.add_parser("guests", help="list the bundled guests and their image paths")
     guests.add_argument("--build", action="store_true", help="(re)build them first")
     host = sub.add_parser(
@@ -323,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _list_guests(args.build)
         if args.command == "host":
             return _host_report(args.json)
+        if provisioning.wanted(args):
+            return provisioning.run(args)
         system = _resolve(args)
         if args.sandbox is not None:
             system = replace(system, sandbox=args.sandbox)

@@ -54,8 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     cmds = ctl.add_subparsers(dest="command", required=True)
     cmds.add_parser("ps", parents=[as_json], help="list partitions")
     add = cmds.add_parser("add", parents=[as_json], help="create the partitions of a file")
-    add.add_argument("file", metavar="FILE", help="a system TOML file")
+    add.add_argument("file", metavar="FILE", nargs="?", help="a system TOML file")
     add.add_argument("--start", action="store_true", help="start each one at once")
+    from corevisor.api.ctl import add_provision_arguments
+
+    add_provision_arguments(cmds, add, as_json)
     for verb in VERBS:
         p = cmds.add_parser(verb, parents=[as_json], help=f"{verb} partitions")
         p.add_argument("names", nargs="+", metavar="NAME")

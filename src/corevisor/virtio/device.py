@@ -143,6 +143,9 @@ class VirtioDevice:
     def close(self) -> None:
         """Release host resources (files, TAP fds); the machine is going away."""
 
+    def sync(self) -> None:
+        """Make what the device completed durable (a snapshot is taken); OSError if not."""
+
     # --- work, on the I/O thread --------------------------------------------------------
     def process_queue(self, index: int) -> None:
         """The driver kicked queue index. May raise QueueError (device needs reset)."""
