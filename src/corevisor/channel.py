@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from corevisor import sandbox
 from corevisor.arch.x86_64.layout import DOORBELL_PORT
 from corevisor.errors import DeviceError
 from corevisor.resources import CHANNEL_GSIS
@@ -212,7 +213,7 @@ class DoorbellRelay:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = start_thread(self._run, self._name)
+            self._thread = start_thread(self._run, self._name, sandbox.DOORBELL)
 
     def _run(self) -> None:
         poller = select.poll()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -113,6 +113,22 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE[,STRING]",
         help="a multiboot module, with its string (default FILE); repeatable",
     )
+    run.add_argument(
+        "--sandbox",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="confine every VMM thread to its seccomp allowlist (default: on, or the "
+        "system file's [system] sandbox); --no-sandbox turns it off",
+    )
+    run.add_argument(
+        "--jail",
+        metavar="DIR",
+        default=None,
+        help="(root) run in new mount/PID/IPC namespaces, pivoted into DIR holding only "
+        "what the run needs, as --uid/--gid (docs/sandbox.md)",
+    )
+    run.add_argument("--uid", default=None, help="with --jail: the user to run as (id or name)")
+    run.add_argument("--gid", default=None, help="with --jail: the group to run as (id or name)")
     run.add_argument(
         "--stats",
         action="store_true",
@@ -240,6 +256,32 @@ def _report_stats(
         runstats.write_json(path, runstats.document(runs, names, host))
 
 
+def _id(value: str, flag: str, lookup: Callable[[str], int]) -> int:
+    """A numeric id, or a name looked up in the user or group database."""
+    if value.isdigit():
+        return int(value)
+    try:
+        return lookup(value)
+    except KeyError:
+        raise CorevisorError(f"{flag} {show(value)}: no such user or group") from None
+
+
+def _jail(system: SystemSpec, args: argparse.Namespace) -> SystemSpec:
+    """--jail DIR --uid U --gid G: continue inside the jail (sandbox/jail.py)."""
+    if args.jail is None:
+        raise CorevisorError("--uid and --gid go with --jail DIR")
+    if args.uid is None or args.gid is None:
+        raise CorevisorError("--jail needs --uid and --gid (the unprivileged user to run as)")
+    import grp
+    import pwd
+
+    from corevisor.sandbox import jail
+
+    uid = _id(args.uid, "--uid", lambda n: pwd.getpwnam(n).pw_uid)
+    gid = _id(args.gid, "--gid", lambda n: grp.getgrnam(n).gr_gid)
+    return jail.enter(system, Path(args.jail), uid, gid)
+
+
 def _list_guests(build: bool) -> int:
     if build:
         bundled.build_guests()
@@ -285,6 +327,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if provisioning.wanted(args):
             return provisioning.run(args)
         system = _resolve(args)
+        if args.sandbox is not None:
+            system = replace(system, sandbox=args.sandbox)
+        if args.jail is not None or args.uid is not None or args.gid is not None:
+            system = _jail(system, args)
+        if system.sandbox:
+            from corevisor import sandbox
+
+            sandbox.enable()
         return _run_system(system, args)
     except CorevisorError as e:
         _err(str(e))

@@ -403,6 +403,9 @@ class SystemSpec:
     source: Path | None = None
     channels: tuple[ChannelSpec, ...] = ()
     log_dir: Path | None = None
+    # Every thread under its role's seccomp filter (sandbox/); `run --no-sandbox` wins.
+    sandbox: bool = field(default=True, metadata=doc(
+        description="confine every VMM thread to its role's seccomp allowlist"))
 
     def partition(self, name: str) -> PartitionSpec:
         for p in self.partitions:

@@ -121,11 +121,17 @@ def _ping(ip: str) -> subprocess.CompletedProcess[str]:
     os.geteuid() != 0 or shutil.which("ip") is None or not os.path.exists("/dev/net/tun"),
     reason="needs root, iproute2 and /dev/net/tun (network namespace + TAP)",
 )
-def test_net_answers_ping_in_a_private_namespace(guests: dict[str, Path]) -> None:
-    with tap_in_netns(NS, TAP, f"{HOST_IP}/24"):
+@pytest.mark.parametrize("jailed", [False, True], ids=["sandbox", "jail"])
+def test_net_answers_ping_in_a_private_namespace(
+    guests: dict[str, Path], jail_user: tuple[int, int], tmp_path: Path, jailed: bool
+) -> None:
+    # In the jail the VMM attaches as the jail's user: the TAP is made for that user.
+    jail = ["--jail", str(tmp_path), "--uid", str(jail_user[0]), "--gid", str(jail_user[1])]
+    with tap_in_netns(NS, TAP, f"{HOST_IP}/24", user=jail_user[0] if jailed else None):
         proc = subprocess.Popen(
             ["ip", "netns", "exec", NS, sys.executable, "-m", "corevisor.cli", "run", "net"]
-            + ["--net", TAP, "--cmdline", f"ip={GUEST_IP} count=3 timeout=40"],
+            + ["--net", TAP, "--cmdline", f"ip={GUEST_IP} count=3 timeout=40"]
+            + (jail if jailed else []),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

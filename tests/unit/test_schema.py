@@ -58,6 +58,7 @@ gpa = 0xE0000000
 
 [system]
 log_dir = "logs"
+sandbox = false
 """
 
 

@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     _socket(serve)
     serve.add_argument("system", nargs="?", metavar="SYSTEM.toml",
                        help="partitions to start with (default: none)")
+    serve.add_argument("--sandbox", action=argparse.BooleanOptionalAction, default=None,
+                       help="seccomp per thread role, as for run (default: on, or the "
+                       "file's [system] sandbox)")
 
     ctl = sub.add_parser("ctl", help="drive a running daemon")
     _socket(ctl)
@@ -110,4 +113,9 @@ def _serve(args: argparse.Namespace) -> int:
         from corevisor.config.toml import load_config
 
         config = load_config(Path(args.system))
+    sandboxed = args.sandbox if args.sandbox is not None else (config is None or config.sandbox)
+    if sandboxed:  # as `run` does (docs/sandbox.md): every daemon thread under control's
+        from corevisor import sandbox
+
+        sandbox.enable()
     return serve(args.socket, config, err=sys.stderr)

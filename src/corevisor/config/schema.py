@@ -174,6 +174,14 @@ def _document_default(f: dataclasses.Field[Any]) -> Any:
     return dataclasses.MISSING
 
 
+def _field_description(cls: type, name: str) -> str:
+    """The doc metadata description of one spec field."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return str(f.metadata.get("doc", {}).get("description", ""))
+    raise KeyError(name)
+
+
 def _system(ref_template: str) -> dict[str, Any]:
     """A system file: partitions (and channels) keyed by name, and the [system] table."""
 
@@ -201,7 +209,12 @@ def _system(ref_template: str) -> dict[str, Any]:
                         "type": "string",
                         "minLength": 1,
                         "description": "per-partition serial logs (default: a new temp dir)",
-                    }
+                    },
+                    "sandbox": {
+                        "type": "boolean",
+                        "default": True,
+                        "description": _field_description(SystemSpec, "sandbox"),
+                    },
                 },
                 "additionalProperties": False,
             },

@@ -37,6 +37,7 @@ JSON schema)::
 
     [system]
     log_dir = "logs"                    # per-partition serial logs (default: a new temp dir)
+    sandbox = true                      # every VMM thread under a seccomp filter (docs/sandbox.md)
 
 Relative paths (image, initrd, blk, ``file:`` and ``unix:`` serial paths, log_dir) are
 resolved against the file's directory, so a file means the same from any working
@@ -96,7 +97,7 @@ __all__ = [
 ]
 
 TOP_LEVEL_KEYS = ("partitions", "channels", "system")
-SYSTEM_KEYS = ("log_dir",)
+SYSTEM_KEYS = ("log_dir", "sandbox")
 PARTITION_KEYS = document_keys(PartitionSpec)
 CHANNEL_KEYS = document_keys(ChannelSpec)
 # A system file is a few KiB; anything near this is not one.
@@ -190,8 +191,10 @@ def system_from_document(
         channel_from_table(name, table, f"{at}channels.{_shown_name(name)}")
         for name, table in channel_tables.items()
     )
-    log_dir = _system_table(doc.get("system", {}), f"{at}system", base)
-    return SystemSpec(tuple(partitions), source=source, channels=channels, log_dir=log_dir)
+    log_dir, sandbox = _system_table(doc.get("system", {}), f"{at}system", base)
+    return SystemSpec(
+        tuple(partitions), source=source, channels=channels, log_dir=log_dir, sandbox=sandbox
+    )
 
 
 def _shown_name(name: str) -> str:
@@ -390,13 +393,19 @@ def _direction(value: object, between: tuple[str, str], where: str) -> tuple[str
     return writer, reader
 
 
-def _system_table(table: object, where: str, base: Path | None) -> Path | None:
+def _system_table(
+    table: object, where: str, base: Path | None
+) -> tuple[Path | None, bool]:
+    """The [system] table: (log_dir, sandbox)."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table, got {type_name(table)}")
     _check_keys(table, SYSTEM_KEYS, where)
+    sandbox = table.get("sandbox", True)
+    if not isinstance(sandbox, bool):
+        raise ConfigError(f"{where}.sandbox: expected true or false, got {type_name(sandbox)}")
     if "log_dir" not in table:
-        return None
+        return None, sandbox
     text = _str(table["log_dir"], f"{where}.log_dir")
     path = parse_path(text, f"{where}.log_dir", base)
     files.check_log_dir(path, f"{where}.log_dir", text)
-    return path
+    return path, sandbox

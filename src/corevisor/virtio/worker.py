@@ -25,6 +25,7 @@ import select
 import threading
 import traceback
 
+from corevisor import sandbox
 from corevisor.errors import CorevisorError
 from corevisor.signals import start_thread
 from corevisor.virtio.mmio import VirtioMmio
@@ -52,7 +53,7 @@ class IoThread:
     def start(self) -> None:
         """Start serving (once; the machine's start() calls this)."""
         if self._thread is None and not self._stopping:
-            self._thread = start_thread(self._run, f"virtio-{self.name}")
+            self._thread = start_thread(self._run, f"virtio-{self.name}", sandbox.VIRTIO)
 
     def wake(self) -> None:
         """Make the thread re-read the device's fd set (called from any thread)."""
