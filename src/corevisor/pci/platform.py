@@ -6,7 +6,8 @@ PciPlatform owns bus 0 (host.py) and the machine-side of every function on it:
   a function an address from the machine's resource map (resources.py) — memory BARs
   from the 32-bit window below 4 GiB, 64-bit ones from the window above RAM when the
   32-bit one is full, I/O BARs from the port window — and turns decoding on, in slot
-  and BAR order, so a machine is laid out the same way every time. With firmware
+  and BAR order, so a machine is laid out the same way every time; it also writes each
+  function's INTx line into INTERRUPT_LINE, as firmware does. With firmware
   (SeaBIOS), the BARs start unassigned and the firmware assigns them, as on a PC.
 - what a decoded BAR reaches. Whenever a function's set of decoded windows changes
   (config.py's on_window: the guest wrote COMMAND or a BAR), the old window's bus
@@ -28,11 +29,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from corevisor.arch.x86_64 import layout
 from corevisor.bus import Bus
 from corevisor.devices import Device
 from corevisor.errors import ConfigError
 from corevisor.kvm.ioctls import VmFd
-from corevisor.pci.config import BarKind, BarWindow, PciFunction
+from corevisor.pci.config import INTERRUPT_LINE, INTERRUPT_PIN, BarKind, BarWindow, PciFunction
 from corevisor.pci.host import PciRoot
 from corevisor.pci.routing import GsiRouting
 from corevisor.resources import PCI_IO, PCI_MMIO32, PCI_MMIO64, Resources, Space
@@ -110,8 +112,12 @@ class PciPlatform:
 
     # --- placement (no firmware) --------------------------------------------------------
     def place(self, function: PciFunction) -> None:
-        """Assign every BAR of function an address and turn its decoding on."""
+        """Assign every BAR of function an address and turn its decoding on, and write
+        its INTx line into INTERRUPT_LINE, as firmware does (layout.pci_intx_gsi)."""
         wiring = next(w for w in self._wired.values() if w.function is function)
+        pin = function.read(INTERRUPT_PIN, 1)
+        if 1 <= pin <= 4:
+            function.write(INTERRUPT_LINE, 1, layout.pci_intx_gsi(wiring.slot, pin))
         for index, bar in sorted(function.bars.items()):
             owner = wiring.where(index)
             if bar.kind is BarKind.IO:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -148,6 +149,10 @@ class PciInterrupt(Interrupt):
         super().__init__()  # self.fd: the INTx irqfd (level, with resample_fd)
         self.resample_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.transport: VirtioPci | None = None
+        # Orders "the ISR has bits, assert the line" against the guest's read-to-clear:
+        # without it a resample seen late could assert the line after the guest read the
+        # ISR and sent its EOI, and the guest would get an interrupt with nothing in it.
+        self.intx_lock = threading.Lock()
 
     def used(self, queue: int) -> None:
         t = self.transport
@@ -291,10 +296,11 @@ class VirtioPci(VirtioTransport):
         self._assert_intx()
 
     def _assert_intx(self) -> None:
-        if self.interrupt.status and not self.msix.enabled:
-            self.function.set_status_bits(STATUS_INTERRUPT, True)
-            if not self.function.get(COMMAND, 2) & COMMAND_INTX_DISABLE:
-                os.eventfd_write(self.interrupt.fd, 1)
+        with self.pci_interrupt.intx_lock:
+            if self.interrupt.status and not self.msix.enabled:
+                self.function.set_status_bits(STATUS_INTERRUPT, True)
+                if not self.function.get(COMMAND, 2) & COMMAND_INTX_DISABLE:
+                    os.eventfd_write(self.interrupt.fd, 1)
 
     def _resampled(self) -> None:
         """The guest's EOI lowered INTA: raise it again if the ISR still has bits."""
@@ -343,8 +349,9 @@ class VirtioPci(VirtioTransport):
                 self._common_write(offset, len(data), int.from_bytes(data, "little"))
 
     def _read_isr(self) -> int:
-        value = self.interrupt.take_status()
-        self.function.set_status_bits(STATUS_INTERRUPT, False)
+        with self.pci_interrupt.intx_lock:
+            value = self.interrupt.take_status()
+            self.function.set_status_bits(STATUS_INTERRUPT, False)
         return value
 
     @staticmethod
