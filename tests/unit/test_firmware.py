@@ -34,7 +34,7 @@ def _run_loader(files: dict[str, bytes], where: dict[int, int]) -> dict[str, byt
         c = cmds[i : i + 128]
         kind = struct.unpack_from("<I", c)[0]
 
-        def name(off: int) -> str:
+        def name(off: int, c: bytes = c) -> str:
             return c[off : off + 56].split(b"\0")[0].decode()
 
         if kind == 1:
