@@ -240,8 +240,10 @@ static void add_pci(u16 bdf, u32 id)
     d->version = 2;
     cfg_write16(bdf, 0x04, (u16)(cfg_read32(bdf, 0x04) | 0x6));     /* memory, bus master */
     int ok = 0;
-    for (u32 cap = cfg_read8(bdf, 0x34) & 0xFC, n = 0; cap && n < 48; n++) {
-        u32 id_next = cfg_read32(bdf, cap);
+    u32 id_next;
+    for (u32 cap = cfg_read8(bdf, 0x34) & 0xFC, n = 0; cap && n < 48;
+         cap = (id_next >> 8) & 0xFC, n++) {
+        id_next = cfg_read32(bdf, cap);
         if ((id_next & 0xFF) == PCI_CAP_MSIX) {
             u32 table = cfg_read32(bdf, cap + 4);
             d->msix_cap = cap;
@@ -263,7 +265,6 @@ static void add_pci(u16 bdf, u32 id)
             else if (type == VCAP_DEVICE)
                 d->devcfg = at, ok |= 8;
         }
-        cap = (id_next >> 8) & 0xFC;
     }
     if (ok == 15)
         vio_ndevs++;
