@@ -5,7 +5,10 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test setup sysdeps sysdeps-demo guests lint bench clean
+.PHONY: demo test setup sysdeps sysdeps-demo guests lint bench fuzz clean
+
+# Seconds per fuzz target for `make fuzz` (CI passes a small budget).
+FUZZ_SECONDS ?= 180
 
 demo: sysdeps-demo $(STAMP) guests
 	$(VENV)/bin/corevisor run
@@ -34,12 +37,22 @@ guests:
 	$(MAKE) -s -C guests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench fuzz
 	$(VENV)/bin/mypy
 
 bench: setup
 	$(PY) bench/run.py
 
+# Every fuzz target (fuzz/targets/) for FUZZ_SECONDS each; prints executions per target
+# and fails if any target crashed (the input is left in fuzz/work/crashes).
+fuzz: setup $(VENV)/.fuzz-installed
+	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS)
+
+# atheris only for fuzzing: the demo and the tests do not need it.
+$(VENV)/.fuzz-installed: $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[dev,fuzz]'
+	touch $@
+
 clean:
 	$(MAKE) -s -C guests clean
-	rm -rf $(VENV) bench/results
+	rm -rf $(VENV) bench/results fuzz/work

@@ -11,17 +11,21 @@ The doorbell path runs entirely in the host kernel: the ringing VM has an ioeven
 port 0x504 matching the channel index, the receiving VM an irqfd on GSI 16 + its index,
 both on the same eventfd. The two small devices here only see what the kernel did not
 take: writes to a read-only channel (ReadOnlyGuard) and rings no ioeventfd matched
-(DoorbellPort). What does not live here: parsing and placing channels (config/), the
+(DoorbellPort). Rings that pass through the VMM (HC_CHANNEL_NOTIFY, the doorbell =
+"thread" relay) are counted per receiving partition in ``Channel.passed_on`` (a metric);
+kernel-path rings never reach userspace, so nothing here can count them. What does not
+live here: parsing and placing channels (config/), the
 KVM ioctls (builder.attach_channels), the hypercalls (hypercall.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 from corevisor.arch.x86_64.layout import DOORBELL_PORT
 from corevisor.errors import DeviceError
@@ -60,6 +64,7 @@ class Channel:
         self.fd = -1
         self.bells: dict[str, int] = {}
         self.rings = self.bells
+        self.passed_on: dict[str, int] = {}  # receiving partition -> rings the VMM passed on
         self._relay: DoorbellRelay | None = None
         try:
             self._open(config)
@@ -83,12 +88,24 @@ class Channel:
             for name in receivers:
                 self.rings[name] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             pairs = [(self.rings[n], self.bells[n]) for n in receivers]
-            self._relay = DoorbellRelay(pairs, f"doorbell-{config.name}")
+            who = {self.bells[n]: n for n in receivers}
+            self._relay = DoorbellRelay(pairs, f"doorbell-{config.name}", who, self.passed_on)
 
     def start(self) -> None:
         """Start the relay thread of a doorbell = "thread" channel (once; idempotent)."""
         if self._relay is not None:
             self._relay.start()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """No ring is relayed while the block runs (a system snapshot counts the rings
+        waiting in both eventfds: one in flight between them would be counted twice or
+        not at all)."""
+        if self._relay is None:
+            yield
+            return
+        with self._relay.lock:
+            yield
 
     @property
     def name(self) -> str:
@@ -108,6 +125,7 @@ class Channel:
             memfd=self.fd,
             ring_fd=self.rings.get(peer),
             irq_fd=self.bells.get(partition),
+            passed_on=self.passed_on,
         )
 
     # --- save / restore: rings not yet delivered ----------------------------------------
@@ -175,11 +193,22 @@ class DoorbellRelay:
     (bench/partitions.py); a system file selects it with doorbell = "thread".
     """
 
-    def __init__(self, pairs: Sequence[tuple[int, int]], name: str) -> None:
+    def __init__(
+        self,
+        pairs: Sequence[tuple[int, int]],
+        name: str,
+        receivers: dict[int, str] | None = None,
+        passed_on: dict[str, int] | None = None,
+    ) -> None:
+        """pairs: (ring eventfd, irqfd eventfd); receivers: irqfd eventfd -> the partition
+        it interrupts; passed_on: where each ring passed on is counted, by that partition."""
         self._targets = dict(pairs)
         self._name = name
         self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread: threading.Thread | None = None
+        self.lock = threading.Lock()  # held for each ring moved (Channel.held)
+        self.counted = receivers if receivers is not None else {}
+        self.passed_on = passed_on if passed_on is not None else {}
 
     def start(self) -> None:
         if self._thread is None:
@@ -193,11 +222,16 @@ class DoorbellRelay:
             for fd, _ in poller.poll():
                 if fd == self._stop:
                     return
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    continue
-                os.eventfd_write(self._targets[fd], 1)
+                with self.lock:
+                    try:
+                        os.eventfd_read(fd)
+                    except BlockingIOError:
+                        continue
+                    target = self._targets[fd]
+                    os.eventfd_write(target, 1)
+                    who = self.counted.get(target)
+                    if who is not None:
+                        self.passed_on[who] = self.passed_on.get(who, 0) + 1
 
     def close(self) -> None:
         if self._thread is not None:
@@ -253,6 +287,8 @@ class ChannelEnd:
     memfd: int
     ring_fd: int | None  # written (by KVM's ioeventfd, or HC_CHANNEL_NOTIFY) to ring the peer
     irq_fd: int | None  # raises this partition's GSI when the peer rings
+    # The channel's count of rings the VMM passed on (Channel.passed_on), shared.
+    passed_on: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def gsi(self) -> int:
@@ -270,6 +306,7 @@ class ChannelEnd:
         if self.ring_fd is None:
             return False
         os.eventfd_write(self.ring_fd, 1)
+        self.passed_on[self.peer] = self.passed_on.get(self.peer, 0) + 1
         return True
 
     def save(self) -> ChannelEndState:

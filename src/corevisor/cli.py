@@ -5,10 +5,13 @@ dump is replaced by the same one line) print one line prefixed with "corevisor:"
 to print whatever the user typed (errors.show), and exit 2; a guest that stops
 abnormally (including one halted with interrupts off) prints a report with its
 registers and exits 1; a guest that writes its status to the exit port makes corevisor
-exit with that status. With several partitions: 0 if all of them ended with 0, else the
-first non-zero status (system.py). SIGINT (Ctrl-C), SIGTERM and SIGHUP stop the run
-cleanly and exit 128 + the signal number: 130, 143, 129 (signals.py). Only bugs keep
-their traceback.
+exit with that status (255 for any value above 255: devices/debug_exit.py). Output the
+host cannot take (a closed stdout, a full disk, an unwritable stderr) changes neither
+the guest nor the status (outputs.py). With several partitions: 0 if all of them ended
+with 0, else the first non-zero status (system.py). SIGINT (Ctrl-C), SIGTERM and SIGHUP
+stop the run cleanly and exit 128 + the signal number: 130, 143, 129 (signals.py). Only
+bugs keep their traceback. `serve`, `ctl` and `top` (the daemon and its clients) live in
+corevisor/api/, which `run` never imports.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from corevisor import bundled, linuxboot
+from corevisor import bundled, linuxboot, provisioning
 from corevisor.errors import CorevisorError, show
+from corevisor.outputs import ensure_std_fds, notice
 from corevisor.spec import SystemSpec
 
 if TYPE_CHECKING:
@@ -64,7 +68,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _err(msg: str) -> None:
-    print(f"corevisor: {show(msg, limit=None)}", file=sys.stderr, flush=True)
+    # an unwritable stderr loses the line, not the status (outputs.py)
+    notice(f"corevisor: {show(msg, limit=None)}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -139,12 +144,17 @@ def _parser() -> argparse.ArgumentParser:
         help="at exit, write those numbers and all of KVM's statistics as JSON (docs/stats.md)",
     )
     linuxboot.add_arguments(run)
+    provisioning.add_arguments(run)
     guests = sub.add_parser("guests", help="list the bundled guests and their image paths")
     guests.add_argument("--build", action="store_true", help="(re)build them first")
     host = sub.add_parser(
         "host", help="what this host's KVM is: flavour, MMU mode, capabilities, cores"
     )
     host.add_argument("--json", action="store_true", help="print it as one JSON object")
+    # Parsed by corevisor/api/commands.py (main hands them over first); listed for --help.
+    sub.add_parser("serve", help="run a daemon holding a system, controlled by an API")
+    sub.add_parser("ctl", help="drive a running daemon (ps, add, start, pause, logs, ...)")
+    sub.add_parser("top", help="a live view of a running daemon's partitions")
     return p
 
 
@@ -306,13 +316,24 @@ def _host_report(as_json: bool) -> int:
     return 0 if usable else 1
 
 
+API_COMMANDS = ("serve", "ctl", "top")  # corevisor/api/: never imported by `run`
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    ensure_std_fds()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv and argv[0] in API_COMMANDS:
+            from corevisor.api.commands import main as api_main
+
+            return api_main(argv)
         args = _parser().parse_args(argv)
         if args.command == "guests":
             return _list_guests(args.build)
         if args.command == "host":
             return _host_report(args.json)
+        if provisioning.wanted(args):
+            return provisioning.run(args)
         system = _resolve(args)
         return _run_system(system, args)
     except CorevisorError as e:

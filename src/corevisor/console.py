@@ -8,7 +8,9 @@ backend:
   mode (the guest echoes and edits lines itself) with signals kept, so Ctrl-C still
   reaches corevisor, and is restored by ``close`` or at exit.
 - ``file:PATH``: output appended to PATH (created if missing), unbuffered so whatever
-  the guest printed is in the file as soon as ``write`` returns. No input.
+  the guest printed is in the file as soon as ``write`` returns. No input. PATH is a
+  regular file or a character device (a terminal, /dev/null); a FIFO would stall the
+  guest whenever its reader does, and is refused like a socket or a directory.
 - ``unix:PATH``: corevisor listens on a Unix socket at PATH (a stale socket left by a dead
   run is replaced; a live one is an error). Output goes to the connected client, and what
   the client sends is guest input. Output written while no client is connected is kept,
@@ -17,11 +19,20 @@ backend:
   than stalling the guest: sends never block a vCPU.
 - ``null``: output discarded, no input.
 
+A daemon (api/) also wraps every partition's backend in a SerialTap: it keeps the
+newest 64 KiB of output and hands every later byte to SerialWatch readers (the API's
+serial stream), so output reaches the API whatever the partition's own backend is, and
+a reader that falls behind loses output rather than stalling the guest.
+
 Several partitions sharing one terminal use a ConsoleMux instead of ``stdout``: each
 partition gets a PrefixedSerial that tees its output to a log file of its own and sends
 it to the terminal one whole line at a time, prefixed ``name | `` (the name coloured
 when stdout is a terminal), so lines of different guests never mix mid-line. No input:
 it would be unclear which guest a keystroke is for.
+
+Output that the host cannot take (a closed pipe, a full disk) never reaches the guest:
+each target's first failure is reported once and its output dropped from then on
+(outputs.GuardedOutput), while the guest runs on with its exit status intact.
 
 ``write`` runs on a vCPU thread once per guest byte, so it does the least it can. Input
 arrives on a daemon thread per backend that calls ``feed`` (the UART's
@@ -46,7 +57,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
 
+from corevisor import inputs
 from corevisor.errors import ConfigError, show
+from corevisor.outputs import GuardedOutput, Report, report_to_stderr, silence
 from corevisor.signals import start_thread
 from corevisor.spec import SerialKind, SerialSpec
 
@@ -58,8 +71,13 @@ __all__ = [
     "NullSerial",
     "ConsoleMux",
     "PrefixedSerial",
+    "SerialTap",
+    "SerialWatch",
     "open_serial",
+    "listen_unix",
     "UNIX_BACKLOG_LIMIT",
+    "TAP_KEEP",
+    "WATCH_LIMIT",
 ]
 
 Feed = Callable[[bytes], None]
@@ -68,6 +86,10 @@ Feed = Callable[[bytes], None]
 UNIX_BACKLOG_LIMIT = 64 * 1024
 _READ_CHUNK = 4096
 _JOIN_TIMEOUT = 2.0
+# Output a SerialTap keeps for a reader that starts late (the API's backlog).
+TAP_KEEP = 64 * 1024
+# What one SerialWatch may hold unread before further output is dropped for it.
+WATCH_LIMIT = 1 << 20
 
 
 class SerialBackend(Protocol):
@@ -143,21 +165,19 @@ class NullSerial:
 
 
 class FileSerial:
-    """Appends output to a file; no input (a log, or something a test can read)."""
+    """Appends output to a file or a character device; no input (a log, or something a
+    test can read). A FIFO, socket, directory or block device is refused (inputs.py)."""
 
-    def __init__(self, path: str, name: str) -> None:
-        try:
-            # Unbuffered: each write is one write(2), so readers see it immediately.
-            self._file: BinaryIO = open(path, "ab", buffering=0)
-        except OSError as e:
-            raise ConfigError(
-                f'{name}: serial "file:{show(path)}": cannot open: {e.strerror or e}'
-            ) from None
+    def __init__(self, path: str, name: str, report: Report = report_to_stderr) -> None:
+        fd = inputs.open_output(path, inputs.Named(f'{name}: serial "file:{show(path)}"'))
+        # Unbuffered: each write is one write(2), so readers see it immediately.
+        self._file: BinaryIO = open(fd, "ab", buffering=0)
         self.path = path
+        self._out = GuardedOutput(self._file.write, f"file:{path}", name, report)
 
     def write(self, data: bytes) -> None:
-        """Append the bytes."""
-        self._file.write(data)
+        """Append the bytes (dropped, once reported, if the file cannot take them)."""
+        self._out.write(data)
 
     def start_input(self, feed: Feed) -> None:
         """A file gives no input."""
@@ -173,11 +193,11 @@ class StdoutSerial:
     ``stdin_fd`` is a parameter so the terminal handling can be exercised on a pty.
     """
 
-    def __init__(self, name: str, stdin_fd: int = 0) -> None:
+    def __init__(self, name: str, stdin_fd: int = 0, report: Report = report_to_stderr) -> None:
         self._name = name
-        buffer = getattr(sys.stdout, "buffer", None)
-        self._out: BinaryIO = (
-            buffer if buffer is not None else open(1, "wb", buffering=0, closefd=False)
+        self._out = _stdout_binary()
+        self._guard = GuardedOutput(
+            self._write_flush, "stdout", name, report, on_failure=lambda: silence(self._out)
         )
         self._stdin_fd = stdin_fd
         self._pump: _InputPump | None = None
@@ -185,6 +205,9 @@ class StdoutSerial:
 
     def write(self, data: bytes) -> None:
         """Write and flush, so output interleaves sensibly with the VMM's own messages."""
+        self._guard.write(data)
+
+    def _write_flush(self, data: bytes) -> None:
         self._out.write(data)
         self._out.flush()
 
@@ -252,35 +275,7 @@ class UnixSocketSerial:
         return ConfigError(f'{self._name}: serial "unix:{show(self.path)}": {reason}')
 
     def _listen(self) -> socket.socket:
-        path = self.path
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise self._error(f"cannot use the path: {e.strerror or e}") from None
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise self._error("the path exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                # Nobody listens: a stale socket from a previous run.
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            else:
-                raise self._error("another process is listening on this socket")
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(path)
-            sock.listen(1)
-        except OSError as e:
-            sock.close()
-            raise self._error(f"cannot listen: {e.strerror or e}") from None
-        return sock
+        return listen_unix(self.path, 1, self._error)
 
     def write(self, data: bytes) -> None:
         """Send to the client without blocking, or keep the bytes until one connects."""
@@ -395,6 +390,51 @@ class UnixSocketSerial:
         conn.close()  # after _client is cleared, so no writer can be using it
 
 
+def listen_unix(
+    path: str, backlog: int, error: Callable[[str], Exception], mode: int | None = None
+) -> socket.socket:
+    """A Unix socket listening at path. A stale socket left by a dead process is replaced;
+    a live one (something accepts a connection) or a path that is not a socket is refused
+    with error(reason). mode: the socket file's permissions, set before the file appears
+    at path (bound under a temporary name, chmod, renamed), so no client ever sees a
+    more permissive socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise error(f"cannot use the path: {e.strerror or e}") from None
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise error("the path exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            # Nobody listens: a stale socket from a previous run.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        else:
+            raise error("another process is listening on this socket")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    where = path if mode is None else f"{path}.{os.getpid()}.tmp"
+    try:
+        sock.bind(where)
+        if mode is not None:
+            os.chmod(where, mode)
+            os.rename(where, path)
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        if where != path:
+            with contextlib.suppress(OSError):
+                os.unlink(where)
+        raise error(f"cannot listen: {e.strerror or e}") from None
+    return sock
+
+
 # ANSI foreground colours for partition names, in config order.
 _COLOURS = (36, 33, 35, 32, 34, 31)
 # A guest that never ends a line must not grow the buffer without bound.
@@ -404,11 +444,18 @@ _MAX_PENDING_LINE = 4096
 class ConsoleMux:
     """One terminal shared line by line by several partitions' serial output."""
 
-    def __init__(self, out: BinaryIO | None = None, colour: bool | None = None) -> None:
-        if out is None:
-            buffer = getattr(sys.stdout, "buffer", None)
-            out = buffer if buffer is not None else open(1, "wb", buffering=0, closefd=False)
+    def __init__(
+        self,
+        out: BinaryIO | None = None,
+        colour: bool | None = None,
+        report: Report = report_to_stderr,
+    ) -> None:
+        out = out if out is not None else _stdout_binary()
         self._out = out
+        self.report = report
+        self._guard = GuardedOutput(
+            self._write_flush, "stdout", "system", report, on_failure=lambda: silence(out)
+        )
         if colour is None:
             try:
                 colour = os.isatty(out.fileno())
@@ -430,12 +477,15 @@ class ConsoleMux:
             label = f"\x1b[{colour}m{label}\x1b[0m"
         return PrefixedSerial(self, (label + " ").encode(), log_path, name)
 
-    def emit(self, data: bytes) -> None:
-        """Write whole lines to the terminal, atomically with respect to other partitions."""
+    def emit(self, data: bytes, name: str) -> None:
+        """Write whole lines to the terminal, atomically with respect to other partitions;
+        a failing terminal is reported once, naming the partition that met it."""
         with self._lock:
-            with contextlib.suppress(OSError, ValueError):
-                self._out.write(data)
-                self._out.flush()
+            self._guard.write(data, name)
+
+    def _write_flush(self, data: bytes) -> None:
+        self._out.write(data)
+        self._out.flush()
 
 
 class PrefixedSerial:
@@ -443,23 +493,26 @@ class PrefixedSerial:
 
     def __init__(self, mux: ConsoleMux, prefix: bytes, log_path: str | None, name: str) -> None:
         self._mux = mux
+        self._name = name
         self._prefix = prefix
         self._pending = bytearray()
         self._lock = threading.Lock()  # several vCPUs of one guest may print at once
         self._log: BinaryIO | None = None
+        self._log_out: GuardedOutput | None = None
         self.log_path = log_path
         if log_path is not None:
-            try:
-                # Truncated per run; unbuffered so the log is current while guests run.
-                self._log = open(log_path, "wb", buffering=0)
-            except OSError as e:
-                raise ConfigError(f"{name}: log file {show(log_path)}: {e.strerror or e}") from None
+            # Truncated per run; unbuffered so the log is current while guests run. A
+            # FIFO or a device planted under the log's name is refused (inputs.py).
+            label = inputs.Named(f"{name}: log file {show(log_path)}")
+            fd = inputs.open_output(log_path, label, truncate=True)
+            self._log = open(fd, "wb", buffering=0)
+            self._log_out = GuardedOutput(self._log.write, f"log {log_path}", name, mux.report)
 
     def write(self, data: bytes) -> None:
         """Log the bytes; pass every completed line to the terminal with the prefix."""
         with self._lock:
-            if self._log is not None:
-                self._log.write(data)
+            if self._log_out is not None:
+                self._log_out.write(data)
             pending = self._pending
             pending += data
             if b"\n" not in data and len(pending) < _MAX_PENDING_LINE:
@@ -474,7 +527,7 @@ class PrefixedSerial:
                     break
                 lines += self._prefix + pending[:nl].rstrip(b"\r") + b"\n"
                 del pending[: nl + 1]
-        self._mux.emit(bytes(lines))
+        self._mux.emit(bytes(lines), self._name)
 
     def break_line(self) -> None:
         """End a partial line now (before a restart, so the new boot starts a fresh line)."""
@@ -483,7 +536,7 @@ class PrefixedSerial:
                 return
             line = self._prefix + bytes(self._pending) + b"\n"
             self._pending.clear()
-        self._mux.emit(line)
+        self._mux.emit(line, self._name)
 
     def start_input(self, feed: Feed) -> None:
         """No input: a shared terminal cannot say which guest a keystroke is for."""
@@ -496,13 +549,138 @@ class PrefixedSerial:
             self._log = None
 
 
-def open_serial(spec: SerialSpec, name: str) -> SerialBackend:
-    """Open the backend a ``serial`` setting names; ``name`` labels threads and errors."""
+class SerialWatch:
+    """One reader of a SerialTap: every byte written since it started, taken in chunks.
+
+    Filled on the writer's (vCPU) thread and never blocks it: past WATCH_LIMIT unread
+    bytes, output is dropped for this reader and counted in ``dropped``.
+    """
+
+    def __init__(self, tap: SerialTap) -> None:
+        self._tap = tap
+        self._buffer = bytearray()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.dropped = 0
+
+    def put(self, data: bytes) -> None:
+        """New output (the tap calls this, under its lock)."""
+        with self._cond:
+            if len(self._buffer) + len(data) > WATCH_LIMIT:
+                self.dropped += len(data)
+                return
+            self._buffer += data
+            self._cond.notify()
+
+    def take(self, timeout: float | None = None) -> bytes | None:
+        """What arrived since the last take, waiting up to timeout for something: b""
+        when nothing came in time, None once the tap has closed and all was taken."""
+        with self._cond:
+            if not self._buffer and not self._closed:
+                self._cond.wait(timeout)
+            if self._buffer:
+                data = bytes(self._buffer)
+                self._buffer.clear()
+                return data
+            return None if self._closed else b""
+
+    def end(self) -> None:
+        """No more output will come (the tap closed): take() returns None once drained."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop watching. Idempotent."""
+        self._tap.unwatch(self)
+        self.end()
+
+
+class SerialTap:
+    """A serial backend in front of another one that also feeds readers (SerialWatch).
+
+    The daemon (api/) owns one per partition, for the partition's whole life, so a
+    reader keeps its stream across restarts. ``written`` counts the bytes (a metric).
+    """
+
+    def __init__(self, inner: SerialBackend, keep: int = TAP_KEEP) -> None:
+        self.inner = inner
+        self._keep = keep
+        self._recent = bytearray()
+        self._watchers: list[SerialWatch] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        """Keep and hand out the bytes, then write them to the partition's own backend."""
+        with self._lock:
+            self.written += len(data)
+            recent = self._recent
+            recent += data
+            if len(recent) > 2 * self._keep:  # trimmed now and then, not on every byte
+                del recent[: -self._keep]
+            for w in self._watchers:
+                w.put(data)
+        self.inner.write(data)
+
+    def recent(self) -> bytes:
+        """The newest output kept (up to ``keep`` bytes)."""
+        with self._lock:
+            return bytes(self._recent[-self._keep :])
+
+    def watch(self) -> tuple[bytes, SerialWatch]:
+        """The newest output kept and a reader of everything after it (no byte lost or
+        repeated between the two). A closed tap gives a reader that is already at its end."""
+        w = SerialWatch(self)
+        with self._lock:
+            backlog = bytes(self._recent[-self._keep :])
+            if self._closed:
+                w.end()
+            else:
+                self._watchers.append(w)
+        return backlog, w
+
+    def unwatch(self, w: SerialWatch) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._watchers.remove(w)
+
+    def start_input(self, feed: Feed) -> None:
+        """Input is the partition's own backend's business."""
+        self.inner.start_input(feed)
+
+    def break_line(self) -> None:
+        """End a partial line on a shared terminal (before a restart), if the backend is one."""
+        inner = self.inner
+        if isinstance(inner, PrefixedSerial):
+            inner.break_line()
+
+    def close(self) -> None:
+        """Close the backend; every reader gets what is left, then its end. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            watchers, self._watchers = self._watchers, []
+        for w in watchers:
+            w.end()
+        self.inner.close()
+
+
+def _stdout_binary() -> BinaryIO:
+    """This process's stdout as a binary stream."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    return buffer if buffer is not None else open(1, "wb", buffering=0, closefd=False)
+
+
+def open_serial(spec: SerialSpec, name: str, report: Report = report_to_stderr) -> SerialBackend:
+    """Open the backend a ``serial`` setting names; ``name`` labels threads and errors,
+    ``report`` receives the one line about an output target that failed (outputs.py)."""
     if spec.kind is SerialKind.STDOUT:
-        return StdoutSerial(name)
+        return StdoutSerial(name, report=report)
     if spec.kind is SerialKind.NULL:
         return NullSerial()
     assert spec.path is not None  # SerialSpec guarantees a path for file: and unix:
     if spec.kind is SerialKind.FILE:
-        return FileSerial(str(spec.path), name)
+        return FileSerial(str(spec.path), name, report)
     return UnixSocketSerial(str(spec.path), name)

@@ -21,6 +21,8 @@ __all__ = [
     "LoaderError",
     "DeviceError",
     "SnapshotError",
+    "MigrationError",
+    "ApiError",
     "GuestStopped",
     "show",
     "quote",
@@ -115,6 +117,20 @@ class DeviceError(CorevisorError):
 
 class SnapshotError(CorevisorError):
     """A snapshot file is corrupt, of the wrong version, or does not fit the machine."""
+
+
+class MigrationError(CorevisorError):
+    """A live migration failed or was refused; the source partition runs on."""
+
+
+class ApiError(CorevisorError):
+    """A corevisor daemon answered a client (corevisor ctl, top) with an error, or could not
+    be reached; the message is the daemon's one line. status: the HTTP status (0: no
+    answer at all)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class GuestStopped(CorevisorError):

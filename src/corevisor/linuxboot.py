@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from corevisor.config.files import check_directory
-from corevisor.config.parse import parse_path
+from corevisor.config.parse import parse_path, parse_size
 from corevisor.errors import ConfigError, show
 
 # console=ttyS0: the kernel's console on our COM1; earlyprintk=serial: output from the
@@ -59,15 +59,17 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
     )
 
 
-def _pack(directory: Path) -> str:
+def _pack(directory: Path, memory: str) -> str:
     """Build the initramfs of directory into a memfd; return a path that reads it.
 
     The fd stays open for the life of the process, which is as long as the builder
-    needs it; the archive never touches the disk.
+    needs it; the archive never touches the disk. It cannot be larger than the guest's
+    RAM, so packing stops there rather than reading the whole tree first.
     """
+
     from corevisor.loader.initramfs import build_initramfs  # only with --initramfs-dir
 
-    data = build_initramfs(directory)
+    data = build_initramfs(directory, limit=parse_size(memory, "--memory"))
     fd = os.memfd_create("corevisor-initramfs")
     os.write(fd, data)
     return f"/proc/self/fd/{fd}"
@@ -105,4 +107,4 @@ def apply(args: argparse.Namespace) -> None:
     if directory is not None:
         path = parse_path(directory, "--initramfs-dir", None)
         check_directory(path, "--initramfs-dir", directory)
-        args.initrd = _pack(path)
+        args.initrd = _pack(path, args.memory)

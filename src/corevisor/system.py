@@ -33,6 +33,16 @@ guest halted with interrupts off (halt.py) and whether it stopped. Then:
 Other partitions are never touched (except by halt-system): each has its own VM,
 threads and cores. A paused partition's watchdog does not run; resume re-arms it.
 
+**Channels at run time.** ``add`` may bring new channels joining the new partition to
+existing ones, and ``remove`` takes a partition's channels away with it. A guest finds
+its channels once, at boot (HC_CHANNEL_INFO; ABI 1.0 has no hot-add), so the other end
+must not be running or paused: a created one is rebuilt at once with its new channel
+list, a stopped one gets it when it starts again; a running one refuses (StateError).
+
+**Serial taps.** With ``tap_serial`` every partition's serial output also goes through
+a SerialTap owned by the system (console.py), which outlives restarts: ``serial(name)``
+gives it to a reader (the API's serial stream).
+
 **Events.** Every state change, end, crash, restart, watchdog expiry and report is an
 Event. ``subscribe(callback)`` receives them in order, one at a time, on the thread
 that caused them or on the monitor's -- never on a vCPU or I/O thread (reports made
@@ -63,23 +73,30 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from corevisor.arch.x86_64.cpu import format_registers
 from corevisor.builder import PartitionLinks, build
 from corevisor.channel import Channel, ChannelEnd, ends_for, open_channels
-from corevisor.console import ConsoleMux, PrefixedSerial
-from corevisor.errors import CorevisorError, NotFoundError, StateError, show
+from corevisor.console import ConsoleMux, PrefixedSerial, SerialBackend, SerialTap, open_serial
+from corevisor.errors import CorevisorError, MigrationError, NotFoundError, StateError, show
 from corevisor.machine import Machine
+from corevisor.outputs import silence
 from corevisor.signals import describe, exit_status, start_thread
-from corevisor.spec import PartitionSpec, RestartPolicy, SerialKind, SystemSpec
+from corevisor.spec import ChannelSpec, PartitionSpec, RestartPolicy, SerialKind, SystemSpec
 from corevisor.vcpu import StopReport
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # snapshots load their code only when one is taken or restored
+    from corevisor.memory import GuestMemory
     from corevisor.runstats import MachineRun
+    from corevisor.snapshot.format import Snapshot
+    from corevisor.snapshot.migrate import MigrationResult, Progress
+    from corevisor.snapshot.partition import Overrides
+    from corevisor.snapshot.state import MachineSnapshot
+    from corevisor.snapshot.system import SystemSnapshot
 
 __all__ = [
     "System",
@@ -166,10 +183,11 @@ class Watchdog:
         self.period_ms = ms
         self.deadline = self._clock() + ms / 1000 if ms else None
 
-    def rearm(self) -> None:
-        """A full period from now, if armed (after a pause: the guest could not kick)."""
+    def rearm(self, at_least_ms: int = 0) -> None:
+        """A full period from now, if armed (after a pause: the guest could not kick);
+        at_least_ms: no shorter than that (a restored guest's first period)."""
         if self.deadline is not None:
-            self.kick(self.period_ms)
+            self.deadline = self._clock() + max(self.period_ms, at_least_ms) / 1000
 
     def expired(self, now: float) -> bool:
         deadline = self.deadline
@@ -211,13 +229,13 @@ class _Partition:
         config: PartitionSpec,
         links: PartitionLinks,
         watchdog: Watchdog,
-        console: PrefixedSerial | None,
+        console: PrefixedSerial | SerialTap | None,
     ) -> None:
         self.index = index
         self.config = config
         self.links = links
         self.watchdog = watchdog
-        self.console = console  # owned here when the system shares its terminal
+        self.console = console  # owned here (a shared terminal, a tap); outlives restarts
         self.state = _S.CREATED  # written under lock; read anywhere
         self.machine: Machine | None = None
         self.status: int | None = None
@@ -225,6 +243,7 @@ class _Partition:
         self.restarts = 0
         self.last = ""
         self.expired = False  # the report being handled came from the watchdog
+        self.restored = False  # its machine continues a saved guest (not started yet)
         self.lock = threading.RLock()
 
     @property
@@ -249,11 +268,14 @@ class System:
         echo: bool = True,
         shared_console: bool | None = None,
         collect_stats: bool = False,
+        tap_serial: bool = False,
     ) -> None:
         """echo: print events on err (stderr). shared_console: stdout partitions share
         the terminal line by line, with log files (default: unless the file has exactly
         one partition and no log_dir, which keeps plain stdout with input).
-        collect_stats: --stats, every machine's statistics as it closes (runstats.py)."""
+        collect_stats: --stats, every machine's statistics as it closes (runstats.py).
+        tap_serial: every partition's serial output can be read with serial(name) (a
+        daemon)."""
         self.config = config
         self.stats: list[MachineRun] | None = [] if collect_stats else None
         self.kvm_path = kvm_path
@@ -267,6 +289,7 @@ class System:
         if shared_console is None:
             shared_console = len(config.partitions) != 1 or config.log_dir is not None
         self._shared = shared_console
+        self._tap = tap_serial
         self._mux: ConsoleMux | None = None
         self._width = 0
         self.log_dir: Path | None = None
@@ -280,6 +303,7 @@ class System:
         self._delivering = threading.Lock()
         self._monitor: threading.Thread | None = None
         self._monitor_stop = threading.Event()
+        self._migrations: dict[str, Progress] = {}  # the latest migration of each partition
 
     # --- events -----------------------------------------------------------------------
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
@@ -329,9 +353,13 @@ class System:
         self._write(text + (event.registers + "\n" if event.registers else ""))
 
     def _write(self, text: str) -> None:
-        with contextlib.suppress(OSError, ValueError):
+        try:
             self._err.write(text)
             self._err.flush()
+        except (OSError, ValueError):
+            # A failed stderr loses the line, never the status: pointed at /dev/null,
+            # what it still buffers drains at exit instead of making that fail (120).
+            silence(self._err)
 
     def _set_state(self, p: _Partition, state: PartitionState) -> None:
         old, p.state = p.state, state
@@ -344,6 +372,25 @@ class System:
 
     def partition(self, name: str) -> PartitionInfo:
         return self._get(name).info()
+
+    def serial(self, name: str) -> SerialTap:
+        """The partition's serial tap (the system needs tap_serial)."""
+        console = self._get(name).console
+        if not isinstance(console, SerialTap):
+            raise StateError(f"partition {name}: its serial output is not tapped")
+        return console
+
+    def channels(self) -> list[Channel]:
+        """The open channels (borrowed; for their counters)."""
+        return list(self._channels)
+
+    def spec(self) -> SystemSpec:
+        """The system as it is now: what a new partition is validated against
+        (config/validate.validate_addition)."""
+        with self._lock:
+            parts = tuple(p.config for p in self._parts.values())
+            channels = tuple(ch.config for ch in self._channels)
+        return SystemSpec(parts, channels=channels, log_dir=self.log_dir)
 
     def machine(self, name: str) -> Machine | None:
         """The partition's current machine (borrowed: the monitor may close and replace
@@ -403,24 +450,65 @@ class System:
         except OSError as e:
             raise CorevisorError(f"log_dir {log_dir}: {e.strerror or e}") from None
         self.log_dir = log_dir
-        self._mux = ConsoleMux()
+        # The shared terminal reports its own failure (and a log's) as an event.
+        self._mux = ConsoleMux(report=self.report)
         self._width = max((len(p.name) for p in self.config.partitions), default=0)
         n = len(self.config.partitions)
         self.report("system", f"{n} partition{'s' if n != 1 else ''}; serial logs in {log_dir}")
         self._deliver()
 
-    def _console(self, config: PartitionSpec) -> PrefixedSerial | None:
-        """A shared-terminal console for a "stdout" partition (None: the machine opens
-        its own backend, and owns it)."""
-        if self._mux is None or self.log_dir is None or config.serial.kind is not SerialKind.STDOUT:
-            return None
-        width = max(self._width, len(config.name))
-        return self._mux.backend(config.name, str(self.log_dir / f"{config.name}.log"), width)
+    def _console(self, config: PartitionSpec) -> PrefixedSerial | SerialTap | None:
+        """The partition's serial backend if the system owns it: a shared-terminal one for
+        a "stdout" partition, any backend behind a tap (None: the machine opens its own)."""
+        shared: PrefixedSerial | None = None
+        if (
+            self._mux is not None and self.log_dir is not None
+            and config.serial.kind is SerialKind.STDOUT
+        ):
+            width = max(self._width, len(config.name))
+            log = str(self.log_dir / f"{config.name}.log")
+            shared = self._mux.backend(config.name, log, width)
+        if not self._tap:
+            return shared
+        inner: SerialBackend = shared if shared is not None else open_serial(
+            config.serial, config.name, self.report
+        )
+        return SerialTap(inner)
 
     # --- operations -----------------------------------------------------------------------
-    def add(self, config: PartitionSpec) -> PartitionInfo:
-        """Build a new partition (state created) while the others run; not started."""
+    def add(self, config: PartitionSpec, channels: Sequence[ChannelSpec] = ()) -> PartitionInfo:
+        """Build a new partition (state created) while the others run; not started.
+
+        channels: new channels (validated and placed: validate_addition) joining it to
+        existing partitions, which must be created or stopped (module docstring).
+        """
         name = config.name
+        index = self._reserve(name)
+        try:
+            peers = {end for c in channels for end in c.between} - {name}
+            with self._locked(peers) as held:
+                for peer in held:
+                    self._require_idle(peer, f"add channel to partition {name}")
+                opened = self._open_more(channels)
+                try:
+                    p = self._new_partition(index, config, ends_for(name, self._channels))
+                except BaseException:
+                    self._close_channels(opened)
+                    raise
+                with self._lock:
+                    self._parts[name] = p
+                self._publish(p, "state", "-> created")
+                for peer in held:
+                    self._rewire(peer)
+            return p.info()
+        finally:
+            with self._lock:
+                self._reserved.discard(name)
+            self._deliver()
+
+    def _reserve(self, name: str) -> int:
+        """Claim name for a partition being built (outside the lock); its index. The
+        caller discards the name from _reserved once the partition is in (or failed)."""
         with self._lock:
             if self._closed or not self._opened:
                 raise StateError(f"cannot add partition {name}: the system is not open")
@@ -429,21 +517,65 @@ class System:
             self._reserved.add(name)
             index = self._next_index
             self._next_index += 1
-            channels = ends_for(name, self._channels)
+            return index
+
+    @contextlib.contextmanager
+    def _locked(self, names: set[str]) -> Iterator[list[_Partition]]:
+        """The named partitions, each locked, in name order (so two operations that
+        lock several never deadlock); NotFoundError for one that does not exist."""
+        parts = [self._get(n) for n in sorted(names)]
+        with contextlib.ExitStack() as stack:
+            for p in parts:
+                stack.enter_context(p.lock)
+                if self._parts.get(p.name) is not p:
+                    raise NotFoundError(f"no partition named {p.name}")
+            yield parts
+
+    @staticmethod
+    def _require_idle(p: _Partition, what: str) -> None:
+        """p's guest must not be running: it reads its channel list only at boot."""
+        if p.state not in (_S.CREATED, _S.STOPPED):
+            raise StateError(
+                f"cannot {what}: partition {p.name} is {p.state.value} and its guest finds "
+                "channels only at boot (stop it first)"
+            )
+
+    def _open_more(self, specs: Sequence[ChannelSpec]) -> list[Channel]:
+        """Open channels at run time (their relays started if the others' are)."""
+        opened = open_channels(specs)
+        with self._lock:
+            self._channels.extend(opened)
+            if self._channels_started:
+                for ch in opened:
+                    ch.start()
+        return opened
+
+    def _close_channels(self, channels: Sequence[Channel]) -> None:
+        with self._lock:
+            self._channels = [ch for ch in self._channels if ch not in channels]
+        for ch in channels:
+            ch.close()
+
+    def _rewire(self, p: _Partition) -> None:
+        """p's channel list changed (p's lock held; p created or stopped): a created
+        partition is rebuilt now, a stopped one picks it up when it starts again."""
+        p.links = replace(p.links, channels=ends_for(p.name, self._channels))
+        if p.state is not _S.CREATED:
+            return
+        self._close_machine(p)
         try:
-            p = self._new_partition(index, config, channels)
-            with self._lock:
-                self._parts[name] = p
-            self._publish(p, "state", "-> created")
-            return p.info()
-        finally:
-            with self._lock:
-                self._reserved.discard(name)
-            self._deliver()
+            p.machine = build(p.config, self.kvm_path, p.links)
+        except CorevisorError as e:
+            self._end(p, EXIT_GUEST_FAULT, "error", f"rebuild with new channels failed: {e}")
 
     def _new_partition(
-        self, index: int, config: PartitionSpec, channels: tuple[ChannelEnd, ...]
+        self,
+        index: int,
+        config: PartitionSpec,
+        channels: tuple[ChannelEnd, ...],
+        make: Callable[[PartitionLinks], Machine] | None = None,
     ) -> _Partition:
+        """make: how its machine is made from its links (default: build config)."""
         console = self._console(config)
         try:
             watchdog = Watchdog()
@@ -453,10 +585,14 @@ class System:
                 serial=console,
                 watchdog=watchdog.kick,
                 report=self.report,
+                parts=(("watchdog", watchdog),),
                 stats=self.stats.append if self.stats is not None else None,
             )
             p = _Partition(index, config, links, watchdog, console)
-            p.machine = build(config, self.kvm_path, links)
+            if make is not None:
+                p.machine = make(links)
+            else:
+                p.machine = build(config, self.kvm_path, links)
         except BaseException:
             if console is not None:
                 console.close()
@@ -507,15 +643,295 @@ class System:
             self._restart(p, "restarted by the host", raise_errors=True)
 
     def remove(self, name: str) -> None:
-        """created | stopped -> gone: its machine and console are released."""
+        """created | stopped -> gone: its machine, console and channels are released (the
+        other end of each channel must be created or stopped too)."""
+        try:
+            while True:
+                peers = self._peers(name)
+                with self._locked({name, *peers}) as held:
+                    if self._peers(name) != peers:
+                        continue  # a channel came or went meanwhile: lock the new set
+                    p = next(q for q in held if q.name == name)
+                    self._require(p, "remove", _S.CREATED, _S.STOPPED)
+                    for q in held:
+                        if q is not p:
+                            self._require_idle(q, f"remove partition {name}")
+                    self._close_machine(p)
+                    if p.console is not None:
+                        p.console.close()
+                    with self._lock:
+                        del self._parts[name]
+                        gone = [ch for ch in self._channels if name in ch.config.between]
+                        self._channels = [ch for ch in self._channels if ch not in gone]
+                    for q in held:  # before the fds close: a created peer's VM holds them
+                        if q is not p:
+                            self._rewire(q)
+                    for ch in gone:
+                        ch.close()
+                    self._publish(p, "removed", "removed")
+                    return
+        finally:
+            self._deliver()
+
+    def _peers(self, name: str) -> set[str]:
+        """The partitions a channel joins to name."""
+        with self._lock:
+            return {e for ch in self._channels if name in ch.config.between
+                    for e in ch.config.between} - {name}
+
+    # --- snapshots ------------------------------------------------------------------------
+    def snapshot(self, name: str, path: Path) -> Snapshot:
+        """Save partition name (created, running or paused) into the directory path
+        (docs/snapshot-format.md) and let it run on as it was. Refused before anything is
+        paused for state corevisor cannot save; a failed write removes its files."""
+        from corevisor.snapshot.partition import take
+
         with self._operation(name) as p:
-            self._require(p, "remove", _S.CREATED, _S.STOPPED)
-            self._close_machine(p)
-            if p.console is not None:
-                p.console.close()
+            self._require(p, "snapshot", _S.CREATED, _S.RUNNING, _S.PAUSED)
+            m = p.machine
+            assert m is not None
+            started = time.monotonic()
+            try:
+                snap = take(m, Path(path))
+            except StateError:
+                raise StateError(f"cannot snapshot partition {name}: it has stopped") from None
+            finally:
+                if p.state is _S.RUNNING:
+                    p.watchdog.rearm()  # it could not kick while frozen
+            took = (time.monotonic() - started) * 1000
+            self._publish(p, "message", f"snapshot in {show(str(path))} ({took:.0f} ms, "
+                          f"{snap.memory.data_bytes >> 20} MiB of RAM written)")
+            return snap
+
+    def restore(
+        self, path: Path, overrides: Overrides | None = None, start: bool = True
+    ) -> PartitionInfo:
+        """Add a partition continuing the guest saved in the directory path, with
+        overrides for what must differ (a clone's name, serial, TAPs, disks, cores);
+        started unless start is False. Every check (format, checksums, version, the
+        host's CPU, the spec against this host and system) runs before anything is
+        built; a failure starts nothing and adds nothing."""
+        from corevisor.snapshot import partition
+
+        snap = partition.read(Path(path))
+        config = partition.restored_spec(snap, overrides or partition.Overrides())
+        self._check_addition(config)
+        name = config.name
+
+        def make(links: PartitionLinks) -> Machine:
+            return partition.restore(snap, overrides, self.kvm_path, links, config)
+
+        info = self._add_made(config, make)
+        if start:
+            self.start(name)
+            info = self.partition(name)
+        return info
+
+    def snapshot_system(self, path: Path) -> SystemSnapshot:
+        """Save every partition and every channel (its memory and waiting doorbells) at
+        one instant into the directory path (snapshot/system.py): all partitions are
+        frozen together, then each runs on as it was. A stopped partition is refused
+        (remove it first); a failed write removes its files."""
+        from corevisor.snapshot import system as saved
+        from corevisor.snapshot.partition import movable
+
+        with contextlib.ExitStack() as stack:
+            parts = [self._get(n) for n in sorted(self._parts)]
+            for p in parts:
+                stack.enter_context(p.lock)
+                self._require(p, "snapshot the system with partition", _S.CREATED,
+                              _S.RUNNING, _S.PAUSED)
+            machines = [p.machine for p in sorted(parts, key=lambda q: q.index)]
+            for m in machines:
+                assert m is not None
+                movable(m)
+            try:
+                for m in machines:
+                    stack.enter_context(m.frozen())  # type: ignore[union-attr]
+                for ch in self._channels:
+                    stack.enter_context(ch.held())
+                snap = saved.write(Path(path), machines, self._channels)  # type: ignore[arg-type]
+            finally:
+                for p in parts:
+                    if p.state is _S.RUNNING:
+                        p.watchdog.rearm()
+        self.report("system", f"system snapshot in {show(str(path))}")
+        self._deliver()
+        return snap
+
+    def restore_system(self, path: Path, start: bool = True) -> list[PartitionInfo]:
+        """Add every partition of a system snapshot (this system must have none yet),
+        its channels opened with their saved memory, the waiting doorbells rung once
+        every partition is restored; started unless start is False."""
+        from corevisor.channel import open_channels
+        from corevisor.snapshot import partition
+        from corevisor.snapshot import system as saved
+
+        snap = saved.read(Path(path))
+        with self._lock:
+            if self._parts or self._channels:
+                raise StateError("cannot restore a system snapshot: this system is not empty")
+            self._channels = open_channels([c.spec for c in snap.channels])
+        for ch, c in zip(self._channels, snap.channels, strict=True):
+            saved.load_channel(ch, c)
+        for _, where in snap.partitions:
+            self.restore(where, partition.Overrides(serial=None), start=False)
+        for ch, c in zip(self._channels, snap.channels, strict=True):
+            ch.restore(c.state)
+        if start:
+            for name, _ in snap.partitions:
+                self.start(name)
+        return self.partitions()
+
+    def incoming(
+        self,
+        address: str,
+        overrides: Overrides | None = None,
+        on_progress: Callable[[dict[str, object]], None] | None = None,
+    ) -> PartitionInfo:
+        """Wait on address (tcp:HOST:PORT or unix:PATH) for one live migration and add
+        the partition it brings, running (snapshot/migrate.py). The guest is checked
+        (CPU, spec against this host and system, overrides applied) before any page is
+        taken; a failure at any point leaves nothing behind here."""
+        from corevisor.builder import prepare_restore, restore_state
+        from corevisor.snapshot import migrate
+        from corevisor.snapshot.partition import Overrides, spec_for_restore
+
+        addr = migrate.Address.parse(address)
+        o = overrides if overrides is not None else Overrides()
+        listener = migrate.listen(addr)
+        self.report("system", f"waiting for a migration on {addr}")
+        self._deliver()
+
+        def accept(inc: migrate.Incoming) -> PartitionSpec:
+            migrate.with_host(inc, self.kvm_path)
+            config = spec_for_restore(inc.spec, f"{addr}: the source's spec", o)
+            self._check_addition(config)
+            return config
+
+        def build(config: PartitionSpec, memory: GuestMemory) -> str:
+            self._add_made(config, lambda links: prepare_restore(
+                config, memory, self.kvm_path, links
+            ))
+            return config.name
+
+        def restore(name: str, state: MachineSnapshot) -> None:
+            m = self.machine(name)
+            assert m is not None
+            restore_state(m, state, new_generation=False)
+
+        def discard(name: str) -> None:
+            with contextlib.suppress(CorevisorError):
+                self.stop(name, "the migration failed")
+            with contextlib.suppress(CorevisorError):
+                self.remove(name)
+
+        try:
+            name = migrate.receive(
+                listener, str(addr), accept, build, restore, self.start, discard, on_progress,
+                cancelled=lambda: self._stop_request is not None,
+            )
+        except BaseException:
+            if on_progress is not None:
+                on_progress({"phase": "failed"})
+            raise
+        finally:
+            listener.close()
+            migrate.remove_socket(addr)
+        if on_progress is not None:
+            on_progress({"phase": "done"})
+        self.report(name, f"migrated in through {addr}")
+        self._deliver()
+        return self.partition(name)
+
+    def migrate(
+        self,
+        name: str,
+        to: str,
+        *,
+        max_downtime: float | None = None,
+        timeout: float | None = None,
+        bandwidth: float | None = None,
+        throttle: bool = True,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> MigrationResult:
+        """Move partition name (running or paused) live to the target waiting on `to`
+        (`corevisor run --incoming ADDR`, or a System.incoming); it then ends here with
+        status 0. On failure (MigrationError, one line) it runs on here as before.
+        max_downtime: seconds the guest may be paused at the end (default 0.3);
+        timeout: seconds before a guest that does not converge gives up; bandwidth:
+        bytes/s at most. migration(name) tells the progress meanwhile."""
+        from corevisor.snapshot import migrate
+
+        address = migrate.Address.parse(to)
+        with self._operation(name) as p:
+            self._require(p, "migrate", _S.RUNNING, _S.PAUSED)
+            m = p.machine
+            assert m is not None
+            progress = migrate.Progress(str(address))
+            self._migrations[name] = progress
+            try:
+                result = migrate.send(
+                    m, address,
+                    max_downtime=migrate.DEFAULT_MAX_DOWNTIME if max_downtime is None
+                    else max_downtime,
+                    timeout=migrate.DEFAULT_TIMEOUT if timeout is None else timeout,
+                    bandwidth=bandwidth, throttle=throttle, progress=progress,
+                    on_progress=on_progress,
+                )
+            except CorevisorError as e:
+                if p.state is _S.RUNNING:
+                    p.watchdog.rearm()
+                self._publish(p, "message", f"migration to {address} failed, it runs on "
+                              f"here: {e}")
+                raise MigrationError(str(e)) from None
+            self._stop(p, f"migrated to {address} ({result.downtime_ms:.0f} ms down)", 0)
+            return result
+
+    def migration(self, name: str) -> Progress | None:
+        """The progress of partition name's latest migration (None if it had none)."""
+        self._get(name)
+        return self._migrations.get(name)
+
+    def _check_addition(self, config: PartitionSpec) -> None:
+        """config checked against the partitions already here (names, dedicated cores,
+        listening sockets, memory)."""
+        from corevisor.config.host import gather
+        from corevisor.config.validate import API_KEYS, validate_addition
+        from corevisor.errors import ConfigError
+
+        with self._lock:
+            here = tuple(q.config for q in self._parts.values())
+            names = {q.name for q in here}
+            # Channels to partitions not restored yet (a system restore adds them one by
+            # one) are the restore's to check: each end against the saved guest's.
+            channels = tuple(ch.config for ch in self._channels
+                             if set(ch.config.between) <= names)
+        try:
+            validate_addition(config, SystemSpec(here, channels=channels), gather(),
+                              keys=API_KEYS, gdb_allow_remote=True)
+        except ConfigError as e:
+            raise StateError(f"cannot add partition {config.name}: {e}") from None
+
+    def _add_made(
+        self, config: PartitionSpec, make: Callable[[PartitionLinks], Machine]
+    ) -> PartitionInfo:
+        """add() for a machine made by make (a restore, a migration's target)."""
+        name = config.name
+        index = self._reserve(name)
+        with self._lock:
+            channels = ends_for(name, self._channels)
+        try:
+            p = self._new_partition(index, config, channels, make)
+            p.restored = True
             with self._lock:
-                del self._parts[name]
-            self._publish(p, "removed", "removed")
+                self._parts[name] = p
+            self._publish(p, "state", "-> created")
+            return p.info()
+        finally:
+            with self._lock:
+                self._reserved.discard(name)
+            self._deliver()
 
     # --- transitions (the partition's lock held) -----------------------------------------
     def _start_channels(self) -> None:
@@ -526,11 +942,19 @@ class System:
                     ch.start()
 
     def _launch(self, p: _Partition) -> None:
-        """Start p's (built) machine: channels first, the watchdog armed from the config."""
+        """Start p's (built) machine: channels first, the watchdog armed from the config
+        (a restored guest's as it was saved)."""
         m = p.machine
         assert m is not None
         self._start_channels()
-        p.watchdog.kick(p.config.watchdog_ms)
+        if p.restored:
+            # Armed as saved, its first period from now and no shorter than the
+            # configured one: the guest's clocks stood still while it was saved, and a
+            # restored guest starts cold, as at boot (on a shadow MMU: every page faults).
+            p.restored = False
+            p.watchdog.rearm(at_least_ms=p.config.watchdog_ms)
+        else:
+            p.watchdog.kick(p.config.watchdog_ms)
         try:
             m.start()
         except BaseException as e:
@@ -676,14 +1100,34 @@ class System:
     def _all_stopped(self) -> bool:
         return all(p.state is _S.STOPPED for p in list(self._parts.values()))
 
-    def run(self, timeout: float | None = None) -> int:
-        """Build and start every partition, monitor them until all stopped; the status."""
+    def run(
+        self,
+        timeout: float | None = None,
+        restore: tuple[Path, Overrides] | None = None,
+        incoming: tuple[str, Overrides, Callable[[dict[str, object]], None] | None]
+        | None = None,
+    ) -> int:
+        """Build and start every partition, monitor them until all stopped; the status.
+
+        restore: also a partition continuing a snapshot (`run --restore`); incoming: one
+        received by a live migration (`run --incoming`), waited for first.
+        """
         try:
             self.open()
+            if restore is not None:
+                from corevisor.snapshot.system import is_system
+
+                if is_system(restore[0]):
+                    self.restore_system(restore[0], start=False)
+                else:
+                    self.restore(restore[0], restore[1], start=False)
+            if incoming is not None:
+                self.incoming(*incoming)  # started as it arrives
             for name in list(self._parts):
                 if self._stop_request is not None:
                     break  # a signal came during the build: the monitor stops the rest
-                self.start(name)
+                if self._parts[name].state is _S.CREATED:
+                    self.start(name)
             self._monitor_until_stopped(timeout)
         finally:
             self.close()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -80,6 +81,7 @@ class Vcpu:
         self.host_core = host_core
         self.state = VcpuState.CREATED  # written by the vCPU thread, under _cond
         self.exits = 0
+        self.cpu_seconds = 0.0  # CPU time of the thread, written as it ends (api/metrics.py)
         # --stats (runstats.py): I/O exits are exits minus these, so the I/O path adds nothing
         self.mmio_exits = 0
         self.other_exits: dict[int, int] = {}  # exit reason -> count, off the hot path
@@ -227,6 +229,7 @@ class Vcpu:
                 "fault", f"internal error in the VMM: {e!r}", registers=self._regs(),
                 vcpu=self.index,
             )
+        self.cpu_seconds = time.thread_time()  # kept for metrics once the thread is gone
         with self._cond:
             self.state = VcpuState.STOPPED  # from here on the thread leaves the fd alone
             self._cond.notify_all()

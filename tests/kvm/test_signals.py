@@ -17,6 +17,7 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,11 @@ def test_sigterm_stops_every_partition_of_a_system(tmp_path: Path, guests: dict[
     proc = _spawn(str(toml), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     client = _connect(sock, proc)
     _read_until(client, b"peer: tick 2\n")
+    log_a = tmp_path / "logs" / "a.log"
+    for _ in range(600):  # both partitions run on their own; wait for a to tick too
+        if log_a.exists() and "peer: tick 1\n" in log_a.read_text():
+            break
+        time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     client.close()

@@ -227,7 +227,7 @@ def test_initrd_too_big(mem: GuestMemory, tmp_path: Path) -> None:
     image = load(mem, tmp_path, make_bzimage())
     rd = tmp_path / "initrd"
     rd.write_bytes(bytes(60 * MiB))
-    with pytest.raises(LoaderError, match="initrd is 62914560 bytes, but only 41943040 fit"):
+    with pytest.raises(LoaderError, match=r"initrd is 60M, more than the 40M that fit between"):
         load_initrd(mem, rd, image)
 
 
@@ -238,7 +238,7 @@ def test_initrd_refused_for_multiboot_and_missing(mem: GuestMemory, tmp_path: Pa
     with pytest.raises(LoaderError, match="mb.elf is a multiboot image"):
         load_initrd(mem, rd, mb)
     pvh = LoadedImage(tmp_path / "k", "pvh", 0x100000, 0x100000, 0x101000)
-    with pytest.raises(LoaderError, match="cannot read initrd"):
+    with pytest.raises(LoaderError, match="missing does not exist"):
         load_initrd(mem, tmp_path / "missing", pvh)
 
 

@@ -237,7 +237,7 @@ def test_control_characters_in_paths_and_names_are_escaped(
         ("run", "two\nlines.elf"): "image: two\\nlines.elf does not exist",
         ("run", str(tree / "hello.elf"), "--gdb", "x\x1b]0;pwned\x07:1"): '"x\\e]0;pwned\\x07"',
         ("run", str(tree / "hello.elf"), "--initrd", "rd\r\x7f"): "--initrd: rd\\r\\x7f does",
-        ("run", str(tree / "hello.elf"), "--disk", "d\u2028isk"): "cannot use d\\u2028isk",
+        ("run", str(tree / "hello.elf"), "--disk", "d\u2028isk"): "d\\u2028isk does not exist",
         ("run", str(tree / "hello.elf"), "--serial", "tty\x9b1m"): 'bad serial "tty\\x9b1m"',
         ("run", "--kernel", str(tree / "kernel"), "--initramfs-dir", "a\tb"): "a\\tb is not a",
         ("run", "--\x1b[5m"): "unrecognized arguments: --\\e[5m",

@@ -56,7 +56,7 @@ def test_defaults_are_no_devices(tree: Path) -> None:
             'blk = [{path = "odd.img"}]\n',
             "blk[0].path: odd.img is 1000 bytes, not a multiple of 512",
         ),
-        ('blk = [{path = "nope.img"}]\n', "blk[0].path: cannot use nope.img"),
+        ('blk = [{path = "nope.img"}]\n', "blk[0].path: nope.img does not exist"),
         ('blk = [{path = "disk.img", ro = true}]\n', 'blk[0]: unknown key "ro"'),
         ('blk = "disk.img"\n', "blk: expected an array"),
         ('net = [{tap = "a-name-far-too-long"}]\n', 'net[0].tap: "a-name-far-too-long" is not'),

@@ -20,6 +20,7 @@ import os
 import stat
 from pathlib import Path
 
+from corevisor import inputs
 from corevisor.errors import ConfigError, LoaderError, show
 from corevisor.spec import ModuleSpec
 
@@ -52,22 +53,19 @@ def stat_or_none(path: Path, where: str, shown: str) -> os.stat_result | None:
 
 
 def _regular_file(path: Path, where: str, shown: str) -> None:
-    st = stat_or_none(path, where, shown)
-    if st is None:
-        raise ConfigError(f"{where}: {show(shown)} does not exist")
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{where}: {show(shown)} is not a regular file")
+    """A regular file (inputs.py: no open that could block, the kind named if not)."""
+    inputs.stat_file(path, inputs.Named(where, show(shown)))
 
 
 def check_guest_image(path: Path, where: str, shown: str) -> str:
     """A guest image the loader can boot; returns its boot protocol ("pvh",
-    "multiboot", "bzimage")."""
+    "multiboot", "bzimage"). It is read whole to say so, hence bounded (MAX_IMAGE)."""
+    from corevisor.loader import MAX_IMAGE, identify_image  # the loaders only when needed
+
     _regular_file(path, where, shown)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read {show(shown)}: {e.strerror or e}") from None
-    from corevisor.loader import identify_image  # the loaders only when an image is named
+    data = inputs.read_file(
+        path, inputs.Named(where, show(shown)), limit=MAX_IMAGE, why="an image can be"
+    )
 
     try:
         return identify_image(data, show(shown))

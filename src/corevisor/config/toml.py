@@ -58,6 +58,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from corevisor import inputs
 from corevisor.config import files
 from corevisor.config.host import HostFacts, gather
 from corevisor.config.parse import (
@@ -89,6 +90,7 @@ from corevisor.virtio.config import check_image, check_tap
 
 __all__ = [
     "load_config",
+    "read_system",
     "read_system_file",
     "system_from_document",
     "partition_from_table",
@@ -119,23 +121,28 @@ def load_config(
     the host to check against (default: this one, now).
     """
     path = Path(path)
-    fname = show(path)
-    doc = _parse_toml(read_system_file(path), fname)
-    system = system_from_document(doc, fname, path.parent.resolve(), source=path)
     return validate_system(
-        system,
-        Keys(prefix=f"{fname}: "),
+        read_system(path),
+        Keys(prefix=f"{show(path)}: "),
         host if host is not None else gather(),
         gdb_allow_remote=gdb_allow_remote,
     )
 
 
+def read_system(path: Path) -> SystemSpec:
+    """A system file read into a spec, not yet validated (`corevisor ctl add` reads the
+    file on its side and sends the spec; the daemon validates)."""
+    path = Path(path)
+    fname = show(path)
+    doc = _parse_toml(read_system_file(path), fname)
+    return system_from_document(doc, fname, path.parent.resolve(), source=path)
+
+
 def read_system_file(path: Path) -> bytes:
-    """The bytes of a system file (one function, so input bounding has one place)."""
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{show(path)}: cannot read: {e.strerror or e}") from None
+    """The bytes of a system file: a regular file of at most inputs.MAX_SYSTEM_FILE."""
+    return inputs.read_file(
+        path, inputs.Named(show(path)), limit=inputs.MAX_SYSTEM_FILE, why="a system file can be"
+    )
 
 
 def _parse_toml(raw: bytes, fname: str) -> dict[str, Any]:
@@ -161,29 +168,34 @@ def _parse_toml(raw: bytes, fname: str) -> dict[str, Any]:
 
 
 def system_from_document(
-    doc: dict[str, Any], fname: str, base: Path, source: Path | None = None
+    doc: dict[str, Any], fname: str, base: Path | None, source: Path | None = None
 ) -> SystemSpec:
-    """A parsed document (TOML or JSON) -> an unvalidated SystemSpec; names the key."""
-    _check_keys(doc, TOP_LEVEL_KEYS, fname)
+    """A parsed document (TOML or JSON) -> an unvalidated SystemSpec; names the key.
+
+    fname prefixes messages ("system.toml: partitions.x.memory: ..."); "" for a document
+    that is not a file (the API's body: "partitions.x.memory: ...").
+    """
+    at = f"{fname}: " if fname else ""
+    _check_keys(doc, TOP_LEVEL_KEYS, fname or "request body")
     tables = doc.get("partitions")
     if tables is None:
-        raise ConfigError(f"{fname}: no partitions (add a [partitions.NAME] table)")
+        raise ConfigError(f"{at}no partitions (add a [partitions.NAME] table)")
     if not isinstance(tables, dict):
-        raise ConfigError(f"{fname}: partitions: expected a table, got {type_name(tables)}")
+        raise ConfigError(f"{at}partitions: expected a table, got {type_name(tables)}")
     if not tables:
-        raise ConfigError(f"{fname}: partitions: no partitions (add a [partitions.NAME] table)")
+        raise ConfigError(f"{at}partitions: no partitions (add a [partitions.NAME] table)")
     partitions = []
     for name, table in tables.items():
-        where = f"{fname}: partitions.{_shown_name(name)}"
+        where = f"{at}partitions.{_shown_name(name)}"
         partitions.append(partition_from_table(name, table, where, base))
     channel_tables = doc.get("channels", {})
     if not isinstance(channel_tables, dict):
-        raise ConfigError(f"{fname}: channels: expected a table, got {type_name(channel_tables)}")
+        raise ConfigError(f"{at}channels: expected a table, got {type_name(channel_tables)}")
     channels = tuple(
-        channel_from_table(name, table, f"{fname}: channels.{_shown_name(name)}")
+        channel_from_table(name, table, f"{at}channels.{_shown_name(name)}")
         for name, table in channel_tables.items()
     )
-    log_dir = _system_table(doc.get("system", {}), f"{fname}: system", base)
+    log_dir = _system_table(doc.get("system", {}), f"{at}system", base)
     return SystemSpec(tuple(partitions), source=source, channels=channels, log_dir=log_dir)
 
 
@@ -412,7 +424,7 @@ def _direction(value: object, between: tuple[str, str], where: str) -> tuple[str
     return writer, reader
 
 
-def _system_table(table: object, where: str, base: Path) -> Path | None:
+def _system_table(table: object, where: str, base: Path | None) -> Path | None:
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table, got {type_name(table)}")
     _check_keys(table, SYSTEM_KEYS, where)

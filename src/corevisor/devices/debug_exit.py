@@ -1,9 +1,17 @@
 """QEMU's isa-debug-exit device (port 0xF4): lets a test guest end the VM with a status.
 
 A write of 1, 2 or 4 bytes at offset 0 calls ``on_exit(value)`` with the written bytes
-as a little-endian integer. The value is passed on unchanged: QEMU turns it into the
-process exit status ``(value << 1) | 1``, and whether corevisor does the same is the
-VMM's choice, not the device's. Reads return 0xFF bytes like an empty ISA port.
+as a little-endian integer (0 .. 2**32-1), unchanged. Reads return 0xFF bytes like an
+empty ISA port.
+
+The value becomes corevisor's process exit status through ``exit_status``, the one
+place that mapping lives. A process status has 8 bits, and the shell's own truncation
+(``value & 0xFF``) would turn a guest's 256 or 512 into 0, "success", which is the one
+answer a failing guest must never get. So 0..255 are the status as written and
+anything larger *saturates* at 255: every non-zero value stays non-zero and a larger
+value never reads as a smaller one. The stderr line keeps the exact value
+(``exit_message``). QEMU instead exits ``(value << 1) | 1``, always odd; corevisor
+keeps the value itself so that ``exit=3`` means status 3.
 
 What does not live here: stopping the machine (machine.py decides what on_exit does).
 """
@@ -15,9 +23,26 @@ from dataclasses import dataclass
 
 from corevisor.errors import DeviceError
 
-__all__ = ["DebugExit", "DebugExitState"]
+__all__ = ["DebugExit", "DebugExitState", "exit_status", "exit_message", "MAX_EXIT_STATUS"]
 
 _EXIT_SIZES = frozenset({1, 2, 4})
+MAX_EXIT_STATUS = 255
+
+
+def exit_status(value: int) -> int:
+    """The process exit status for a value the guest wrote: itself up to 255, else 255."""
+    return min(max(value, 0), MAX_EXIT_STATUS)
+
+
+def exit_message(value: int) -> str:
+    """The line that reports a guest's exit, with the exact value it wrote."""
+    status = exit_status(value)
+    if status == value:
+        return f"guest exited with status {value}"
+    return (
+        f"guest exited with status {value} ({value:#x}); corevisor exits {status}, "
+        f"since a process status cannot be more than {MAX_EXIT_STATUS}"
+    )
 
 
 @dataclass(frozen=True)

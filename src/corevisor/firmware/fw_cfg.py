@@ -34,11 +34,12 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+from corevisor import inputs
 from corevisor.arch.x86_64 import layout
 from corevisor.arch.x86_64.bootparams import E820Entry, e820_map
 from corevisor.devices import fw_cfg as k
 from corevisor.devices.fw_cfg import Item
-from corevisor.errors import LoaderError
+from corevisor.errors import LoaderError, show
 from corevisor.loader import Initrd, LoadedImage
 from corevisor.memory import GuestMemory
 
@@ -57,8 +58,11 @@ class FileSlice:
     """
 
     def __init__(self, path: Path, offset: int = 0, size: int | None = None) -> None:
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        total = os.fstat(self._fd).st_size
+        # Through inputs.py: the image or initrd named by the user, checked again on the
+        # descriptor that is read (a FIFO swapped in since the config check cannot block).
+        opened = inputs.open_file(path, show(path), error=LoaderError)
+        self._fd = opened.fd
+        total = opened.size
         self._offset = min(offset, total)
         self._size = total - self._offset if size is None else min(size, total - self._offset)
 

@@ -392,6 +392,27 @@ class kvm_debug_exit_arch(ctypes.Structure):
     ]
 
 
+class kvm_dirty_log(ctypes.Structure):
+    """KVM_GET_DIRTY_LOG: one bit per page of the slot, at the user address dirty_bitmap."""
+
+    _fields_ = [
+        ("slot", c_uint32),
+        ("padding1", c_uint32),
+        ("dirty_bitmap", c_uint64),
+    ]
+
+
+class kvm_clear_dirty_log(ctypes.Structure):
+    """KVM_CLEAR_DIRTY_LOG: re-protect the pages set in dirty_bitmap, from first_page on
+    (num_pages of them; both multiples of 64 except at the slot's end)."""
+
+    _fields_ = [
+        ("slot", c_uint32),
+        ("num_pages", c_uint32),
+        ("first_page", c_uint64),
+        ("dirty_bitmap", c_uint64),
+    ]
+
 class kvm_stats_header(ctypes.Structure):
     """The start of a KVM_GET_STATS_FD file: where its id, descriptors and data are."""
 
@@ -419,6 +440,8 @@ class kvm_stats_desc(ctypes.Structure):
 
 for _cls, _size in (
     (kvm_userspace_memory_region, 32),
+    (kvm_dirty_log, 16),
+    (kvm_clear_dirty_log, 24),
     (kvm_regs, 144),
     (kvm_segment, 24),
     (kvm_dtable, 16),
@@ -461,6 +484,8 @@ KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 KVM_GET_SUPPORTED_CPUID = _iowr(0x05, 8)
 KVM_CREATE_VCPU = _io(0x41)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, 32)
+KVM_GET_DIRTY_LOG = _iow(0x42, 16)
+KVM_CLEAR_DIRTY_LOG = _iowr(0xC0, 24)
 KVM_SET_TSS_ADDR = _io(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, 8)
 KVM_CREATE_IRQCHIP = _io(0x60)
@@ -498,6 +523,8 @@ KERNEL_SIGSET_BYTES = 8  # the kernel's sigset_t on x86-64: 64 signals, one bit 
 KVM_API_VERSION = 12
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 KVM_IOEVENTFD_FLAG_PIO = 1 << 1
 KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2

@@ -198,6 +198,20 @@ class VmFd:
         region = b.kvm_userspace_memory_region(slot, flags, gpa, size, host_addr)
         _ioctl(self.fd, b.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
 
+    def get_dirty_log(self, slot: int, bitmap: ctypes.Array[ctypes.c_uint64]) -> None:
+        """Fill bitmap (one bit per page of slot, 64 pages a word) with the pages written
+        since the last call (or, with manual protection, since they were cleared)."""
+        log = b.kvm_dirty_log(slot, 0, ctypes.addressof(bitmap))
+        _ioctl(self.fd, b.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
+
+    def clear_dirty_log(
+        self, slot: int, first_page: int, num_pages: int, bitmap: ctypes.Array[ctypes.c_uint64]
+    ) -> None:
+        """Write-protect again the pages set in bitmap (pages first_page on), so their
+        next write is logged (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)."""
+        log = b.kvm_clear_dirty_log(slot, num_pages, first_page, ctypes.addressof(bitmap))
+        _ioctl(self.fd, b.KVM_CLEAR_DIRTY_LOG, log, "KVM_CLEAR_DIRTY_LOG")
+
     def set_tss_addr(self, addr: int) -> None:
         _ioctl(self.fd, b.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")
 

@@ -10,6 +10,7 @@ image": the config check asks it too.
 
 from pathlib import Path
 
+from corevisor import inputs
 from corevisor.errors import LoaderError, show
 from corevisor.loader import bzimage, elf
 from corevisor.loader.elf import ImageKind, LoadedImage
@@ -22,12 +23,18 @@ __all__ = [
     "Initrd",
     "LoadedImage",
     "LoadedModule",
+    "MAX_IMAGE",
     "identify_file",
     "identify_image",
     "load_image",
     "load_initrd",
     "load_modules",
+    "read_image",
 ]
+
+# The largest image file any guest may boot, whatever its RAM: Debian's vmlinux is
+# ~60 MiB; a file beyond this is a mistake (a disk image, a sparse file), not a kernel.
+MAX_IMAGE = 1 << 30
 
 
 def identify_image(data: bytes, name: str) -> ImageKind:
@@ -38,22 +45,23 @@ def identify_image(data: bytes, name: str) -> ImageKind:
     return elf.identify_image(data, name)
 
 
+def read_image(path: Path, limit: int = MAX_IMAGE, why: str = "an image can be") -> bytes:
+    """The whole image file, refused unread if it is larger than limit (inputs.py).
+
+    Whatever the protocol, what is loaded is copied into RAM, so a file larger than the
+    guest's RAM is not an image for it (a sparse 30 GiB file, /dev/zero behind a link).
+    """
+    return inputs.read_file(path, show(path), limit=limit, why=why, error=LoaderError)
+
+
 def identify_file(path: Path) -> ImageKind:
     """identify_image for a file: the boot protocol it would load with, or LoaderError."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise LoaderError(f"{path}: cannot read image: {e.strerror or e}") from e
-    return identify_image(data, str(path))
+    return identify_image(read_image(path), show(path))
 
 
 def load_image(mem: GuestMemory, path: Path) -> LoadedImage:
     """Load a bzImage, PVH or multiboot image, whichever path holds, into guest RAM."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(0x206)
-    except OSError as e:
-        raise LoaderError(f"{show(path)}: cannot read image: {e.strerror or e}") from e
-    if bzimage.is_bzimage(head):
-        return bzimage.load_bzimage(mem, path)
-    return elf.load_image(mem, path)
+    data = read_image(path, min(mem.size, MAX_IMAGE), "of the guest's RAM")
+    if bzimage.is_bzimage(data):
+        return bzimage.load_bzimage(mem, path, data)
+    return elf.load_image(mem, path, data)

@@ -25,7 +25,9 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
+from corevisor import inputs
 from corevisor.arch.x86_64.layout import HIGH_MEMORY_START
 from corevisor.errors import GuestMemoryError, LoaderError, show
 from corevisor.loader.elf import LoadedImage
@@ -64,6 +66,10 @@ _FIELDS: dict[str, tuple[int, str]] = {
     "pref_address": (0x258, "Q"),
     "init_size": (0x260, "I"),
 }
+# Bounds on what extraction reads and produces: Debian's bzImage is ~8 MiB and its
+# vmlinux ~60 MiB; far beyond either is not a kernel.
+MAX_BZIMAGE = 256 << 20
+MAX_VMLINUX = 1 << 30
 HEADER_MIN_END = 0x264  # through init_size: what a 2.12 header must have
 
 
@@ -191,7 +197,7 @@ def load_address(hdr: SetupHeader) -> int:
     return HIGH_MEMORY_START
 
 
-def load_bzimage(mem: GuestMemory, path: Path, data: bytes | None = None) -> LoadedImage:
+def load_bzimage(mem: GuestMemory, path: Path, data: bytes) -> LoadedImage:
     """Copy a bzImage's protected-mode kernel into guest RAM; return where it went.
 
     end is the top of what the kernel will use while booting (load address or
@@ -199,11 +205,6 @@ def load_bzimage(mem: GuestMemory, path: Path, data: bytes | None = None) -> Loa
     Nothing is written unless all of it fits.
     """
     name = show(path)  # safe to print, whatever bytes the path holds
-    if data is None:
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise LoaderError(f"{name}: cannot read image: {e.strerror or e}") from e
     hdr = parse_setup_header(data, name)
     kernel = memoryview(data)[hdr.kernel_offset :]
     load = load_address(hdr)
@@ -236,14 +237,44 @@ def _zstd(payload: bytes, name: str) -> bytes:
     """zstd through the zstd command: Python gains compression.zstd only in 3.14."""
     import shutil  # here, not at the top: only extraction needs them, start-up time counts
     import subprocess
+    import threading
 
     tool = shutil.which("zstd")
     if tool is None:
         raise LoaderError(f"{name}: payload is zstd-compressed; install the zstd command")
-    done = subprocess.run([tool, "-dc"], input=payload, capture_output=True, check=False)
-    if done.returncode != 0:
-        raise LoaderError(f"{name}: zstd failed: {done.stderr.decode(errors='replace').strip()}")
-    return done.stdout
+    # Read its output only up to the bound, so a hostile frame cannot fill our memory.
+    with subprocess.Popen(
+        [tool, "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        feeder = threading.Thread(target=_feed, args=(proc.stdin, payload), daemon=True)
+        feeder.start()
+        out = proc.stdout.read(MAX_VMLINUX + 1)
+        if len(out) > MAX_VMLINUX:
+            proc.kill()
+        err = proc.stderr.read(4096)
+        proc.wait()
+        feeder.join()
+    if proc.returncode != 0 and len(out) <= MAX_VMLINUX:
+        raise LoaderError(f"{name}: zstd failed: {err.decode(errors='replace').strip()}")
+    return _bounded(out, name)
+
+
+def _feed(pipe: IO[bytes], payload: bytes) -> None:
+    """Write the payload to zstd's stdin (from a thread: its stdout is read meanwhile)."""
+    try:
+        pipe.write(payload)
+        pipe.close()
+    except OSError:
+        pass  # zstd stopped reading: it failed or was killed past the bound
+
+
+def _bounded(out: bytes, name: str) -> bytes:
+    if len(out) > MAX_VMLINUX:
+        raise LoaderError(
+            f"{name}: payload decompresses to more than {MAX_VMLINUX >> 20} MiB: not a vmlinux"
+        )
+    return out
 
 
 def _decompress(payload: bytes, name: str) -> bytes:
@@ -252,15 +283,20 @@ def _decompress(payload: bytes, name: str) -> bytes:
     import lzma
     import zlib
 
+    # Each decompressor stops one byte past the bound, so a small hostile payload (a
+    # "decompression bomb") costs at most MAX_VMLINUX of memory before it is refused.
+    limit = MAX_VMLINUX + 1
     try:
         if payload.startswith(b"\xfd7zXZ\x00"):
-            return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+            xz = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+            return _bounded(xz.decompress(payload, max_length=limit), name)
         if payload.startswith(b"\x5d\x00\x00"):
-            return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(payload)
+            alone = lzma.LZMADecompressor(format=lzma.FORMAT_ALONE)
+            return _bounded(alone.decompress(payload, max_length=limit), name)
         if payload.startswith(b"\x1f\x8b"):
-            return zlib.decompressobj(wbits=31).decompress(payload)
+            return _bounded(zlib.decompressobj(wbits=31).decompress(payload, limit), name)
         if payload.startswith(b"BZh"):
-            return bz2.BZ2Decompressor().decompress(payload)
+            return _bounded(bz2.BZ2Decompressor().decompress(payload, max_length=limit), name)
     except (lzma.LZMAError, zlib.error, OSError, EOFError) as e:
         raise LoaderError(f"{name}: corrupt compressed kernel: {e}") from e
     if payload.startswith(b"\x28\xb5\x2f\xfd"):
@@ -299,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     src, dst = Path(args[0]), Path(args[1])
     try:
-        data = src.read_bytes()
+        data = inputs.read_file(src, str(src), limit=MAX_BZIMAGE, why="a bzImage can be",
+                                error=LoaderError)
         dst.write_bytes(extract_vmlinux(data, str(src)))
     except (OSError, LoaderError) as e:
         print(f"corevisor: {e}", file=sys.stderr)

@@ -456,16 +456,13 @@ def identify_image(data: bytes, name: str) -> ImageKind:
     return _plan(data, name).kind
 
 
-def load_image(mem: GuestMemory, path: Path) -> LoadedImage:
-    """Read a PVH or multiboot image and copy it into guest RAM at its physical addresses.
+def load_image(mem: GuestMemory, path: Path, data: bytes) -> LoadedImage:
+    """Copy a PVH or multiboot image (data, read from path by loader.read_image, which
+    bounds it) into guest RAM at its physical addresses.
 
     Nothing is written unless every segment fits, so a failed load leaves RAM as it was.
     """
     name = show(path)  # safe to print, whatever bytes the path holds
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise LoaderError(f"{name}: cannot read image: {e.strerror or e}") from e
     plan = _plan(data, name)
     for seg in plan.segments:
         check_placement(mem, name, seg.label, seg.gpa, seg.end)

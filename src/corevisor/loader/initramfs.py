@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from corevisor import inputs
 from corevisor.errors import LoaderError, quote, show
 
 NEWC_MAGIC = b"070701"
@@ -32,6 +33,8 @@ TRAILER = "TRAILER!!!"
 _HEADER_FIELDS = 13
 _HEADER_SIZE = 6 + 8 * _HEADER_FIELDS
 assert _HEADER_SIZE == 110
+# newc sizes are 32-bit, and Linux wants its initrd below 4 GiB.
+MAX_INITRAMFS = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -124,14 +127,42 @@ def write_newc(entries: Iterable[Entry]) -> bytes:
     return bytes(out)
 
 
-def _entry_from_host(name: str, host: Path, mtime: int | None) -> Entry:
+class Budget:
+    """What is left of the archive's size bound, charged before each member is read.
+
+    Every member costs its header and name too, so a tree of a million empty files is
+    bounded as well as one huge file.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def charge(self, name: str, size: int, host: Path) -> None:
+        cost = _HEADER_SIZE + len(name) + 4 + size + 3
+        if cost > self.left:
+            raise LoaderError(
+                f"initramfs: {show(host)}: the archive would be more than "
+                f"{inputs.size_text(self.limit)}, the most this guest can take (its RAM)"
+            )
+        self.left -= cost
+
+
+def _entry_from_host(name: str, host: Path, mtime: int | None, budget: Budget) -> Entry:
     """One member from a host file (not following symlinks)."""
     try:
         st = host.lstat()
         when = int(st.st_mtime) if mtime is None else mtime
         mode = stat.S_IFMT(st.st_mode) | stat.S_IMODE(st.st_mode)
+        budget.charge(name, st.st_size if stat.S_ISREG(st.st_mode) else 0, host)
         if stat.S_ISREG(st.st_mode):
-            return Entry(name, mode, host.read_bytes(), when)
+            # Read by the same rules as every input: the lstat above only chose the
+            # member's kind; a file swapped for a FIFO, device or link is refused.
+            data = inputs.read_file(
+                host, inputs.Named("initramfs", show(host)), limit=st.st_size,
+                why="it was when listed", follow=False, error=LoaderError,
+            )
+            return Entry(name, mode, data, when)
         if stat.S_ISLNK(st.st_mode):
             return Entry(name, mode, os.fsencode(os.readlink(host)), when)
         if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
@@ -142,14 +173,18 @@ def _entry_from_host(name: str, host: Path, mtime: int | None) -> Entry:
         raise LoaderError(f"initramfs: cannot read {show(host)}: {e.strerror or e}") from e
 
 
-def entries_from_directory(root: Path, mtime: int | None = None) -> list[Entry]:
+def entries_from_directory(
+    root: Path, mtime: int | None = None, limit: int = MAX_INITRAMFS
+) -> list[Entry]:
     """Every file under root (root itself excluded), parents first, sorted by name.
 
     mtime=None keeps the files' own times; a number makes the archive reproducible.
     Symlinks are stored as links, never followed. The walk keeps its own stack, so a
     tree of any depth is archived (or refused for a path the host cannot open), never
-    a RecursionError.
+    a RecursionError. More than limit bytes of archive is refused before the member
+    that would cross it is read.
     """
+    budget = Budget(limit)
     try:
         is_dir = stat.S_ISDIR(os.stat(root).st_mode)
     except (FileNotFoundError, NotADirectoryError):
@@ -169,7 +204,7 @@ def entries_from_directory(root: Path, mtime: int | None = None) -> list[Entry]:
         child = children.pop()
         host = d / child
         name = f"{prefix}{child}"
-        entry = _entry_from_host(name, host, mtime)
+        entry = _entry_from_host(name, host, mtime, budget)
         entries.append(entry)
         if stat.S_ISDIR(entry.mode):  # lstat's mode: a symlink to a directory is a link
             stack.append((host, name + "/", _children(host)))
@@ -184,7 +219,9 @@ def _children(d: Path) -> list[str]:
         raise LoaderError(f"initramfs: cannot list {show(d)}: {e.strerror or e}") from e
 
 
-def entries_from_files(files: Mapping[str, Path], mtime: int | None = None) -> list[Entry]:
+def entries_from_files(
+    files: Mapping[str, Path], mtime: int | None = None, limit: int = MAX_INITRAMFS
+) -> list[Entry]:
     """Members named by the mapping's keys with the host files' contents and modes.
 
     Parent directories that are not listed are added (mode 0755) before their first
@@ -192,6 +229,7 @@ def entries_from_files(files: Mapping[str, Path], mtime: int | None = None) -> l
     """
     entries: list[Entry] = []
     have: set[str] = set()
+    budget = Budget(limit)
     for name in sorted(files, key=lambda n: _archive_name(n).split("/")):
         clean = _archive_name(name)
         parts = clean.split("/")
@@ -201,17 +239,20 @@ def entries_from_files(files: Mapping[str, Path], mtime: int | None = None) -> l
                 have.add(parent)
                 entries.append(directory(parent, mtime=mtime or 0))
         have.add(clean)
-        entries.append(_entry_from_host(clean, files[name], mtime))
+        entries.append(_entry_from_host(clean, files[name], mtime, budget))
     return entries
 
 
-def build_initramfs(root: Path, extra: Iterable[Entry] = (), mtime: int | None = None) -> bytes:
-    """A newc archive of a directory tree plus extra members (device nodes, say).
+def build_initramfs(
+    root: Path, extra: Iterable[Entry] = (), mtime: int | None = None, limit: int = MAX_INITRAMFS
+) -> bytes:
+    """A newc archive of a directory tree plus extra members (device nodes, say); at most
+    limit bytes of members are read (the guest's RAM, say).
 
     /dev/console is added when the tree lacks it: without it the kernel cannot open
     init's stdin/stdout and a busybox init prints nothing.
     """
-    entries = entries_from_directory(root, mtime)
+    entries = entries_from_directory(root, mtime, limit)
     entries += list(extra)
     names = {_archive_name(e.path) for e in entries}
     if "dev/console" not in names:

@@ -18,6 +18,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from corevisor import inputs
 from corevisor.errors import LoaderError, show
 from corevisor.loader.elf import LoadedImage
 from corevisor.memory import GuestMemory
@@ -52,20 +53,20 @@ def load_initrd(mem: GuestMemory, path: Path, image: LoadedImage) -> Initrd:
             f"{name}: an initrd needs a Linux kernel (bzImage or PVH vmlinux); "
             f"{image.path} is a multiboot image"
         )
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise LoaderError(f"{name}: cannot read initrd: {e.strerror or e}") from e
+    limit = _limit(mem, image)
+    floor = (image.end + PAGE - 1) & ~(PAGE - 1)
+    room = max(0, limit - floor)
+    data = inputs.read_file(
+        path,
+        name,
+        limit=room,
+        why=f"that fit between the kernel (ends {image.end:#x}) and {limit:#x}; use more memory",
+        error=LoaderError,
+    )
     if not data:
         raise LoaderError(f"{name}: initrd is empty")
-    limit = _limit(mem, image)
     gpa = (limit - len(data)) & ~(PAGE - 1)
-    floor = (image.end + PAGE - 1) & ~(PAGE - 1)
-    if gpa < floor:
-        room = max(0, limit - floor)
-        raise LoaderError(
-            f"{name}: initrd is {len(data)} bytes, but only {room} fit between the kernel "
-            f"(ends {image.end:#x}) and {limit:#x}; use more memory"
-        )
+    if gpa < floor:  # pragma: no cover - the bound above rules this out
+        raise LoaderError(f"{name}: initrd does not fit above the kernel")
     mem.write(gpa, data)
     return Initrd(gpa, len(data))

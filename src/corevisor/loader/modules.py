@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from corevisor import inputs
 from corevisor.errors import LoaderError
 from corevisor.loader.elf import LoadedImage
 from corevisor.loader.placement import check_placement, collision
@@ -78,10 +79,9 @@ def load_modules(
     cursor = _align(image.end)
     for module in modules:
         name = str(module.path)
-        try:
-            data = module.path.read_bytes()
-        except OSError as e:
-            raise LoaderError(f"{name}: cannot read module: {e.strerror or e}") from e
+        data = inputs.read_file(
+            module.path, name, limit=mem.size, why="of the guest's RAM", error=LoaderError
+        )
         hit = collision(cursor, cursor + max(len(data), 1))
         while hit is not None:
             cursor = _align(hit[1])

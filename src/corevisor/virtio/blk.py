@@ -11,7 +11,9 @@ and the device carries on, as a real disk would.
 Data moves in pieces of at most CHUNK bytes between the file and guest RAM (always
 through GuestMemory), so a huge request costs no more VMM memory than a small one.
 Flush is os.fsync of the image. The image's size must be a whole number of 512-byte
-sectors; anything else is refused when the device is built, with a ConfigError.
+sectors; anything else is refused when the device is built, with a ConfigError. The
+image is locked while the device holds it (shared if read-only, exclusive if writable:
+inputs.lock_file), so a second corevisor, or QEMU, cannot write it at the same time.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from corevisor.errors import ConfigError, DeviceError
+from corevisor import inputs
+from corevisor.errors import DeviceError, show
 from corevisor.snapshot import require_bool, require_bytes, require_state, require_uint
-from corevisor.virtio.config import SECTOR, check_image
+from corevisor.virtio.config import SECTOR, check_image, check_sectors
 from corevisor.virtio.device import VirtioDevice
 from corevisor.virtio.queue import ChainReader, ChainWriter, DescriptorChain, QueueError
 
@@ -95,14 +98,19 @@ class Blk(VirtioDevice):
         super().__init__()
         self.path = Path(path)
         self.readonly = readonly
-        self.size = check_image(self.path, where)
+        # Opened, checked and locked on one descriptor: shared for a read-only disk,
+        # exclusive for a writable one (inputs.lock_file), so two runs never both write.
+        label = inputs.Named(where, show(self.path))
+        f = inputs.open_file(self.path, label, writable=not readonly)
+        self.fd = f.fd
         try:
-            self.fd = os.open(self.path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
-        except OSError as e:
-            raise ConfigError(f"{where}: cannot open {path}: {e.strerror or e}") from None
+            self.size = check_sectors(f.size, where, str(self.path))
+            inputs.lock_file(f, exclusive=not readonly)
+        except BaseException:
+            os.close(f.fd)
+            raise
         self.name = f"virtio-blk({self.path.name})"
         self.serial = self.path.name.encode()[:ID_BYTES]
-        self.requests = 0
         self.errors = 0
 
     def features(self) -> int:
@@ -119,7 +127,6 @@ class Blk(VirtioDevice):
 
     def _request(self, chain: DescriptorChain) -> int:
         """Serve one request; return the bytes written into the chain (status included)."""
-        self.requests += 1
         kind, _, sector = _HEADER.unpack(chain.reader().read(_HEADER.size))
         if not chain.writable:
             raise QueueError(f"blk request {chain.head} has no device-writable status byte")
@@ -177,11 +184,17 @@ class Blk(VirtioDevice):
                 if written != len(piece):
                     raise OSError("short write to the image")
                 pos += written
+        self.bytes_from_guest += length
         return VIRTIO_BLK_S_OK
 
     def _flush(self) -> int:
         os.fsync(self.fd)
         return VIRTIO_BLK_S_OK
+
+    def sync(self) -> None:
+        """Every completed write on disk: a snapshot's RAM holds them as done."""
+        if not self.readonly:
+            os.fsync(self.fd)
 
     # --- save / restore ---------------------------------------------------------------
     def save(self) -> BlkState:

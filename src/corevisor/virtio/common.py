@@ -280,7 +280,12 @@ class VirtioTransport:
             )
         if state.status & ~(DRIVER_STATUS_BITS | STATUS_NEEDS_RESET) or state.status < 0:
             raise DeviceError(f"{where}: status {state.status:#x} has unknown bits")
-        if state.driver_features & ~self.offered:
+        # A driver may write any bits to its features; only FEATURES_OK promises they
+        # were offered, so only then is an unoffered bit an impossible state (saving a
+        # transport mid-negotiation must restore: found by fuzz/targets/virtio_mmio).
+        if type(state.driver_features) is not int or not 0 <= state.driver_features < 1 << 64:
+            raise DeviceError(f"{where}: driver features {state.driver_features!r}")
+        if state.status & STATUS_FEATURES_OK and state.driver_features & ~self.offered:
             raise DeviceError(
                 f"{where}: driver features {state.driver_features:#x} were never "
                 f"offered ({self.offered:#x})"

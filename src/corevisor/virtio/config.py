@@ -10,34 +10,34 @@ Imported by the config readers, so it imports nothing heavy.
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 
+from corevisor import inputs
 from corevisor.errors import ConfigError, quote, show
 
-__all__ = ["check_image", "check_tap", "SECTOR", "IFNAMSIZ"]
+__all__ = ["check_image", "check_sectors", "check_tap", "SECTOR", "IFNAMSIZ"]
 
 SECTOR = 512
 IFNAMSIZ = 16
 
 
 def check_image(path: Path, where: str, shown: str | None = None) -> int:
-    """Return the size of a usable raw disk image, or raise a one-line ConfigError."""
+    """Return the size of a usable raw disk image, or raise a one-line ConfigError.
+
+    The type check is inputs.py's (no open, no blocking on a FIFO); the device checks
+    the descriptor it opens again, by the same rules (check_sectors)."""
     shown = show(path) if shown is None else shown
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else "not a valid path"
-        raise ConfigError(f"{where}: cannot use {shown}: {reason}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{where}: {shown} is not a regular file")
-    if st.st_size % SECTOR:
+    return check_sectors(inputs.stat_file(path, inputs.Named(where, shown)).st_size, where, shown)
+
+
+def check_sectors(size: int, where: str, shown: str) -> int:
+    """A disk image holds whole sectors."""
+    if size % SECTOR:
         raise ConfigError(
-            f"{where}: {shown} is {st.st_size} bytes, not a multiple of {SECTOR} "
+            f"{where}: {shown} is {size} bytes, not a multiple of {SECTOR} "
             "(a disk image holds whole sectors)"
         )
-    return st.st_size
+    return size
 
 
 def check_tap(name: object, where: str) -> str:

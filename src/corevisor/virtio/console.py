@@ -82,7 +82,9 @@ class Console(VirtioDevice):
     def _send(self, chain: DescriptorChain) -> int:
         reader = chain.reader()
         while reader.remaining:
-            self.output(reader.read(min(reader.remaining, _OUT_CHUNK)))
+            data = reader.read(min(reader.remaining, _OUT_CHUNK))
+            self.bytes_from_guest += len(data)
+            self.output(data)
         return 0
 
     def _receive(self) -> None:
@@ -105,6 +107,8 @@ class Console(VirtioDevice):
                 writer.write(data)
                 del self._pending[: len(data)]
             q.add_used(chain.head, writer.written)
+            self.requests += 1
+            self.bytes_to_guest += writer.written
             done = True
         if done:
             ctx.notify_used(q)

@@ -139,6 +139,10 @@ class VirtioDevice:
         # Set by the transport so a device can ask for another look at its fds (net
         # RX after the driver adds buffers) without knowing about the I/O thread.
         self.wake: Callable[[], None] = lambda: None
+        # Counters for the metrics (api/metrics.py), written on the I/O thread only.
+        self.requests = 0  # requests completed (chains put in a used ring)
+        self.bytes_from_guest = 0  # payload the guest handed over (a disk write, a frame)
+        self.bytes_to_guest = 0  # bytes written into the guest's buffers
 
     # --- negotiation and config ---------------------------------------------------------
     def features(self) -> int:
@@ -169,6 +173,9 @@ class VirtioDevice:
     def close(self) -> None:
         """Release host resources (files, TAP fds); the machine is going away."""
 
+    def sync(self) -> None:
+        """Make what the device completed durable (a snapshot is taken); OSError if not."""
+
     # --- work, on the I/O thread --------------------------------------------------------
     def process_queue(self, index: int) -> None:
         """The driver kicked queue index. May raise QueueError (device needs reset)."""
@@ -182,7 +189,10 @@ class VirtioDevice:
         q = ctx.queues[index]
         served = False
         while (chain := q.pop()) is not None:
-            q.add_used(chain.head, request(chain))
+            written = request(chain)
+            q.add_used(chain.head, written)
+            self.requests += 1
+            self.bytes_to_guest += written
             served = True
         if served:
             ctx.notify_used(q)

@@ -184,6 +184,8 @@ class Net(VirtioDevice):
             writer.write(frame[:10] + b"\x01\x00" + frame[VNET_HDR_SIZE:])
             q.add_used(chain.head, writer.written)
             self.rx_frames += 1
+            self.requests += 1
+            self.bytes_to_guest += writer.written
             done = True
         if done:
             ctx.notify_used(q)
@@ -205,6 +207,7 @@ class Net(VirtioDevice):
         try:
             os.write(self.tap_fd, frame)
             self.tx_frames += 1
+            self.bytes_from_guest += len(frame) - VNET_HDR_SIZE
         except OSError:
             self.tx_dropped += 1
         return 0
