@@ -369,6 +369,10 @@ class PartitionSpec:
         schema=_PATH_SCHEMA, description="a BIOS image (SeaBIOS's bios.bin) to boot the disk "
         "through, instead of an image"))
 
+    def __post_init__(self) -> None:
+        if (self.image is None) == (self.bios is None):
+            raise ValueError("a partition boots an image or its bios: exactly one of the two")
+
     @property
     def pci(self) -> bool:
         """Whether the machine has a PCI host bridge (PCI devices or firmware)."""
