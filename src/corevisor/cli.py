@@ -46,6 +46,8 @@ PARTITION_OPTIONS = {
     "net": "net",
     "rng": "rng",
     "module": "modules",
+    "transport": "transport",
+    "bios": "bios",
 }
 
 
@@ -107,6 +109,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--net", action="append", metavar="TAP", help="a virtio-net on a host TAP")
     run.add_argument("--rng", action="store_true", help="a virtio-rng entropy device")
+    run.add_argument(
+        "--transport",
+        choices=("mmio", "pci"),
+        default=None,
+        help="how the virtio devices are attached: virtio-mmio windows (default) or "
+        "virtio-pci functions with MSI-X (the default with --bios)",
+    )
+    run.add_argument(
+        "--bios",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="boot the first --disk through a BIOS instead of an IMAGE (default PATH: "
+        "Debian's SeaBIOS, /usr/share/seabios/bios-256k.bin)",
+    )
     run.add_argument(
         "--module",
         action="append",
@@ -174,6 +192,8 @@ def _resolve(args: argparse.Namespace) -> SystemSpec:
     cmdline = args.cmdline
     if args.timeout is not None and not args.timeout > 0:
         raise CorevisorError(f"--timeout: {args.timeout:g} s (give a positive number of seconds)")
+    if args.bios is not None:
+        return _bios_system(args, target)
     if target is None:
         # The demo (examples/demo.toml): build its guests if they are missing.
         for name in bundled.DEMO_GUESTS:
@@ -214,6 +234,36 @@ def _resolve(args: argparse.Namespace) -> SystemSpec:
         nets=args.net,
         rng=args.rng,
         modules=args.module,
+        transport=args.transport,
+    )
+    return SystemSpec(partitions=(part,))
+
+
+def _bios_system(args: argparse.Namespace, target: str | None) -> SystemSpec:
+    """`run --bios [PATH] --disk IMG`: one machine booting its disk through the BIOS."""
+    from corevisor.config.args import bios_partition_from_args
+    from corevisor.config.files import DEFAULT_BIOS
+
+    if target is not None:
+        raise CorevisorError(f"--bios boots from its disk: IMAGE {show(target)} is not used "
+                             "(give the disk with --disk)")
+    for flag in ("cmdline", "initrd", "module"):
+        if getattr(args, flag, None):
+            raise CorevisorError(f"--{flag} cannot be combined with --bios: the BIOS boots "
+                                 "from the disk, with no kernel of corevisor's")
+    part = bios_partition_from_args(
+        args.bios or str(DEFAULT_BIOS),
+        cpus=1 if args.cpus is None else args.cpus,
+        memory=args.memory,
+        pin=args.pin,
+        serial=args.serial if args.serial is not None else "stdout",
+        gdb=args.gdb,
+        gdb_attach=args.gdb_attach,
+        gdb_allow_remote=args.gdb_allow_remote,
+        disks=args.disk,
+        nets=args.net,
+        rng=args.rng,
+        transport=args.transport,
     )
     return SystemSpec(partitions=(part,))
 

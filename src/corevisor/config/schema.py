@@ -145,6 +145,9 @@ def _document_object(cls: type, raw: dict[str, dict[str, Any]]) -> dict[str, Any
     out["properties"] = properties
     if required:
         out["required"] = required
+    one_of = getattr(cls, "DOCUMENT_ONE_OF", ())
+    if one_of:  # exactly one of these keys (a partition's image, or its bios)
+        out["oneOf"] = [{"required": [key]} for key in one_of]
     out["additionalProperties"] = False
     return out
 

@@ -27,6 +27,10 @@ JSON schema)::
     net = [{tap = "tap0"}]
     rng = true
     virtio_console = true
+    transport = "mmio"                  # or "pci": virtio-pci functions with MSI-X
+    # bios = "/usr/share/seabios/bios-256k.bin"   instead of image: boot the first disk
+    #                                     through SeaBIOS (transport "pci"; no initrd,
+    #                                     modules or cmdline)
 
     [channels.NAME]                     # shared memory between two partitions (channel.py)
     between = ["a", "b"]
@@ -39,7 +43,7 @@ JSON schema)::
     log_dir = "logs"                    # per-partition serial logs (default: a new temp dir)
     sandbox = true                      # every VMM thread under a seccomp filter (docs/sandbox.md)
 
-Relative paths (image, initrd, blk, ``file:`` and ``unix:`` serial paths, log_dir) are
+Relative paths (image, initrd, bios, blk, ``file:`` and ``unix:`` serial paths, log_dir) are
 resolved against the file's directory, so a file means the same from any working
 directory. A table from a JSON document has the same shape: partition_from_table reads
 either (the API's body of a new partition).
@@ -79,6 +83,7 @@ from corevisor.spec import (
     PartitionSpec,
     RestartPolicy,
     SystemSpec,
+    Transport,
     VirtioSpec,
     document_keys,
 )
@@ -236,7 +241,7 @@ def _bool(value: object, where: str) -> bool:
     return value
 
 
-_Choice = TypeVar("_Choice", ExitMode, RestartPolicy, Doorbell)
+_Choice = TypeVar("_Choice", ExitMode, RestartPolicy, Doorbell, Transport)
 
 
 def _choice(value: object, kind: type[_Choice], where: str) -> _Choice:
@@ -294,8 +299,10 @@ def partition_from_table(
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table, got {type_name(table)}")
     _check_keys(table, PARTITION_KEYS, where)
+    if "bios" in table:
+        return _bios_partition(name, table, where, base)
     if "image" not in table:
-        raise ConfigError(f'{where}: missing key "image" (the guest ELF to boot)')
+        raise ConfigError(f'{where}: missing key "image" (the guest ELF to boot, or a bios)')
     values = {
         key: reader(table[key], f"{where}.{key}", base)
         for key, reader in _READERS.items()
@@ -318,11 +325,35 @@ def partition_from_table(
     )
 
 
+# Keys that mean nothing to a machine booting through its BIOS: there is no kernel.
+_NOT_WITH_BIOS = ("image", "initrd", "modules", "cmdline")
+
+
+def _bios_partition(name: str, table: dict[str, Any], where: str, base: Path | None
+                    ) -> PartitionSpec:
+    """A partition that boots its disk through a BIOS (the bios key instead of an image)."""
+    for key in _NOT_WITH_BIOS:
+        if key in table:
+            raise ConfigError(f"{where}.{key}: a partition with a bios boots from its disk, "
+                              f"so it has no {key}")
+    shown = _str(table["bios"], f"{where}.bios")
+    bios = parse_path(shown, f"{where}.bios", base)
+    files.check_bios(bios, f"{where}.bios", shown)
+    values = {
+        key: reader(table[key], f"{where}.{key}", base)
+        for key, reader in _READERS.items()
+        if key in table
+    }
+    virtio = _virtio(table, where, base, default=Transport.PCI)
+    return PartitionSpec(name=name, bios=bios, virtio=virtio, **values)
+
+
 # ---------------------------------------------------------------------- virtio keys
 
 
-def _virtio(table: dict[str, object], where: str, base: Path | None) -> VirtioSpec:
-    """The virtio keys of one partition table (blk, net, rng, virtio_console)."""
+def _virtio(table: dict[str, object], where: str, base: Path | None,
+            default: Transport = Transport.MMIO) -> VirtioSpec:
+    """The virtio keys of one partition table (blk, net, rng, virtio_console, transport)."""
     blks: list[BlkSpec] = []
     for i, item in enumerate(_array(table, "blk", where, '{path = "disk.img"}')):
         w = f"{where}.blk[{i}]"
@@ -344,7 +375,10 @@ def _virtio(table: dict[str, object], where: str, base: Path | None) -> VirtioSp
         nets.append(NetSpec(check_tap(item["tap"], f"{w}.tap")))
     rng = _bool(table.get("rng", False), f"{where}.rng")
     console = _bool(table.get("virtio_console", False), f"{where}.virtio_console")
-    return VirtioSpec(tuple(blks), tuple(nets), rng, console)
+    transport = default
+    if "transport" in table:
+        transport = _choice(table["transport"], Transport, f"{where}.transport")
+    return VirtioSpec(tuple(blks), tuple(nets), rng, console, transport)
 
 
 def _array(table: dict[str, object], key: str, where: str, example: str) -> list[object]:

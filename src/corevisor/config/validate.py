@@ -47,6 +47,7 @@ from corevisor.spec import (
     ExitMode,
     PartitionSpec,
     SystemSpec,
+    Transport,
 )
 
 __all__ = ["Keys", "CLI_KEYS", "API_KEYS", "validate_partition",
@@ -67,6 +68,8 @@ _OPTIONS = {
     "blk": "--disk",
     "net": "--net",
     "virtio": "--disk/--net/--rng",
+    "transport": "--transport",
+    "bios": "--bios",
 }
 
 
@@ -123,6 +126,10 @@ def validate_partition(
             f"{keys.of(p.name, 'gdb')}: {p.gdb.host} is not a loopback address and whoever "
             "reaches it controls the guest; pass --gdb-allow-remote to serve GDB on the network"
         )
+    if p.bios is not None and p.virtio.transport is not Transport.PCI:
+        # SeaBIOS boots from virtio-blk-pci
+        raise ConfigError(f'{keys.of(p.name, "transport")}: a partition with a bios has its '
+                          f'devices on PCI (transport = "pci"), not "{p.virtio.transport}"')
     if p.virtio.count > MAX_VIRTIO_DEVICES:
         raise ConfigError(
             f"{keys.of(p.name, 'virtio') if keys.options else keys.of(p.name)}: "
@@ -348,7 +355,7 @@ def _place_channels(
     """Check each channel, then place those without a gpa, in order, in the resource maps
     of both its partitions (RAM, fixed MMIO, the channels each already has)."""
     by_name = {p.name: p for p in partitions}
-    maps = {name: machine_map(name, p.memory) for name, p in by_name.items()}
+    maps = {name: machine_map(name, p.memory, p.pci) for name, p in by_name.items()}
     count = dict.fromkeys(by_name, 0)
     for c in running:
         for end in c.between:

@@ -202,6 +202,57 @@ class kvm_ioeventfd(ctypes.Structure):
     ]
 
 
+class kvm_irq_routing_irqchip(ctypes.Structure):
+    _fields_ = [("irqchip", c_uint32), ("pin", c_uint32)]
+
+
+class kvm_irq_routing_msi(ctypes.Structure):
+    _fields_ = [
+        ("address_lo", c_uint32),
+        ("address_hi", c_uint32),
+        ("data", c_uint32),
+        ("devid", c_uint32),
+    ]
+
+
+class _kvm_irq_routing_u(ctypes.Union):
+    _fields_ = [
+        ("irqchip", kvm_irq_routing_irqchip),
+        ("msi", kvm_irq_routing_msi),
+        ("pad", c_uint32 * 8),
+    ]
+
+
+class kvm_irq_routing_entry(ctypes.Structure):
+    """One GSI's route (KVM_SET_GSI_ROUTING): an irqchip pin or an MSI message."""
+
+    _fields_ = [
+        ("gsi", c_uint32),
+        ("type", c_uint32),
+        ("flags", c_uint32),
+        ("pad", c_uint32),
+        ("u", _kvm_irq_routing_u),
+    ]
+
+
+class kvm_irq_routing(ctypes.Structure):
+    """The header of KVM_SET_GSI_ROUTING's argument; `entries` entries follow it
+    (irq_routing(n) builds the whole buffer)."""
+
+    _fields_ = [("nr", c_uint32), ("flags", c_uint32)]
+
+
+@functools.cache
+def irq_routing(n: int) -> type[ctypes.Structure]:
+    """kvm_irq_routing with room for n entries (cached per size)."""
+    return type(
+        f"kvm_irq_routing_{n}",
+        (ctypes.Structure,),
+        {"_fields_": [("nr", c_uint32), ("flags", c_uint32),
+                      ("entries", kvm_irq_routing_entry * n)]},
+    )
+
+
 class kvm_msi(ctypes.Structure):
     _fields_ = [
         ("address_lo", c_uint32),
@@ -403,6 +454,8 @@ for _cls, _size in (
     (kvm_irqfd, 32),
     (kvm_ioeventfd, 64),
     (kvm_msi, 32),
+    (kvm_irq_routing_entry, 48),
+    (kvm_irq_routing, 8),
     (kvm_mp_state, 4),
     (kvm_vcpu_events, 64),
     (kvm_enable_cap, 104),
@@ -442,6 +495,7 @@ KVM_CREATE_PIT2 = _iow(0x77, 64)
 KVM_IOEVENTFD = _iow(0x79, 64)
 KVM_ENABLE_CAP = _iow(0xA3, 104)
 KVM_SIGNAL_MSI = _iow(0xA5, 32)
+KVM_SET_GSI_ROUTING = _iow(0x6A, 8)
 KVM_RUN = _io(0x80)
 KVM_GET_REGS = _ior(0x81, 144)
 KVM_SET_REGS = _iow(0x82, 144)
@@ -475,6 +529,9 @@ KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 KVM_IOEVENTFD_FLAG_PIO = 1 << 1
 KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
+KVM_IRQ_ROUTING_IRQCHIP = 1
+KVM_IRQ_ROUTING_MSI = 2
 KVM_PIT_SPEAKER_DUMMY = 1
 KVM_X86_DISABLE_EXITS_MWAIT = 1 << 0
 KVM_X86_DISABLE_EXITS_HLT = 1 << 1

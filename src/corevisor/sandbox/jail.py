@@ -118,7 +118,7 @@ def plan(system: SystemSpec, root: Path, uid: int, gid: int) -> tuple[SystemSpec
     dirs: list[Path] = []
     devices = ["/dev/kvm", "/dev/null"]
     for p in system.partitions:
-        ro.append(p.image)
+        ro.extend(f for f in (p.image, p.bios) if f is not None)
         if p.initrd is not None:
             ro.append(p.initrd)
         ro.extend(m.path for m in p.modules)

@@ -372,6 +372,11 @@ def send(
 def _movable(m: Machine) -> None:
     """What a migration refuses, before anything is paused or sent."""
     movable(m)
+    if m.spec is not None and m.spec.bios is not None:
+        # Its low RAM is several KVM slots (the shadow RAM under the PAM registers), and
+        # dirty logging follows whole RAM regions.
+        raise MigrationError(f"{m.name} boots through a BIOS: such a machine cannot be "
+                             "migrated yet (snapshot and restore it instead)")
     shared = sorted(name.removeprefix("channel-end-") for name in m.devices
                     if name.startswith("channel-end-"))
     if shared:

@@ -1,7 +1,8 @@
 """The I/O thread of one virtio device: where all of its host-side work runs.
 
 It blocks in poll(2) on the device's queue eventfds (the ioeventfds KVM signals when the
-guest writes QueueNotify), the device's own host fds (a TAP, console input) and a wake
+guest writes a queue's notify register), the device's own host fds (a TAP, console
+input), the transport's own (a level-triggered interrupt's resample fd) and a wake
 eventfd, and calls the transport for each that is ready. So a guest's kick costs the
 vCPU no exit to userspace, and a slow disk or a busy TAP never delays a vCPU.
 
@@ -14,7 +15,7 @@ the request being served (if any) is complete and the thread waits, serving noth
 Kicks that arrive meanwhile stay counted in their eventfds and are served afterwards.
 
 What does not live here: what the work is (the device types), register handling
-(mmio.py), the eventfd/irqfd wiring (builder.attach_virtio_devices).
+(mmio.py, pci.py), the eventfd/irqfd wiring (attach.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import traceback
 from corevisor import sandbox
 from corevisor.errors import CorevisorError
 from corevisor.signals import start_thread
-from corevisor.virtio.mmio import VirtioMmio
+from corevisor.virtio.common import VirtioTransport
 
 __all__ = ["IoThread"]
 
@@ -37,9 +38,9 @@ PARK_TIMEOUT = 10.0  # seconds a request in progress may take to complete before
 
 
 class IoThread:
-    """A daemon thread serving one VirtioMmio from start() until close()."""
+    """A daemon thread serving one transport (common.py) from start() until close()."""
 
-    def __init__(self, transport: VirtioMmio, name: str) -> None:
+    def __init__(self, transport: VirtioTransport, name: str) -> None:
         self.transport = transport
         self.name = name
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -103,12 +104,13 @@ class IoThread:
     def _run(self) -> None:
         t = self.transport
         queue_of = {fd: i for i, fd in enumerate(t.notify_fds)}
+        own = t.host_fds()
         while not self._stopping:
             self._wait_parked()
             device_fds = t.device.fds()
             poller = select.poll()
             poller.register(self._wake, select.POLLIN)
-            for fd in (*queue_of, *device_fds):
+            for fd in (*queue_of, *own, *device_fds):
                 poller.register(fd, select.POLLIN)
             for fd, _ in poller.poll():
                 if self._stopping:
@@ -119,6 +121,9 @@ class IoThread:
                     elif fd in queue_of:
                         _drain(fd)
                         t.handle_queue(queue_of[fd])
+                    elif fd in own:
+                        _drain(fd)
+                        own[fd]()
                     else:
                         t.handle_fd(fd)
                 except Exception as e:  # noqa: BLE001 - a device bug must not kill the VMM
