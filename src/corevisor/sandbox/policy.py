@@ -117,6 +117,9 @@ _VCPU_IOCTLS = (
     b.KVM_SET_GUEST_DEBUG,
     # interrupts a device raises from an exit (the UART's IRQ 4, an MSI)
     b.KVM_IRQ_LINE, b.KVM_SIGNAL_MSI,
+    # the guest programs an MSI/MSI-X vector (a config-space or BAR write, on its exit):
+    # pci/routing.py pushes the new routing table
+    b.KVM_SET_GSI_ROUTING,
 )
 _GDB_IOCTLS = (
     b.KVM_GET_REGS, b.KVM_SET_REGS, b.KVM_GET_SREGS, b.KVM_SET_SREGS, b.KVM_GET_FPU,
