@@ -115,7 +115,8 @@ def system_file(tmp_path: Path, parts: dict[str, tuple[Path, str]], tail: str = 
     return path
 
 
-@pytest.mark.portable
+# Not portable yet: in the lab the second partition's doorbell never wakes it from a
+# plain hlt (docs/lab.md, "A lab limit: a halted vCPU that is not woken").
 def test_channel_both_ways_with_direct_and_relayed_doorbells(tmp_path: Path) -> None:
     a = guest(tmp_path / "a.elf", _ping("a", 0, 0xAAAA0001, 4, 0xBBBB0002, DIRECT_RING))
     b = guest(tmp_path / "b.elf", _ping("b", 4, 0xBBBB0002, 0, 0xAAAA0001, RELAYED_RING))
