@@ -690,6 +690,12 @@ void ioapic_route(int pin, u8 vector, u8 dest_apic)
     ioapic_write(0x10 + 2 * pin, vector);   /* fixed, physical, high, edge, unmasked */
 }
 
+void ioapic_route_level(int pin, u8 vector, u8 dest_apic)
+{
+    ioapic_write(0x10 + 2 * pin + 1, (u32)dest_apic << 24);
+    ioapic_write(0x10 + 2 * pin, (1u << 15) | vector);  /* as above, level-triggered */
+}
+
 /* ------------------------------------------------------------------------------------- */
 /* CPU discovery                                                                         */
 

@@ -1,8 +1,9 @@
 """build(config): the recipe that turns a PartitionSpec into a ready, unstarted Machine.
 
 Read it top to bottom: create VM -> memory -> irqchip -> exit policy -> vCPUs ->
-devices -> ACPI PM devices -> hypercalls -> virtio devices -> load the image (and its
-initrd or multiboot modules) -> boot tables -> boot registers -> fw_cfg -> channels.
+devices -> ACPI PM devices -> hypercalls -> user devices -> virtio devices -> load the
+image (and its initrd or multiboot modules) -> boot tables -> boot registers -> fw_cfg
+-> channels.
 Each step is an attach_* function, so a later restore path (and a system restarting a
 partition) can reuse the same steps. Each step hands what it creates to the machine at
 once (Machine.own / at_close) and registers its threads with Machine.at_start: a
@@ -120,6 +121,7 @@ def build(
         serial = attach_legacy_devices(m, config, links.serial, res, links.report)
         attach_acpi_pm(m, res)
         attach_hypercalls(m, config, links, serial, res)
+        attach_user_devices(m, config, res, links.report)
         virtio = attach_virtio_devices(m, config, links, serial, res)
         image = load_image(m.memory, config.image)
         initrd = load_initrd(m.memory, config.initrd, image) if config.initrd else None
@@ -335,6 +337,24 @@ def attach_hypercalls(
         "doorbell": DoorbellPort(),
     }
     _attach_ports(m, paravirt, res)
+
+
+def attach_user_devices(
+    m: Machine,
+    config: PartitionSpec,
+    res: Resources,
+    report: Callable[[str, str], None] = report_to_stderr,
+) -> None:
+    """Device models written in Python (userdev/, docs/devices.md) at the ranges and lines
+    their specs name. Before the virtio devices: a user device's line is fixed (its
+    guest driver knows it), so virtio's allocation steps around it. Their timers run on
+    one thread the machine starts with the vCPUs; a device that fails is reported
+    through report and answers as absent, the machine runs on."""
+    if not config.devices:
+        return
+    from corevisor.userdev import attach as userdev  # only partitions with user devices
+
+    userdev.attach(m, config.devices, res, lambda msg: report(m.name, msg))
 
 
 def _with_virtio_devices(cmdline: str, slots: list[VirtioSlot]) -> str:

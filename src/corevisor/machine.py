@@ -90,6 +90,7 @@ class Machine:
         self.report: StopReport | None = None
         self._owned = owned if owned is not None else ExitStack()
         self._starters: list[Callable[[], None]] = []
+        self._stalls: list[Callable[[], str | None]] = []
         self._state = MachineState.CREATED
         self._lock = threading.Lock()  # state, report, closed: held briefly, never waiting
         self._op = threading.RLock()  # one start/pause/resume/halt check at a time
@@ -117,6 +118,11 @@ class Machine:
     def at_start(self, start: Callable[[], None]) -> None:
         """Call start in start(), in registration order, before the vCPUs start."""
         self._starters.append(start)
+
+    def at_stall(self, describe: Callable[[], str | None]) -> None:
+        """describe() names what may be keeping a vCPU thread outside KVM_RUN right now (a
+        user device's call in progress, userdev/attach.py); a pause that times out says it."""
+        self._stalls.append(describe)
 
     def add_vcpu(self, fd: VcpuFd, host_core: int | None = None) -> Vcpu:
         """Own a new vCPU fd at once (before anything else can fail) and wrap it."""
@@ -210,7 +216,9 @@ class Machine:
         except CorevisorError as e:
             for v in self.vcpus:
                 v.release(reason, wait=False)
-            raise CorevisorError(f"machine {self.name}: {e}") from None
+            stalls = [s for s in (describe() for describe in self._stalls) if s]
+            why = "".join(f"; {s}" for s in stalls)
+            raise CorevisorError(f"machine {self.name}: {e}{why}") from None
 
     def _release_all(self, reason: str) -> None:
         for v in self.vcpus:

@@ -28,6 +28,12 @@ JSON schema)::
     rng = true
     virtio_console = true
 
+    [[partitions.demo.devices]]         # a device model written in Python (docs/devices.md)
+    class = "sensor.py:TempSensor"      # or "package.module:Class"
+    base = 0x700                        # optional: its ports or MMIO address (default: its REGION)
+    gsi = 5                             # optional: its interrupt line (default: its IRQ)
+    celsius = 21                        # anything else: its constructor's keyword arguments
+
     [channels.NAME]                     # shared memory between two partitions (channel.py)
     between = ["a", "b"]
     size = "4K"                         # a multiple of 4K
@@ -38,10 +44,10 @@ JSON schema)::
     [system]
     log_dir = "logs"                    # per-partition serial logs (default: a new temp dir)
 
-Relative paths (image, initrd, blk, ``file:`` and ``unix:`` serial paths, log_dir) are
-resolved against the file's directory, so a file means the same from any working
-directory. A table from a JSON document has the same shape: partition_from_table reads
-either (the API's body of a new partition).
+Relative paths (image, initrd, blk, ``file:`` and ``unix:`` serial paths, log_dir, a
+device's FILE.py) are resolved against the file's directory, so a file means the same
+from any working directory. A table from a JSON document has the same shape:
+partition_from_table reads either (the API's body of a new partition).
 
 What does not live here: the checks of values against each other and the host
 (validate.py), the `run` options (args.py), opening anything (console.py, builder.py).
@@ -72,6 +78,7 @@ from corevisor.spec import (
     NAME_PATTERN,
     BlkSpec,
     ChannelSpec,
+    DeviceSpec,
     Doorbell,
     ExitMode,
     NetSpec,
@@ -311,8 +318,23 @@ def partition_from_table(
         initrd=initrd_path,
         modules=module_specs,
         virtio=_virtio(table, where, base),
+        devices=_devices(table.get("devices"), f"{where}.devices", base),
         **values,
     )
+
+
+def _devices(value: object, where: str, base: Path | None) -> tuple[DeviceSpec, ...]:
+    """[[partitions.NAME.devices]]: user-written device models (userdev/load.py)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(
+            f"{where}: expected an array of tables ([[partitions.NAME.devices]]), "
+            f"got {type_name(value)}"
+        )
+    from corevisor.userdev.load import device_from_table  # only partitions with devices
+
+    return tuple(device_from_table(t, f"{where}[{i}]", base) for i, t in enumerate(value))
 
 
 # ---------------------------------------------------------------------- virtio keys
