@@ -257,9 +257,9 @@ def claim_device(res: Resources, device: DeviceSpec, where: str) -> None:
     res.claim(space, device.base, device.size, owner, where=where)
     if device.gsi is None:
         return
+    res.claim(Space.GSI, device.gsi, 1, owner, where=where)  # a fixed line's owner named
     if device.gsi not in DEVICE_GSIS:
         raise ConfigError(
             f"{where}: GSI {device.gsi} is not a line a device may use (the free ISA lines: "
             f"{', '.join(map(str, DEVICE_GSIS))})"
         )
-    res.claim(Space.GSI, device.gsi, 1, owner, where=where)

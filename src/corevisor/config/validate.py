@@ -159,9 +159,10 @@ def _check_devices(p: PartitionSpec, keys: Keys) -> None:
     names: dict[str, int] = {}
     for i, d in enumerate(p.devices):
         if d.name in names:
+            first = "another --device" if keys.options else f"devices[{names[d.name]}]"
             raise ConfigError(
                 f"{_device_key(p, keys, i)}: a device named {d.name} already exists "
-                f"({_device_key(p, keys, names[d.name])}): give one a name"
+                f"({first}): give one a name"
             )
         names[d.name] = i
     partition_map(p, keys)

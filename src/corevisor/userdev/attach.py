@@ -85,11 +85,11 @@ def attach(
     m.at_start(clock.start)
     m.at_close(clock.close)
     for i, spec in enumerate(devices):
-        claim_device(res, spec, f"partitions.{m.name}.devices[{i}]")
-        where = f"{m.name}: device {spec.name}"
+        where = f"partitions.{m.name}.devices[{i}]"
+        claim_device(res, spec, where)
         _, cls = load_class(spec.cls, where)
         declared(cls, where)
-        dev = Contained(spec, cls, m.memory, m.vm.irq_line, clock, report)
+        dev = Contained(spec, cls, m.memory, m.vm.irq_line, clock, report, key=where)
         m.at_close(dev.close)
         key = f"device-{spec.name}"
         bus = m.pio if spec.space is DeviceSpace.PORT else m.mmio
@@ -174,7 +174,9 @@ class Contained:
         irq_line: Callable[[int, int], None],
         clock: DeviceTimers,
         report: Callable[[str], None],
+        key: str = "",
     ) -> None:
+        """key: how a build error names the device (its table in the spec)."""
         self.spec = spec
         self.failure: str | None = None  # why it failed, once it has
         self._report = report
@@ -196,14 +198,20 @@ class Contained:
             for t in self._timers:
                 clock.cancel(t)
             raise DeviceError(
-                f"device {spec.name} ({spec.cls}): its constructor raised {_why(e)}"
+                f"{key or spec.name} (device {spec.name}, {self.shown_class}): its constructor "
+                f"raised {_why(e)}"
             ) from None
 
     @property
-    def label(self) -> str:
-        """"device NAME (CLASS)", a file's class by its file's name."""
+    def shown_class(self) -> str:
+        """The class as messages show it: a file's by the file's name."""
         module, _, cls = self.spec.cls.rpartition(":")
-        return f"device {self.spec.name} ({Path(module).name}:{cls})"
+        return f"{Path(module).name}:{cls}"
+
+    @property
+    def label(self) -> str:
+        """"device NAME (CLASS)"."""
+        return f"device {self.spec.name} ({self.shown_class})"
 
     def _log(self, message: str) -> None:
         self._report(f"device {self.spec.name}: {message}")
@@ -258,7 +266,8 @@ class Contained:
                     data = _as_bytes(value, size)
                     if data is not None:
                         return data
-                    self._fail(f"it returned {_shown(value)}, not {size} bytes", _what(self._call))
+                    self._fail(f"it returned {_shown(value)} for a {size}-byte read",
+                               _what(self._call))
                 finally:
                     self._leave()
         return b"\xff" * size

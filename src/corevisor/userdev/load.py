@@ -131,10 +131,7 @@ def _module_from_file(path: Path, where: str, shown: str) -> types.ModuleType:
 def _why(e: BaseException) -> str:
     """An exception as one line: its type, message and where it was raised."""
     message = str(e).splitlines()[0] if str(e) else ""
-    text = f"{type(e).__name__}: {message}" if message else type(e).__name__
-    if isinstance(e, SyntaxError) and e.filename:
-        return f"{text} ({Path(e.filename).name}, line {e.lineno})"
-    return text
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__
 
 
 def declared(cls: type, where: str) -> tuple[Ports | Mmio, Irq | None]:
@@ -245,10 +242,15 @@ def _fits(value: Any, kinds: tuple[type, ...]) -> Any:
 
 
 def _check_parameters(
-    cls: type, values: dict[str, Any], where: str, key_where: typing.Callable[[str], str]
+    cls: type,
+    values: dict[str, Any],
+    where: str,
+    key_where: typing.Callable[[str], str],
+    class_where: str,
 ) -> tuple[tuple[str, Any], ...]:
-    """values checked against the constructor: known, complete, of the annotated types."""
-    keywords, var_keyword = _signature(cls, where)
+    """values checked against the constructor: known, complete, of the annotated types.
+    where names the table (a key unknown or missing), class_where the class."""
+    keywords, var_keyword = _signature(cls, class_where)
     hints = _hints(cls)
     name = cls.__name__
     for key in values:
@@ -372,7 +374,9 @@ def device_from_table(table: object, where: str, base: Path | None) -> DeviceSpe
     canonical, cls = load_class(text, f"{where}.class", base)
     declaration = declared(cls, f"{where}.class")
     values = {k: _plain(v, f"{where}.{k}") for k, v in table.items() if k not in RESERVED_KEYS}
-    params = _check_parameters(cls, values, where, lambda key: f"{where}.{key}")
+    params = _check_parameters(
+        cls, values, where, lambda key: f"{where}.{key}", f"{where}.class"
+    )
     return _spec(
         canonical,
         cls,
@@ -411,7 +415,7 @@ def device_from_option(text: str, where: str = "--device") -> DeviceSpec:
             values[key] = _from_text(value, kinds, f"{where}: {key}")
     if "class" in own:
         raise ConfigError(f"{where}: the class comes first, not as class=")
-    params = _check_parameters(cls, values, where, lambda key: f"{where}: {key}")
+    params = _check_parameters(cls, values, where, lambda key: f"{where}: {key}", where)
     return _spec(
         canonical,
         cls,
