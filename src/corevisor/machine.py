@@ -91,6 +91,7 @@ class Machine:
         self._owned = owned if owned is not None else ExitStack()
         self._starters: list[Callable[[], None]] = []
         self._stalls: list[Callable[[], str | None]] = []
+        self._abandoned: list[Vcpu] = []  # vCPU threads that did not end when told to
         self._state = MachineState.CREATED
         self._lock = threading.Lock()  # state, report, closed: held briefly, never waiting
         self._op = threading.RLock()  # one start/pause/resume/halt check at a time
@@ -227,8 +228,13 @@ class Machine:
             v.release(reason)
 
     def _join_vcpus(self) -> None:
+        """Wait for each vCPU thread to end; one that did not within JOIN_TIMEOUT (stuck
+        outside KVM_RUN, e.g. in a user device's call) is not waited for again."""
         for v in self.vcpus:
-            v.join(JOIN_TIMEOUT)
+            if v not in self._abandoned:
+                v.join(JOIN_TIMEOUT)
+                if v.alive:
+                    self._abandoned.append(v)
 
     # --- waiting --------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> StopReport | None:

@@ -26,6 +26,7 @@ from corevisor.machine import Machine
 from corevisor.snapshot import format as fmt
 from corevisor.snapshot import state as st
 from corevisor.spec import PartitionSpec, SerialSpec
+from corevisor.userdev.attach import UserDeviceState
 from tests.kvm.conftest import corevisor
 from tests.kvm.test_snapshot import _PauseAt
 
@@ -258,6 +259,7 @@ def test_a_sensor_restored_from_a_snapshot_goes_on(guests: dict[str, Path],
         fmt.write(tmp_path / "snap", {"name": "sensor"}, saved, m.memory,
                   layout.ram_layout(config.memory))
     (dev,) = [state for name, state in saved.devices if name == "device-loggingsensor"]
+    assert isinstance(dev, UserDeviceState)
     regs, log, entries, checked = dev.state
     assert log != 0 and entries >= 2 and checked is True
     restored = dataclasses.replace(config, serial=SerialSpec.file(tmp_path / "b.log"))

@@ -95,7 +95,8 @@ def device(body: str, more: str = "") -> str:
 
 def load(tree: Path, text: str) -> tuple[DeviceSpec, ...]:
     (tree / "s.toml").write_text(text)
-    return load_config(tree / "s.toml").partitions[0].devices
+    devices: tuple[DeviceSpec, ...] = load_config(tree / "s.toml").partitions[0].devices
+    return devices
 
 
 def error(tree: Path, text: str) -> str:
@@ -350,7 +351,7 @@ def test_the_schema_refuses_a_device_without_a_class() -> None:
 
 
 def test_declarations_check_their_values() -> None:
-    assert Irq(5, "level").trigger is Trigger.LEVEL  # type: ignore[arg-type]
+    assert Irq(5, "level").trigger is Trigger.LEVEL and Irq(5) == Irq(5, "edge")
     for bad in (
         lambda: Ports(0x700, 0),
         lambda: Ports(0x700, 0x101),
@@ -358,7 +359,7 @@ def test_declarations_check_their_values() -> None:
         lambda: Ports(-1, 1),
         lambda: Mmio(0, 0),
         lambda: Mmio(1 << 39, 1),
-        lambda: Irq(5, "rising"),  # type: ignore[arg-type]
+        lambda: Irq(5, "rising"),
         lambda: Irq("5"),  # type: ignore[arg-type]
         lambda: Ports(0x700, True),
     ):
@@ -415,14 +416,15 @@ def clock() -> Iterator[DeviceTimers]:
     c.close()
 
 
-def _timer(clock: DeviceTimers, fired: list[int], done: threading.Event, n: int) -> Timer:
+def _timer(clock: DeviceTimers, fired: list[int], done: threading.Event, n: int,
+           index: int = 0) -> Timer:
     """A timer whose runner records its index and sets done after n firings."""
     def runner(t: Timer) -> None:
         fired.append(t.index)
         if len(fired) >= n:
             done.set()
 
-    timer = Timer(clock, lambda: None, len(fired))
+    timer = Timer(clock, lambda: None, index)
     clock.add(timer, runner)
     return timer
 
@@ -434,8 +436,7 @@ def test_timers_armed_before_the_start_fire_after_it(clock: DeviceTimers) -> Non
     once.start(0.001)
     assert once.active and clock.saved(once) == (0.001, None)
     assert not done.wait(0.05) and fired == []  # nothing fires before start()
-    periodic = Timer(clock, lambda: None, 1)
-    clock.add(periodic, lambda t: (fired.append(t.index), done.set() if len(fired) >= 3 else 0))
+    periodic = _timer(clock, fired, done, 3, index=1)
     periodic.start(0.001, periodic=True)
     clock.start()
     assert done.wait(WAIT)
@@ -464,3 +465,17 @@ def test_a_timer_rejects_a_bad_period(clock: DeviceTimers) -> None:
     for bad in (0, -1.0, float("inf"), float("nan"), "1", True):
         with pytest.raises(DeviceError):
             t.start(bad)  # type: ignore[arg-type]
+
+
+def test_the_user_device_areas_stay_free_in_every_machine() -> None:
+    from corevisor.arch.x86_64 import layout
+    from corevisor.resources import Space, machine_map
+
+    res = machine_map("m", 4 << 30)  # RAM up to the hole and beyond 4 GiB
+    low, high = layout.USER_DEVICE_PORTS
+    assert res.conflict(Space.PIO, low, high - low) is None
+    low, high = layout.USER_DEVICE_MMIO
+    assert res.conflict(Space.GPA, low, high - low) is None
+    assert high <= layout.CHANNEL_AREA_START
+    (d,) = read_system(ROOT / "examples" / "sensor.toml").partitions[0].devices
+    assert layout.USER_DEVICE_PORTS[0] <= d.base < d.end <= layout.USER_DEVICE_PORTS[1]

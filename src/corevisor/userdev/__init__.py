@@ -123,21 +123,23 @@ class Trigger(enum.StrEnum):
     LEVEL = "level"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Irq:
     """The device's interrupt line: an IOAPIC input (GSI) of the in-kernel irqchip, one of
     the ISA lines no built-in device uses (3, 5, 6, 7, 10, 11, 12, 14, 15); a system
-    file's ``gsi`` key moves it."""
+    file's ``gsi`` key moves it. trigger: "edge" (the default) or "level"."""
 
     gsi: int
-    trigger: Trigger = Trigger.EDGE
+    trigger: Trigger
 
-    def __post_init__(self) -> None:
-        _check_int("Irq.gsi", self.gsi)
+    def __init__(self, gsi: int, trigger: Trigger | str = Trigger.EDGE) -> None:
+        _check_int("Irq.gsi", gsi)
         try:
-            object.__setattr__(self, "trigger", Trigger(self.trigger))
+            kind = Trigger(trigger)
         except ValueError:
-            raise ValueError(f'Irq.trigger {self.trigger!r}: "edge" or "level"') from None
+            raise ValueError(f'Irq.trigger {trigger!r}: "edge" or "level"') from None
+        object.__setattr__(self, "gsi", gsi)
+        object.__setattr__(self, "trigger", kind)
 
 
 def _check_int(what: str, value: object) -> None:

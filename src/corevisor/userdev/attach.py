@@ -58,7 +58,8 @@ __all__ = ["attach", "Contained", "DeviceTimers", "UserDeviceState", "SLOW_CALL"
 
 SLOW_CALL = 0.5  # seconds: a device call this long stalled its vCPU; reported once
 MAX_STATE_DEPTH = 16
-JOIN_TIMEOUT = 5.0  # seconds close() waits for the timer thread (a callback may be stuck)
+JOIN_TIMEOUT = 1.0  # seconds close() waits for the timer thread (a callback may be stuck)
+PARK_TIMEOUT = 5.0  # seconds park() waits for a callback in progress to return
 
 
 @dataclass(frozen=True)
@@ -509,12 +510,12 @@ class DeviceTimers:
         """Fire nothing until unpark (a frozen machine); returns once no callback runs."""
         with self._cond:
             self._parked = True
-            self._cond.wait_for(lambda: not self._firing, JOIN_TIMEOUT)
+            self._cond.wait_for(lambda: not self._firing, PARK_TIMEOUT)
             if self._firing:
                 self._parked = False
                 raise DeviceError(
                     f"{self.machine}: a device's timer callback has not returned within "
-                    f"{JOIN_TIMEOUT:g} s"
+                    f"{PARK_TIMEOUT:g} s"
                 )
 
     def unpark(self) -> None:

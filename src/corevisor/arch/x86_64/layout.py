@@ -85,6 +85,12 @@ LAPIC_ADDR = 0xFEE0_0000
 VIRTIO_MMIO_START = MMIO_HOLE_START
 VIRTIO_MMIO_END = VIRTIO_MMIO_START + 9 * 0x1000
 
+# Kept free of corevisor's own devices, for device models users write (userdev/,
+# docs/devices.md): a user device may sit anywhere the machine's map is free, and these
+# ranges stay free (tests/unit/test_userdev.py checks the map).
+USER_DEVICE_PORTS = (0x700, 0x800)
+USER_DEVICE_MMIO = (0xC100_0000, 0xD000_0000)  # above the virtio windows, below channels
+
 # Areas nothing else (a channel) may be mapped over: the virtio windows; from the IOAPIC
 # to 4 GiB, the IOAPIC, LAPIC, the VT-x real-mode TSS (builder.py) and the reset vector.
 FIXED_MMIO = (
