@@ -292,31 +292,32 @@ def _spec(
     canonical: str,
     cls: type,
     declaration: tuple[Ports | Mmio, Irq | None],
-    *,
-    name: str | None,
-    base: int | None,
-    gsi: int | None,
     params: tuple[tuple[str, Any], ...],
-    base_where: str,
-    gsi_where: str,
+    own: dict[str, object],
+    key_where: typing.Callable[[str], str],
 ) -> DeviceSpec:
+    """The spec of a checked class: own holds the table's name, base and gsi (each
+    optional), key_where names a key in messages."""
     region, irq = declaration
     space = DeviceSpace.PORT if isinstance(region, Ports) else DeviceSpace.MMIO
-    start = region.base if base is None else base
+    name = _name(own["name"], key_where("name")) if "name" in own else _default_name(cls)
+    base = _address(own["base"], key_where("base")) if "base" in own else region.base
+    gsi = _address(own["gsi"], key_where("gsi")) if "gsi" in own else None
     try:
-        type(region)(start, region.size)
+        type(region)(base, region.size)
     except ValueError as e:
-        raise ConfigError(f"{base_where}: {e}") from None
+        raise ConfigError(f"{key_where('base')}: {e}") from None
     if gsi is not None and irq is None:
-        raise ConfigError(f"{gsi_where}: {cls.__name__} declares no IRQ (give the class one)")
-    line = gsi if gsi is not None else (irq.gsi if irq is not None else None)
+        raise ConfigError(
+            f"{key_where('gsi')}: {cls.__name__} declares no IRQ (give the class one)"
+        )
     return DeviceSpec(
         cls=canonical,
-        name=name if name is not None else _default_name(cls),
+        name=name,
         space=space,
-        base=start,
+        base=base,
         size=region.size,
-        gsi=line,
+        gsi=gsi if gsi is not None else (irq.gsi if irq is not None else None),
         level=irq is not None and irq.trigger is Trigger.LEVEL,
         params=params,
     )
@@ -377,17 +378,8 @@ def device_from_table(table: object, where: str, base: Path | None) -> DeviceSpe
     params = _check_parameters(
         cls, values, where, lambda key: f"{where}.{key}", f"{where}.class"
     )
-    return _spec(
-        canonical,
-        cls,
-        declaration,
-        name=_name(table["name"], f"{where}.name") if "name" in table else None,
-        base=_address(table["base"], f"{where}.base") if "base" in table else None,
-        gsi=_address(table["gsi"], f"{where}.gsi") if "gsi" in table else None,
-        params=params,
-        base_where=f"{where}.base",
-        gsi_where=f"{where}.gsi",
-    )
+    own = {k: table[k] for k in RESERVED_KEYS[1:] if k in table}
+    return _spec(canonical, cls, declaration, params, own, lambda key: f"{where}.{key}")
 
 
 def device_from_option(text: str, where: str = "--device") -> DeviceSpec:
@@ -416,17 +408,10 @@ def device_from_option(text: str, where: str = "--device") -> DeviceSpec:
     if "class" in own:
         raise ConfigError(f"{where}: the class comes first, not as class=")
     params = _check_parameters(cls, values, where, lambda key: f"{where}: {key}", where)
-    return _spec(
-        canonical,
-        cls,
-        declaration,
-        name=_name(own["name"], f"{where}: name") if "name" in own else None,
-        base=_int_text(own["base"], f"{where}: base") if "base" in own else None,
-        gsi=_int_text(own["gsi"], f"{where}: gsi") if "gsi" in own else None,
-        params=params,
-        base_where=f"{where}: base",
-        gsi_where=f"{where}: gsi",
-    )
+    parsed: dict[str, object] = {
+        k: v if k == "name" else _int_text(v, f"{where}: {k}") for k, v in own.items()
+    }
+    return _spec(canonical, cls, declaration, params, parsed, lambda key: f"{where}: {key}")
 
 
 def _int_text(text: str, where: str) -> int:
