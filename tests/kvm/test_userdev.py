@@ -277,3 +277,30 @@ def test_a_sensor_restored_from_a_snapshot_goes_on(guests: dict[str, Path],
     assert len(re.findall(r"^sensor: log \d+: \d+ C$", after, re.M)) == 4, after
     assert not [r for r in reports if "failed" in r], reports
 
+
+
+def test_the_api_builds_a_partition_with_a_device(tmp_path: Path,
+                                                  guests: dict[str, Path]) -> None:
+    from corevisor.errors import ApiError
+    from tests.kvm.apihelp import daemon, until
+
+    device = {"class": f"{EXAMPLE}:TempSensor", "celsius": 30}
+    table = {"image": str(guests["sensor"]), "memory": "16M", "cmdline": "count=2",
+             "serial": "null", "devices": [device]}
+    with daemon(tmp_path) as (_, client):
+        client.json("POST", "/partitions?start=true", {"partitions": {"sensor": table}})
+        until(lambda: client.json("GET", "/partitions/sensor")["state"] == "stopped",
+              "the sensor guest ends")
+        got = client.json("GET", "/partitions/sensor")
+        assert (got["status"], got["last"]) == (0, "guest exited with status 0"), got
+        serial = client.request("GET", "/partitions/sensor/serial").decode()
+        assert "sensor: done, 2 alarms" in serial, serial
+        (shown,) = got["config"]["devices"]
+        assert shown == {"class": f"{EXAMPLE}:TempSensor", "name": "tempsensor", "base": 0x700,
+                         "gsi": 5, "celsius": 30}
+        bad = {**table, "devices": [{**device, "celsius": "warm"}]}
+        with pytest.raises(ApiError) as info:
+            client.json("POST", "/partitions", {"partitions": {"warm": bad}})
+        assert (info.value.status, str(info.value)) == (
+            400, "partitions.warm.devices[0].celsius: expected an integer (TempSensor's "
+            'parameter celsius: int), got a string "warm"')
