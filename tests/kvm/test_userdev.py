@@ -84,9 +84,10 @@ FAILURES = {
     "write": "RuntimeError: status write refused (at userdevs.py:",
     "exit": "SystemExit: 3 (at userdevs.py:",
     "size": "it returned 2 bytes for a 1-byte read",
+    "nasty": "Unprintable: <Unprintable that cannot be shown> (at userdevs.py:",
 }
 WHERE = {"read": "read(0x0, 1)", "timer": "timer 0 (sample)", "write": "write(0x2, 01)",
-         "exit": "write(0x2, 01)", "size": "read(0x0, 1)"}
+         "exit": "write(0x2, 01)", "size": "read(0x0, 1)", "nasty": "timer 0 (sample)"}
 
 
 @pytest.mark.parametrize("where", FAILURES)

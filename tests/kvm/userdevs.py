@@ -24,8 +24,16 @@ _spec.loader.exec_module(example)
 TempSensor = example.TempSensor
 
 
+class Unprintable(Exception):
+    """An exception whose message cannot even be formed."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no words")
+
+
 class FailingSensor(TempSensor):  # type: ignore[misc, valid-type]
-    """Fails in `where` ("read", "timer", "write", "exit", "size") the `after`-th time
+    """Fails in `where` ("read", "timer", "write", "exit", "size", "nasty": an exception
+    that cannot be shown, as a sample) the `after`-th time
     (samples count once the guest has turned the interrupt on, so the guest has always
     seen the sensor first)."""
 
@@ -56,6 +64,8 @@ class FailingSensor(TempSensor):  # type: ignore[misc, valid-type]
     def sample(self) -> None:
         if self.regs[3] & 1 and self._due("timer"):
             raise KeyError("sample")
+        if self.regs[3] & 1 and self._due("nasty"):
+            raise Unprintable
         super().sample()
 
 

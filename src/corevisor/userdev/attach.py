@@ -99,10 +99,19 @@ def attach(
         m.at_stall(dev.stalled)
 
 
+def _text(value: object, limit: int = 200) -> str:
+    """str(value)'s first line, cut to limit; a device's own __str__ may raise too."""
+    try:
+        lines = str(value).strip().splitlines()
+    except Exception:  # noqa: BLE001 - reporting a failure must not fail
+        return f"<{type(value).__name__} that cannot be shown>"
+    return lines[0][:limit] if lines else ""
+
+
 def _why(e: BaseException) -> str:
     """The exception as one line: type, message, and the innermost frame it came from
     (from the code objects: no source file is opened, which a confined thread may not)."""
-    message = str(e).splitlines()[0][:200] if str(e).strip() else ""
+    message = _text(e)
     text = f"{type(e).__name__}: {message}" if message else type(e).__name__
     frames = list(traceback.walk_tb(e.__traceback__))
     if frames:
@@ -134,16 +143,22 @@ def _as_bytes(value: object, size: int) -> bytes | None:
     """A read's answer if it is size bytes (bytes, bytearray or memoryview), else None."""
     if type(value) is bytes:
         return value if len(value) == size else None
-    if isinstance(value, bytearray | memoryview):
+    if isinstance(value, bytearray | memoryview) and type(value) in (bytearray, memoryview):
         data = bytes(value)
         return data if len(data) == size else None
     return None
 
 
 def _shown(value: object) -> str:
-    if isinstance(value, bytes | bytearray | memoryview):
+    if isinstance(value, bytes | bytearray | memoryview) and type(value) in (
+        bytes, bytearray, memoryview
+    ):
         return f"{len(value)} bytes"
-    return f"{type(value).__name__} {repr(value)[:40]}"
+    try:
+        shown = repr(value)[:40]
+    except Exception:  # noqa: BLE001 - a device's own __repr__ may raise
+        shown = "?"
+    return f"{type(value).__name__} {shown}"
 
 
 def _plain(value: object, where: str, depth: int = 0) -> Any:
@@ -328,6 +343,8 @@ class Contained:
                 )
             try:
                 state = self.device.save()
+            except KeyboardInterrupt:  # the user's, on the thread taking the snapshot
+                raise
             except BaseException as e:  # noqa: BLE001 - contained like any device call
                 self._fail(_why(e), "save()")
                 raise SnapshotError(f"{where}: its save() raised {_why(e)}") from None
