@@ -5,7 +5,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test setup sysdeps sysdeps-demo guests lint bench fuzz clean
+.PHONY: demo test lab-test setup sysdeps sysdeps-demo guests lint bench soak fuzz clean
 
 # Seconds per fuzz target for `make fuzz` (CI passes a small budget).
 FUZZ_SECONDS ?= 180
@@ -18,6 +18,14 @@ test: setup
 
 setup: sysdeps $(STAMP) guests
 
+# The tests that need hardware virtualization (marker lab; `make test` deselects them),
+# all in ONE boot of the lab's L1 guest: QEMU-TCG with an emulated AMD SVM CPU, where
+# /dev/kvm is kvm_amd with nested paging (lab/README.md, docs/lab.md). No pytest cache
+# (the root is read-only there) and no hypothesis plugin (seconds to import there).
+LAB_PYTEST := -m lab -p no:cacheprovider -p no:hypothesispytest -q -rA --durations=0
+lab-test: setup
+	lab/run --timeout 1500 -- $(PY) -m pytest $(LAB_PYTEST) tests
+
 # System packages, installed only when missing: a compiler and binutils for the guests
 # (all the demo needs); for the tests and benchmarks also QEMU, gdb, ACPICA, cpio,
 # busybox, a Linux kernel, iproute2 and ping (scripts/install-system-deps says which).
@@ -27,7 +35,7 @@ sysdeps:
 sysdeps-demo:
 	@./scripts/install-system-deps demo
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/corevisor/sandbox/_sigsys.c
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev,bench]'
@@ -37,11 +45,16 @@ guests:
 	$(MAKE) -s -C guests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench fuzz
+	$(VENV)/bin/ruff check src tests bench fuzz lab
 	$(VENV)/bin/mypy
 
 bench: setup
 	$(PY) bench/run.py
+
+# Crash-and-restart and pause/resume loops in one sandboxed VMM, checking that fds,
+# threads and RSS stay flat: SOAK_MINUTES (default 10) minutes (scripts/soak).
+soak: setup
+	SOAK_MINUTES=$(or $(SOAK_MINUTES),10) $(PY) scripts/soak
 
 # Every fuzz target (fuzz/targets/) for FUZZ_SECONDS each; prints executions per target
 # and fails if any target crashed (the input is left in fuzz/work/crashes).

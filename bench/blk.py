@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""virtio-blk benchmark: the `blk` guest under corevisor and under QEMU -M microvm.
+"""virtio-blk benchmark: the `blk` guest under corevisor and QEMU, over virtio-mmio and PCI.
 
 What lives here: making a raw image, picking QEMU's fastest fitting drive settings,
 spawning each VMM on the same guest image and disk image in interleaved rounds, reading
@@ -11,6 +11,12 @@ Workloads (guest `mode=bench`, one request in flight, no warm-up requests counte
 sequential 1 MiB read and write, random 4 KiB read and write. Goals: corevisor/QEMU
 throughput >= 1.0 on 1 MiB sequential, >= 0.7 on 4 KiB random. Memory overhead: peak of
 (VmRSS - resident guest RAM) sampled from /proc while the guest runs.
+
+Transports, side by side in the same rounds: corevisor's virtio-mmio and virtio-pci
+(`--transport pci`), QEMU's virtio-blk-device on -M microvm and its virtio-blk-pci
+(modern only) on -M pc, with the same drive settings; the ratios compare corevisor
+with QEMU on each transport, and corevisor's PCI with its MMIO. The guest polls (no
+interrupts), so the transports differ in how a request is set up and kicked.
 
 Absolute numbers from the PVM test host (nested, exits cost tens of us) say nothing about
 real hardware: the headline figures are ratios of runs made side by side in this job.
@@ -150,7 +156,7 @@ def run_vmm(vmm: str, argv: list[str], workload: str, env: dict[str, str] | None
     err = errfile.read().decode(errors="replace")
     outfile.close()
     errfile.close()
-    status = rc if vmm == "corevisor" else (rc >> 1 if rc > 0 and rc & 1 else -1)
+    status = rc if vmm.startswith("corevisor") else (rc >> 1 if rc > 0 and rc & 1 else -1)
     m = _RESULT.search(out)
     r = Run(vmm, workload, ok=status == 0 and m is not None, wall_s=wall)
     r.rss_peak_kib, r.overhead_peak_kib, r.samples = peak
@@ -164,8 +170,9 @@ def run_vmm(vmm: str, argv: list[str], workload: str, env: dict[str, str] | None
 # the two VMMs
 
 
-def corevisor_argv(img: Path, cmdline: str) -> list[str]:
+def corevisor_argv(img: Path, cmdline: str, transport: str = "mmio") -> list[str]:
     argv = [sys.executable, "-m", "corevisor.cli", "run", str(GUEST), "--disk", str(img)]
+    argv += ["--transport", transport]
     return argv + ["--cmdline", cmdline, "--cpus", "1", "--memory", f"{MEMORY_MIB}M"]
 
 
@@ -176,18 +183,23 @@ def corevisor_env() -> dict[str, str]:
     return env
 
 
-def qemu_argv(cpu: str, drive: str, img: Path, cmdline: str) -> list[str]:
+def qemu_argv(cpu: str, drive: str, img: Path, cmdline: str, pci: bool = False) -> list[str]:
+    """QEMU -M microvm with virtio-blk-device, or (pci) -M pc with a modern-only
+    virtio-blk-pci (the guest finds it through 0xCF8: -M pc has no MCFG)."""
     opts = drive.split(",")
     iothread = "iothread" in opts
     drive_opts = ",".join(o for o in opts if o != "iothread")
-    argv = [QEMU, "-accel", "kvm", "-M", "microvm,acpi=off", "-m", f"{MEMORY_MIB}M"]
+    machine = "pc" if pci else "microvm,acpi=off"
+    argv = [QEMU, "-accel", "kvm", "-M", machine, "-m", f"{MEMORY_MIB}M"]
     argv += ["-cpu", cpu, "-smp", "1", "-nodefaults", "-no-user-config", "-nographic"]
     argv += ["-no-reboot", "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
-    argv += ["-global", "virtio-mmio.force-legacy=false"]
+    if not pci:
+        argv += ["-global", "virtio-mmio.force-legacy=false"]
     if iothread:
         argv += ["-object", "iothread,id=io0"]
     argv += ["-drive", f"id=d,file={img},format=raw,if=none,{drive_opts}"]
-    argv += ["-device", "virtio-blk-device,drive=d" + (",iothread=io0" if iothread else "")]
+    device = "virtio-blk-pci,disable-legacy=on" if pci else "virtio-blk-device"
+    argv += ["-device", f"{device},drive=d" + (",iothread=io0" if iothread else "")]
     return [*argv, "-kernel", str(GUEST), "-append", cmdline]
 
 
@@ -268,6 +280,8 @@ def main() -> int:
     vmms: dict[str, tuple[Callable[[str], list[str]], dict[str, str] | None]] = {
         "corevisor": (lambda cl: corevisor_argv(img, cl), env),
         "qemu": (lambda cl: qemu_argv(cpu, drive, img, cl), None),
+        "corevisor-pci": (lambda cl: corevisor_argv(img, cl, "pci"), env),
+        "qemu-pci": (lambda cl: qemu_argv(cpu, drive, img, cl, pci=True), None),
     }
     if drive != QEMU_DEFAULT:  # also QEMU as most people run it, for context
         vmms["qemu-default"] = (lambda cl: qemu_argv(cpu, QEMU_DEFAULT, img, cl), None)
@@ -301,6 +315,8 @@ def main() -> int:
         "queue_depth": 1,
         "vmms": {
             "corevisor": {"argv": corevisor_argv(img, "CMDLINE"), "python": sys.version.split()[0]},
+            "corevisor-pci": {"argv": corevisor_argv(img, "CMDLINE", "pci")},
+            "qemu-pci": {"argv": qemu_argv(cpu, drive, img, "CMDLINE", pci=True)},
             "qemu": {
                 "argv": qemu_argv(cpu, drive, img, "CMDLINE"),
                 "version": subprocess.run(
@@ -319,7 +335,9 @@ def main() -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(table(summary, drive))
-    print(f"\n(JSON: {args.json})")
+    png = args.json.with_suffix(".png")
+    plot(summary, png)
+    print(f"\n(JSON: {args.json}, plot: {png})")
     img.unlink()
     return 0
 
@@ -337,6 +355,10 @@ def summarise(runs: list[Run], names: list[str]) -> dict[str, Any]:
             }
         q = row["qemu"]["iops_median"]
         row["ratio"] = row["corevisor"]["iops_median"] / q if q else 0.0
+        if "corevisor-pci" in row:
+            c, cp, qp = (row[n]["iops_median"] for n in ("corevisor", "corevisor-pci", "qemu-pci"))
+            row["ratio_pci"] = cp / qp if qp else 0.0  # corevisor vs QEMU, both over PCI
+            row["pci_vs_mmio"] = cp / c if c else 0.0  # corevisor's PCI vs its MMIO
         if "qemu-default" in row:
             qd = row["qemu-default"]["iops_median"]
             row["ratio_vs_qemu_default"] = row["corevisor"]["iops_median"] / qd if qd else 0.0
@@ -385,6 +407,20 @@ def table(s: dict[str, Any], drive: str) -> str:
                 f" {row['qemu-default']['iops_median']:.0f} | {row['ratio_vs_qemu_default']:.2f}x |"
             )
         lines.append(line)
+    if all("ratio_pci" in row for row in rows.values()):
+        lines += [
+            "",
+            "Over PCI (corevisor --transport pci; QEMU -M pc, virtio-blk-pci, the same drive):",
+            "",
+            "| workload | corevisor-pci req/s | QEMU-pci req/s | ratio | corevisor PCI vs MMIO |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for w, row in rows.items():
+            lines.append(
+                f"| {w} | {row['corevisor-pci']['iops_median']:.0f} | "
+                f"{row['qemu-pci']['iops_median']:.0f} | {row['ratio_pci']:.2f}x | "
+                f"{row['pci_vs_mmio']:.2f}x |"
+            )
     names = list(s["memory"])
     rss, over, naive = (
         "vmrss_peak_kib_median",
@@ -405,6 +441,37 @@ def table(s: dict[str, Any], drive: str) -> str:
         + " |",
     ]
     return "\n".join(lines)
+
+
+def plot(s: dict[str, Any], path: Path) -> None:
+    """Requests per second per workload, one bar per VMM and transport."""
+    import matplotlib  # only the report needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = s["workloads"]
+    names = [n for n in ("corevisor", "qemu", "corevisor-pci", "qemu-pci", "qemu-default")
+             if all(n in row for row in rows.values())]
+    colors = {"corevisor": "#2a9d8f", "qemu": "#8d99ae", "corevisor-pci": "#e76f51",
+              "qemu-pci": "#6d597a", "qemu-default": "#c9c9c9"}
+    labels = {"corevisor": "corevisor virtio-mmio", "qemu": "QEMU microvm virtio-mmio",
+              "corevisor-pci": "corevisor virtio-pci", "qemu-pci": "QEMU pc virtio-blk-pci",
+              "qemu-default": "QEMU microvm, default drive"}
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(rows))]
+        ys = [row[n]["iops_median"] for row in rows.values()]
+        bars = ax.bar(xs, ys, width, label=labels[n], color=colors[n])
+        ax.bar_label(bars, labels=[f"{y:.0f}" for y in ys], fontsize=7)
+    ax.set_xticks(range(len(rows)), list(rows))
+    ax.set_ylabel("requests per second (median)")
+    ax.set_title("virtio-blk, queue depth 1, the blk guest polling (this host: PVM)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,23 @@ def _virtio_mmio() -> dict[str, bytes]:
     return {f"dev{i}": bytes([i]) + struct.pack("<H", 0) + ops for i in range(3)}
 
 
+def _virtio_pci() -> dict[str, bytes]:
+    def cfg(reg: int, value: int, size: int = 4) -> bytes:  # an ECAM write, raw offset
+        code = {4: 0, 2: 2, 1: 3}[size]
+        return bytes([0x40 | code]) + struct.pack("<I", value) + struct.pack("<H", reg)
+
+    def bar4(off: int, value: int, size: int) -> bytes:  # a BAR 4 write, raw offset
+        code = {4: 0, 2: 2, 1: 3}[size]
+        return bytes([0x60 | code]) + struct.pack("<I", value) + struct.pack("<H", off)
+
+    ops = (cfg(0x20, 0xE010_0000) + cfg(0x24, 0) + cfg(0x04, 6, 2) + bar4(0x14, 0, 1)
+           + bar4(0x14, 3, 1) + bar4(0x08, 1, 4) + bar4(0x0C, 1, 4) + bar4(0x14, 0xB, 1)
+           + bar4(0x16, 0, 2) + bar4(0x18, 16, 2) + bar4(0x20, 0x1000, 4)
+           + bar4(0x28, 0x2000, 4) + bar4(0x30, 0x3000, 4) + bar4(0x1C, 1, 2)
+           + bar4(0x14, 0xF, 1) + bytes([0x50, 0]))
+    return {f"dev{i}": bytes([i]) + struct.pack("<H", 0) + ops for i in range(3)}
+
+
 def _ports() -> dict[str, bytes]:
     from corevisor.hypercall import HYPERCALL_PORT
     from fuzz.targets import ports
@@ -119,6 +136,7 @@ SEEDS: dict[str, Callable[[], dict[str, bytes]]] = {
     "gdb_server": _gdb,
     "virtqueue": _virtqueue,
     "virtio_mmio": _virtio_mmio,
+    "virtio_pci": _virtio_pci,
     "ports": _ports,
     "fw_cfg": _fw_cfg,
     "uart": lambda: _device(8),

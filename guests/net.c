@@ -117,8 +117,10 @@ static u64 user_main(u64 arg)
         printf("net: no virtio-net device\n");
         return 2;
     }
+    if (d->pci)
+        printf("net: %s\n", vio_where(d));
     if (vnet_init(&net, d)) {
-        printf("net: device at %lx did not initialise\n", d->base);
+        printf("net: %s did not initialise\n", vio_where(d));
         return 2;
     }
     const u8 *m = net.mac;

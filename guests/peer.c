@@ -4,7 +4,12 @@
  *            message rings, see rt/pv.h), msgs=N messages, then exit 0
  *   echo     the far end of dbping: ring the doorbell back on every doorbell
  *   sink     the far end of chanbw: consume the byte stream (at CPL3)
- *   counter  print "peer: tick K" every period= ms, ticks= times (needs no ABI)
+ *   counter  print "peer: tick K" every period= ms, ticks= times (needs no ABI); with
+ *            gen=1 also "peer: generation G id X" whenever HC_GENERATION changes (after
+ *            a restore from a snapshot: a clone would reseed its randomness there)
+ *   dirty    passes= times over mib= MiB of RAM from 16 MiB up (at CPL3): check every
+ *            page still holds the previous pass's number, write this pass's; print
+ *            "peer: dirty pass K ok" (or the first bad page), then sleep period= ms
  *   writer   put value= into a channel (u64 at +0, then magic 'CVW1' at +8), ring
  *   reader   wait for the writer's value in a channel and print it
  *   rowriter try to write into a (read-only) channel and report whether it landed
@@ -169,9 +174,61 @@ static int mode_counter(void)
 {
     u64 ticks = rt_cmdline_uint("ticks", 30);
     u64 period = rt_cmdline_uint("period", 100);
+    int gen = rt_cmdline_uint("gen", 0) && pv_present();
+    u64 id = 0, last_id = 0;
+    i64 last = gen ? pv_generation(&last_id) : 0;
     for (u64 k = 1; k <= ticks; k++) {
         pv_wait_until(NULL, NULL, period * 1000);
+        if (gen) {
+            i64 g = pv_generation(&id);
+            if (g != last || id != last_id)
+                pv_printf("peer: generation %ld id %lx\n", g, id);
+            last = g;
+            last_id = id;
+        }
         pv_printf("peer: tick %lu\n", k);
+    }
+    return 0;
+}
+
+#define DIRTY_BASE (16UL << 20)
+static u64 dirty_pages;
+
+/* One pass at CPL3: every page must hold pass - 1 in its first word (and its page
+ * number in its second); it then gets pass. Returns the first bad page + 1, or 0. */
+static u64 dirty_pass(u64 pass)
+{
+    for (u64 i = 0; i < dirty_pages; i++) {
+        volatile u64 *w = (volatile u64 *)(DIRTY_BASE + i * 4096);
+        if (pass > 1 && (w[0] != pass - 1 || w[1] != i))
+            return i + 1;
+        w[1] = i;
+        w[0] = pass;
+    }
+    return 0;
+}
+
+static int mode_dirty(void)
+{
+    u64 passes = rt_cmdline_uint("passes", 10);
+    u64 mib = rt_cmdline_uint("mib", 16);
+    u64 period = rt_cmdline_uint("period", 0);
+    if (DIRTY_BASE + (mib << 20) > rt_mem_kib() * 1024) {
+        pv_printf("peer: %lu MiB from 16 MiB do not fit %lu KiB of RAM\n", mib, rt_mem_kib());
+        return 2;
+    }
+    dirty_pages = mib << 8;
+    for (u64 k = 1; k <= passes; k++) {
+        u64 bad = run_user(dirty_pass, k);
+        if (bad) {
+            volatile u64 *w = (volatile u64 *)(DIRTY_BASE + (bad - 1) * 4096);
+            pv_printf("peer: dirty pass %lu: page %lu holds %lu/%lu, not %lu/%lu\n", k,
+                      bad - 1, w[0], w[1], k - 1, bad - 1);
+            return 1;
+        }
+        pv_printf("peer: dirty pass %lu ok\n", k);
+        if (period)
+            pv_wait_until(NULL, NULL, period * 1000);
     }
     return 0;
 }
@@ -242,6 +299,8 @@ int main(void)
     pv_printf("peer: start mode=%s\n", mode);
     if (streq(mode, "counter"))
         return mode_counter();
+    if (streq(mode, "dirty"))
+        return mode_dirty();
     if (!pv_present()) {
         pv_printf("peer: no hypervisor ABI\n");
         return 2;

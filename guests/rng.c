@@ -30,8 +30,10 @@ static u64 user_main(u64 arg)
         printf("rng: no virtio-rng device\n");
         return 2;
     }
+    if (d->pci)
+        printf("rng: %s\n", vio_where(d));
     if (vrng_init(&rng, d)) {
-        printf("rng: device at %lx did not initialise\n", d->base);
+        printf("rng: %s did not initialise\n", vio_where(d));
         return 2;
     }
     if (vrng_read(&rng, a, sizeof(a)) || vrng_read(&rng, b, sizeof(b))) {

@@ -101,7 +101,7 @@ int main(void)
     }
     rt_set_handler(SENSOR_VECTOR, sensor_irq);
     rt_set_handler(GUARD_VECTOR, guard_irq);
-    ioapic_route_level(5, SENSOR_VECTOR, (u8)lapic_id());
+    ioapic_route_level_high(5, SENSOR_VECTOR, (u8)lapic_id());
     outb(port + THRESHOLD, (u8)(t + rise));
     outb(port + CONTROL, 1);
     printf("sensor: alarm at %u C, interrupt on\n", inb(port + THRESHOLD));

@@ -11,6 +11,7 @@ TARGETS = (
     "gdb_server",
     "virtqueue",
     "virtio_mmio",
+    "virtio_pci",
     "uart",
     "rtc",
     "i8042",

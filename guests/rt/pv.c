@@ -74,6 +74,15 @@ i64 pv_yield(void) { return pv_call(HC_YIELD, 0, 0, 0, 0, 0, NULL); }
 i64 pv_watchdog(u64 ms) { return pv_call(HC_WATCHDOG, ms, 0, 0, 0, 0, NULL); }
 i64 pv_channel_notify(u64 idx) { return pv_call(HC_CHANNEL_NOTIFY, idx, 0, 0, 0, 0, NULL); }
 
+i64 pv_generation(u64 *id)
+{
+    u64 r2 = 0;
+    i64 r = pv_call(HC_GENERATION, 0, 0, 0, 0, 0, &r2);
+    if (r >= 0 && id)
+        *id = r2;
+    return r;
+}
+
 i64 pv_partition_info(u64 *id, u64 *cpus)
 {
     u64 r2 = 0;

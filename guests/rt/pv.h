@@ -15,6 +15,7 @@
 #define PV_PORT_HC 0x500
 #define PV_PORT_DOORBELL 0x504
 #define PV_VERSION_1_0 0x00010000
+#define PV_VERSION_1_1 0x00010001    /* adds HC_GENERATION */
 
 #define HC_VERSION 0
 #define HC_CONSOLE_WRITE 1
@@ -24,6 +25,7 @@
 #define HC_PARTITION_INFO 5
 #define HC_WATCHDOG 6
 #define HC_CHANNEL_INFO 7
+#define HC_GENERATION 8
 
 #define PV_EPERM 1
 #define PV_ENOENT 2
@@ -58,6 +60,9 @@ i64 pv_partition_info(u64 *id, u64 *cpus);
 i64 pv_watchdog(u64 ms);
 i64 pv_channel_info(u64 idx, u64 *gpa, u64 *size, u32 *flags, u32 *gsi);
 i64 pv_channel_notify(u64 idx);         /* relayed doorbell (through the VMM) */
+/* Restores from a snapshot so far (0 after a boot) and the random id of the latest one;
+ * -PV_ENOSYS before ABI 1.1. */
+i64 pv_generation(u64 *id);
 static inline void pv_doorbell(u32 idx) { outl(PV_PORT_DOORBELL, idx); }   /* direct */
 i64 pv_yield(void);
 

@@ -135,9 +135,11 @@ static inline u32 lapic_id(void) { return lapic_read(LAPIC_ID) >> 24; }
 void lapic_enable(void);
 /* Route IOAPIC pin to vector, fixed delivery, physical destination apic; edge, high. */
 void ioapic_route(int pin, u8 vector, u8 dest_apic);
-/* The same, level-triggered (the line stays high until the device lowers it: the
- * handler quiets the device before its EOI). */
+/* The same for a shared, level-triggered, active-low line (PCI INTx). */
 void ioapic_route_level(int pin, u8 vector, u8 dest_apic);
+/* The same for a level-triggered, active-high line (an ISA line a device raises and holds
+ * until the handler quiets it, before its EOI). */
+void ioapic_route_level_high(int pin, u8 vector, u8 dest_apic);
 
 /* ---- SMP ---- */
 /* Start AP (index into rt_apic_ids) with INIT-SIPI-SIPI; it runs fn(index) on its own

@@ -1,7 +1,8 @@
 /*
- * Bare-metal virtio-mmio (version 2) drivers: discovery from the command line, feature
- * negotiation, split virtqueues with polled completion, and blk / net / rng on top.
- * See virtio.h for the conventions; virtio 1.x spec sections in the comments.
+ * Bare-metal virtio drivers over virtio-mmio (version 2) and modern virtio-pci:
+ * discovery (the command line; PCI bus 0 through ECAM or 0xCF8), feature negotiation,
+ * split virtqueues with polled completion, and blk / net / rng on top. See virtio.h
+ * for the conventions; virtio 1.x spec sections in the comments.
  */
 #include "virtio.h"
 
@@ -44,6 +45,60 @@
 static inline u32 rd(struct vio_dev *d, u32 reg) { return mmio_read32(d->base + reg); }
 static inline void wr(struct vio_dev *d, u32 reg, u32 v) { mmio_write32(d->base + reg, v); }
 static inline void mb(void) { __asm__ volatile("mfence" ::: "memory"); }
+static inline u8 rd8(u64 a) { return *(volatile u8 *)a; }
+static inline u16 rd16(u64 a) { return *(volatile u16 *)a; }
+static inline void wr8(u64 a, u8 v) { *(volatile u8 *)a = v; }
+static inline void wr16(u64 a, u16 v) { *(volatile u16 *)a = v; }
+
+/* virtio-pci common configuration (4.1.4.3) */
+#define C_DFSELECT 0x00
+#define C_DF 0x04
+#define C_GFSELECT 0x08
+#define C_GF 0x0C
+#define C_MSIX_CONFIG 0x10
+#define C_NUM_QUEUES 0x12
+#define C_STATUS 0x14
+#define C_Q_SELECT 0x16
+#define C_Q_SIZE 0x18
+#define C_Q_MSIX 0x1A
+#define C_Q_ENABLE 0x1C
+#define C_Q_NOTIFY_OFF 0x1E
+#define C_Q_DESC 0x20
+#define C_Q_DRIVER 0x28
+#define C_Q_DEVICE 0x30
+#define NO_VECTOR 0xFFFF
+
+/* The device status register, of either transport. */
+static u32 status_read(struct vio_dev *d) { return d->pci ? rd8(d->common + C_STATUS) : rd(d, R_STATUS); }
+static void status_write(struct vio_dev *d, u32 v)
+{
+    if (d->pci)
+        wr8(d->common + C_STATUS, (u8)v);
+    else
+        wr(d, R_STATUS, v);
+}
+
+/* 32 bits of the device's (or the driver's) features, word sel. */
+static u32 features_read(struct vio_dev *d, u32 sel)
+{
+    if (!d->pci) {
+        wr(d, R_DEVICE_FEATURES_SEL, sel);
+        return rd(d, R_DEVICE_FEATURES);
+    }
+    mmio_write32(d->common + C_DFSELECT, sel);
+    return mmio_read32(d->common + C_DF);
+}
+
+static void features_write(struct vio_dev *d, u32 sel, u32 v)
+{
+    if (!d->pci) {
+        wr(d, R_DRIVER_FEATURES_SEL, sel);
+        wr(d, R_DRIVER_FEATURES, v);
+        return;
+    }
+    mmio_write32(d->common + C_GFSELECT, sel);
+    mmio_write32(d->common + C_GF, v);
+}
 
 /* ------------------------------------------------------------------------------------- */
 /* command line                                                                          */
@@ -120,6 +175,125 @@ static void add_window(const char *v)
     vio_ndevs++;
 }
 
+/* ---- PCI bus 0 (ECAM when the ACPI tables have an MCFG, else 0xCF8/0xCFC) ---- */
+
+#define PCI_VENDOR_VIRTIO 0x1AF4
+#define PCI_DEVICE_MODERN 0x1040
+#define PCI_CAP_VENDOR 0x09
+#define PCI_CAP_MSIX 0x11
+#define VCAP_COMMON 1
+#define VCAP_NOTIFY 2
+#define VCAP_ISR 3
+#define VCAP_DEVICE 4
+
+static u64 ecam_base;
+static int pci_ports;           /* 1: configuration mechanism #1 */
+
+static u32 cfg_read32(u16 bdf, u32 off)
+{
+    if (!pci_ports)
+        return mmio_read32(ecam_base + ((u64)bdf << 12) + (off & 0xFFC));
+    outl(0xCF8, 0x80000000u | (u32)bdf << 8 | (off & 0xFC));
+    return inl(0xCFC);
+}
+
+static void cfg_write16(u16 bdf, u32 off, u16 v)
+{
+    if (!pci_ports) {
+        wr16(ecam_base + ((u64)bdf << 12) + (off & 0xFFE), v);
+        return;
+    }
+    outl(0xCF8, 0x80000000u | (u32)bdf << 8 | (off & 0xFC));
+    outw((u16)(0xCFC + (off & 2)), v);
+}
+
+static u8 cfg_read8(u16 bdf, u32 off) { return (u8)(cfg_read32(bdf, off) >> (8 * (off & 3))); }
+
+u32 vio_pci_read32(struct vio_dev *d, u32 off) { return cfg_read32(d->bdf, off); }
+void vio_pci_write16(struct vio_dev *d, u32 off, u16 v) { cfg_write16(d->bdf, off, v); }
+
+/* The address a memory BAR decodes (0 for an I/O BAR or one not assigned). */
+static u64 bar_address(u16 bdf, u32 bar)
+{
+    if (bar > 5)
+        return 0;
+    u32 lo = cfg_read32(bdf, 0x10 + 4 * bar);
+    if (lo & 1)
+        return 0;
+    u64 a = lo & ~0xFu;
+    if (((lo >> 1) & 3) == 2 && bar < 5)
+        a |= (u64)cfg_read32(bdf, 0x14 + 4 * bar) << 32;
+    return a;
+}
+
+/* One modern virtio-pci function: its capabilities, its BARs enabled. */
+static void add_pci(u16 bdf, u32 id)
+{
+    if (vio_ndevs >= VIO_MAX_DEVS)
+        return;
+    struct vio_dev *d = &vio_devs[vio_ndevs];
+    memset(d, 0, sizeof(*d));
+    d->pci = 1;
+    d->bdf = bdf;
+    d->device_id = id - PCI_DEVICE_MODERN;
+    d->vendor_id = PCI_VENDOR_VIRTIO;
+    d->version = 2;
+    cfg_write16(bdf, 0x04, (u16)(cfg_read32(bdf, 0x04) | 0x6));     /* memory, bus master */
+    int ok = 0;
+    u32 id_next;
+    for (u32 cap = cfg_read8(bdf, 0x34) & 0xFC, n = 0; cap && n < 48;
+         cap = (id_next >> 8) & 0xFC, n++) {
+        id_next = cfg_read32(bdf, cap);
+        if ((id_next & 0xFF) == PCI_CAP_MSIX) {
+            u32 table = cfg_read32(bdf, cap + 4);
+            d->msix_cap = cap;
+            d->msix_vectors = ((id_next >> 16) & 0x7FF) + 1;
+            d->msix_table = bar_address(bdf, table & 7) + (table & ~7u);
+        } else if ((id_next & 0xFF) == PCI_CAP_VENDOR) {
+            u32 w = cfg_read32(bdf, cap), type = (w >> 24) & 0xFF;
+            u32 bar = cfg_read32(bdf, cap + 4) & 0xFF, off = cfg_read32(bdf, cap + 8);
+            u64 base = bar_address(bdf, bar);
+            u64 at = base + off;
+            if (!base || at >= (4UL << 30))
+                continue;                       /* not assigned, or beyond our identity map */
+            if (type == VCAP_COMMON)
+                d->common = at, ok |= 1;
+            else if (type == VCAP_NOTIFY)
+                d->notify = at, d->notify_mul = cfg_read32(bdf, cap + 16), ok |= 2;
+            else if (type == VCAP_ISR)
+                d->isr = at, ok |= 4;
+            else if (type == VCAP_DEVICE)
+                d->devcfg = at, ok |= 8;
+        }
+    }
+    if (ok == 15)
+        vio_ndevs++;
+}
+
+static void scan_pci(void)
+{
+    char mode[8] = "";
+    rt_cmdline_str("pci", mode, sizeof(mode));
+    if (!memcmp(mode, "off", 4))
+        return;
+    const u8 *mcfg = memcmp(mode, "cf8", 4) ? rt_acpi_table("MCFG") : NULL;
+    if (mcfg && *(const u32 *)(mcfg + 4) >= 44 + 16) {
+        ecam_base = *(const u64 *)(mcfg + 44);  /* segment 0, starting at bus 0 */
+        pci_ports = 0;
+    } else {
+        pci_ports = 1;
+        if ((cfg_read32(0, 0) & 0xFFFF) == 0xFFFF)
+            return;                             /* no host bridge at 00:00.0 */
+    }
+    for (u32 dev = 0; dev < 32; dev++) {
+        u32 id = cfg_read32((u16)(dev << 3), 0);
+        u32 device = id >> 16;
+        if ((id & 0xFFFF) == PCI_VENDOR_VIRTIO && device >= PCI_DEVICE_MODERN &&
+            device < PCI_DEVICE_MODERN + 0x40)
+            add_pci((u16)(dev << 3), device);
+    }
+}
+
 int vio_discover(void)
 {
     if (vio_ndevs >= 0)
@@ -136,8 +310,50 @@ int vio_discover(void)
         while (*s && *s != ' ')
             s++;
     }
+    scan_pci();
     return vio_ndevs;
 }
+
+static void fmt(char *buf, size_t n, const char *f, ...)
+{
+    va_list ap;
+    va_start(ap, f);
+    rt_vsnprintf(buf, n, f, ap);
+    va_end(ap);
+}
+
+const char *vio_where(struct vio_dev *d)
+{
+    static char buf[48];
+    if (!d->pci)
+        fmt(buf, sizeof(buf), "virtio-mmio at %lx", d->base);
+    else
+        fmt(buf, sizeof(buf), "virtio-pci %02x:%02x.%x (%s)", d->bdf >> 8, (d->bdf >> 3) & 31,
+            d->bdf & 7, pci_ports ? "0xCF8" : "ECAM");
+    return buf;
+}
+
+int vio_pci_msix(struct vio_dev *d, struct virtq *q, u32 entry, u8 vector, u8 apic)
+{
+    if (!d->pci || !d->msix_cap || entry >= d->msix_vectors || !d->msix_table)
+        return -1;
+    u64 e = d->msix_table + 16 * entry;
+    mmio_write32(e + 0, 0xFEE00000u | (u32)apic << 12);  /* address: this local APIC */
+    mmio_write32(e + 4, 0);
+    mmio_write32(e + 8, vector);                         /* fixed, edge */
+    mmio_write32(e + 12, 0);                             /* unmasked */
+    u32 ctrl = cfg_read32(d->bdf, d->msix_cap) >> 16;
+    cfg_write16(d->bdf, d->msix_cap + 2, (u16)((ctrl | 0x8000) & ~0x4000));   /* enable */
+    wr16(d->common + C_Q_SELECT, q->index);
+    wr16(d->common + C_Q_MSIX, (u16)entry);
+    return rd16(d->common + C_Q_MSIX) == entry ? 0 : -1;
+}
+
+u8 vio_pci_intx_line(struct vio_dev *d) { return d->pci ? cfg_read8(d->bdf, 0x3C) : 0xFF; }
+
+u8 vio_isr(struct vio_dev *d) { return d->pci ? rd8(d->isr) : (u8)rd(d, R_INTERRUPT_STATUS); }
+
+void vq_want_interrupts(struct virtq *q) { q->avail[0] = 0; }
 
 struct vio_dev *vio_find(u32 device_id, int nth)
 {
@@ -148,9 +364,15 @@ struct vio_dev *vio_find(u32 device_id, int nth)
     return NULL;
 }
 
-u32 vio_status(struct vio_dev *d) { return rd(d, R_STATUS); }
-u32 vio_config32(struct vio_dev *d, u32 off) { return rd(d, R_CONFIG + off); }
-u8 vio_config8(struct vio_dev *d, u32 off) { return *(volatile u8 *)(d->base + R_CONFIG + off); }
+u32 vio_status(struct vio_dev *d) { return status_read(d); }
+u32 vio_config32(struct vio_dev *d, u32 off)
+{
+    return d->pci ? mmio_read32(d->devcfg + off) : rd(d, R_CONFIG + off);
+}
+u8 vio_config8(struct vio_dev *d, u32 off)
+{
+    return d->pci ? rd8(d->devcfg + off) : *(volatile u8 *)(d->base + R_CONFIG + off);
+}
 
 /* 3.1.1: reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK (read back). */
 int vio_init(struct vio_dev *d, u64 want, const char *who)
@@ -160,30 +382,26 @@ int vio_init(struct vio_dev *d, u64 want, const char *who)
                "-global virtio-mmio.force-legacy=false)\n", who, d->version, d->base);
         return -1;
     }
-    wr(d, R_STATUS, 0);
-    for (int i = 0; i < 1000 && rd(d, R_STATUS); i++)
+    status_write(d, 0);
+    for (int i = 0; i < 1000 && status_read(d); i++)
         cpu_relax();
-    wr(d, R_STATUS, S_ACKNOWLEDGE);
-    wr(d, R_STATUS, S_ACKNOWLEDGE | S_DRIVER);
-    wr(d, R_DEVICE_FEATURES_SEL, 0);
-    u64 f = rd(d, R_DEVICE_FEATURES);
-    wr(d, R_DEVICE_FEATURES_SEL, 1);
-    f |= (u64)rd(d, R_DEVICE_FEATURES) << 32;
+    status_write(d, S_ACKNOWLEDGE);
+    status_write(d, S_ACKNOWLEDGE | S_DRIVER);
+    u64 f = features_read(d, 0);
+    f |= (u64)features_read(d, 1) << 32;
     d->offered = f;
     if (!(f & VIRTIO_F_VERSION_1)) {
-        printf("%s: device at %lx does not offer VIRTIO_F_VERSION_1\n", who, d->base);
-        wr(d, R_STATUS, S_FAILED);
+        printf("%s: %s does not offer VIRTIO_F_VERSION_1\n", who, vio_where(d));
+        status_write(d, S_FAILED);
         return -2;
     }
     d->features = f & (want | VIRTIO_F_VERSION_1);
-    wr(d, R_DRIVER_FEATURES_SEL, 0);
-    wr(d, R_DRIVER_FEATURES, (u32)d->features);
-    wr(d, R_DRIVER_FEATURES_SEL, 1);
-    wr(d, R_DRIVER_FEATURES, (u32)(d->features >> 32));
-    wr(d, R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
-    if (!(rd(d, R_STATUS) & S_FEATURES_OK)) {
-        printf("%s: device at %lx refused features %lx\n", who, d->base, d->features);
-        wr(d, R_STATUS, S_FAILED);
+    features_write(d, 0, (u32)d->features);
+    features_write(d, 1, (u32)(d->features >> 32));
+    status_write(d, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+    if (!(status_read(d) & S_FEATURES_OK)) {
+        printf("%s: %s refused features %lx\n", who, vio_where(d), d->features);
+        status_write(d, S_FAILED);
         return -3;
     }
     return 0;
@@ -191,7 +409,7 @@ int vio_init(struct vio_dev *d, u64 want, const char *who)
 
 void vio_driver_ok(struct vio_dev *d)
 {
-    wr(d, R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    status_write(d, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
 }
 
 /* ------------------------------------------------------------------------------------- */
@@ -203,12 +421,35 @@ void vio_driver_ok(struct vio_dev *d)
 static u8 vq_pool[VIO_POOL_QUEUES][3][4096] __attribute__((aligned(4096))) VIO_NOINIT;
 static int vq_pool_used;
 
+/* The virtio-pci half of vq_setup: select the queue, write its layout, enable it. */
+static void pci_queue_layout(struct vio_dev *d, struct virtq *q)
+{
+    u64 c = d->common, a = (u64)q->desc, b = (u64)q->avail, u = (u64)q->used;
+    wr16(c + C_Q_SIZE, q->size);
+    mmio_write32(c + C_Q_DESC, (u32)a);
+    mmio_write32(c + C_Q_DESC + 4, (u32)(a >> 32));
+    mmio_write32(c + C_Q_DRIVER, (u32)b);
+    mmio_write32(c + C_Q_DRIVER + 4, (u32)(b >> 32));
+    mmio_write32(c + C_Q_DEVICE, (u32)u);
+    mmio_write32(c + C_Q_DEVICE + 4, (u32)(u >> 32));
+    q->notify = d->notify + (u64)rd16(c + C_Q_NOTIFY_OFF) * d->notify_mul;
+    wr16(c + C_Q_ENABLE, 1);
+}
+
 int vq_setup(struct vio_dev *d, struct virtq *q, u16 index, u16 max_entries)
 {
-    wr(d, R_QUEUE_SEL, index);
-    if (rd(d, R_QUEUE_READY))
-        return -1;
-    u32 max = rd(d, R_QUEUE_NUM_MAX);
+    u32 max;
+    if (d->pci) {
+        wr16(d->common + C_Q_SELECT, index);
+        if (rd16(d->common + C_Q_ENABLE))
+            return -1;
+        max = rd16(d->common + C_Q_SIZE);
+    } else {
+        wr(d, R_QUEUE_SEL, index);
+        if (rd(d, R_QUEUE_READY))
+            return -1;
+        max = rd(d, R_QUEUE_NUM_MAX);
+    }
     if (!max || vq_pool_used >= VIO_POOL_QUEUES)
         return -1;
     u32 size = VQ_MAX;
@@ -231,6 +472,10 @@ int vq_setup(struct vio_dev *d, struct virtq *q, u16 index, u16 max_entries)
     q->free_head = 0;
     q->num_free = (u16)size;
     q->avail[0] = VQ_AVAIL_F_NO_INTERRUPT;      /* we poll */
+    if (d->pci) {
+        pci_queue_layout(d, q);
+        return 0;
+    }
     wr(d, R_QUEUE_NUM, size);
     u64 a = (u64)q->desc, b = (u64)q->avail, c = (u64)q->used;
     wr(d, R_QUEUE_DESC_LOW, (u32)a);
@@ -269,7 +514,10 @@ void vq_kick(struct virtq *q)
     q->avail[1] = q->avail_idx;
     mb();                                       /* idx visible before we read used.flags */
     if (!(q->used[0] & VQ_USED_F_NO_NOTIFY)) {
-        wr(q->dev, R_QUEUE_NOTIFY, q->index);
+        if (q->dev->pci)
+            wr16(q->notify, q->index);
+        else
+            wr(q->dev, R_QUEUE_NOTIFY, q->index);
         q->kicks++;
     }
 }

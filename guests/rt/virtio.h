@@ -1,12 +1,20 @@
 /*
- * Bare-metal virtio drivers for the test guests: virtio-mmio version 2 (virtio 1.x),
- * split virtqueues, polled completion; blk, net and rng on top.
+ * Bare-metal virtio drivers for the test guests: virtio-mmio version 2 and modern
+ * virtio-pci (virtio 1.x), split virtqueues, polled completion; blk, net and rng on top.
  *
- * Devices are found the way Linux finds them on x86 without PCI: from the command line's
- * `virtio_mmio.device=SIZE@ADDR:IRQ` entries (corevisor appends one per device; QEMU
- * -M microvm adds them too, but only with acpi=off, and its transports must be told
- * `-global virtio-mmio.force-legacy=false` to speak version 2). Each window is probed
- * (magic "virt", version 2, device ID != 0).
+ * virtio-mmio devices are found the way Linux finds them on x86 without PCI: from the
+ * command line's `virtio_mmio.device=SIZE@ADDR:IRQ` entries (corevisor appends one per
+ * device; QEMU -M microvm adds them too, but only with acpi=off, and its transports must
+ * be told `-global virtio-mmio.force-legacy=false` to speak version 2). Each window is
+ * probed (magic "virt", version 2, device ID != 0).
+ *
+ * virtio-pci devices are found on PCI bus 0: through ECAM when the ACPI tables have an
+ * MCFG (corevisor, QEMU q35), else through ports 0xCF8/0xCFC (QEMU -M pc); `pci=cf8`
+ * on the command line forces the ports, `pci=off` skips PCI. A modern function
+ * (1af4:1040+type) is used through its vendor capabilities (common, notify, ISR and
+ * device configuration in memory BARs the firmware or VMM assigned); MSI-X or INTx can
+ * be turned on for a queue (vio_pci_msix, vio_pci_intx_line, vio_isr) by a guest that
+ * wants interrupts instead of polling.
  *
  * Everything here works at CPL3 as well as CPL0: the registers are plain memory accesses
  * (the runtime's identity map is user-accessible) and completion is polled, so a guest
@@ -34,7 +42,7 @@
 #define VQ_MAX 256              /* entries per queue we use at most */
 
 struct vio_dev {
-    u64 base;                   /* MMIO window */
+    u64 base;                   /* MMIO window (virtio-mmio) */
     u32 size;
     u32 irq;                    /* GSI from the command line (IOAPIC pin) */
     u32 version;                /* 2 (1 = legacy: refused) */
@@ -42,6 +50,14 @@ struct vio_dev {
     u32 vendor_id;
     u64 offered;                /* device features (after vio_init) */
     u64 features;               /* negotiated */
+    /* virtio-pci */
+    int pci;                    /* 1: a virtio-pci function (the fields below) */
+    u16 bdf;                    /* bus << 8 | device << 3 | function */
+    u64 common, isr, devcfg, notify;    /* capability windows in the BARs */
+    u32 notify_mul;
+    u32 msix_cap;               /* config offset of the MSI-X capability, 0 if none */
+    u64 msix_table;
+    u32 msix_vectors;
 };
 
 struct vq_desc {
@@ -68,6 +84,7 @@ struct virtq {
     u16 avail_idx;              /* next avail idx we publish */
     u16 last_used;              /* used idx we have consumed up to */
     u64 kicks;
+    u64 notify;                 /* virtio-pci: the queue's notify address */
 };
 
 /* One buffer of a chain: device-readable (write = 0) or device-writable (write = 1). */
@@ -103,6 +120,22 @@ void vio_driver_ok(struct vio_dev *d);
 u32 vio_status(struct vio_dev *d);
 u32 vio_config32(struct vio_dev *d, u32 off);   /* 32-bit config read */
 u8 vio_config8(struct vio_dev *d, u32 off);
+/* "virtio-pci 00:01.0 (ECAM)" for a PCI device, "virtio-mmio at ADDR" otherwise. */
+const char *vio_where(struct vio_dev *d);
+
+/* ---- virtio-pci interrupts (call between vq_setup and vio_driver_ok) ---- */
+/* PCI configuration space of a device (ECAM or 0xCF8, whichever discovery used). */
+u32 vio_pci_read32(struct vio_dev *d, u32 off);
+void vio_pci_write16(struct vio_dev *d, u32 off, u16 v);
+/* Enable MSI-X and send queue q's interrupts as vector (IDT) to local APIC apic through
+ * table entry `entry`; 0 ok, -1 if the device has no such entry or refused it. */
+int vio_pci_msix(struct vio_dev *d, struct virtq *q, u32 entry, u8 vector, u8 apic);
+/* The INTx line firmware (or the VMM) wrote into config space, 0xFF if none. */
+u8 vio_pci_intx_line(struct vio_dev *d);
+/* Read (and so clear) the ISR: bit 0 used buffers, bit 1 configuration change. */
+u8 vio_isr(struct vio_dev *d);
+/* Ask the device to interrupt for queue q's used buffers (clears NO_INTERRUPT). */
+void vq_want_interrupts(struct virtq *q);
 
 /* ---- split virtqueue ---- */
 int vq_add(struct virtq *q, const struct vq_buf *bufs, int n);  /* head, or -1 if full */

@@ -4,6 +4,10 @@ Devices know only offsets; the bus owns the base addresses. The port-I/O bus kee
 dict from every owned port to (device, base), so the vCPU exit path costs one dict
 lookup. The MMIO bus, whose ranges are large, bisects a sorted list of ranges.
 Accesses that hit no device read as all-ones and are ignored on write, as on a PC.
+
+Mappings may change while vCPU threads use the bus (a guest moving a PCI BAR): the MMIO
+bus replaces its sorted index with a new tuple in one assignment, so a concurrent
+lookup sees the old index or the new one, never half of each.
 """
 
 from __future__ import annotations
@@ -36,24 +40,36 @@ class Bus:
         self.name = name
         self._dense = dense  # per-address dict: right for the 64 KiB port space
         self._by_addr: dict[int, tuple[Device, int]] = {}
-        self._starts: list[int] = []
-        self._maps: list[Mapping] = []
+        # (starts, mappings), sorted by base: replaced whole, never mutated in place
+        self._index: tuple[tuple[int, ...], tuple[Mapping, ...]] = ((), ())
         self.unhandled = 0  # accesses that hit no device
 
     def attach(self, base: int, size: int, device: Device, name: str) -> None:
         """Give device the range [base, base+size); overlaps are a programming error."""
-        for m in self._maps:
+        starts, maps = self._index
+        for m in maps:
             if base < m.end and m.base < base + size:
                 raise DeviceError(
                     f"{self.name} bus: {name} at {base:#x}+{size:#x} overlaps {m.name}"
                 )
         m = Mapping(base, size, device, name)
-        i = bisect.bisect(self._starts, base)
-        self._starts.insert(i, base)
-        self._maps.insert(i, m)
+        i = bisect.bisect(starts, base)
+        self._index = (starts[:i] + (base,) + starts[i:], maps[:i] + (m,) + maps[i:])
         if self._dense:
             for addr in range(base, base + size):
                 self._by_addr[addr] = (device, base)
+
+    def detach(self, name: str) -> Mapping | None:
+        """Remove the mapping called name (a BAR the guest moved); None if there is none."""
+        starts, maps = self._index
+        for i, m in enumerate(maps):
+            if m.name == name:
+                self._index = (starts[:i] + starts[i + 1 :], maps[:i] + maps[i + 1 :])
+                if self._dense:
+                    for addr in range(m.base, m.end):
+                        self._by_addr.pop(addr, None)
+                return m
+        return None
 
     def port_map(self) -> dict[int, tuple[Device, int]]:
         """The live address -> (device, base) dict of a dense bus, for the vCPU hot path."""
@@ -65,9 +81,10 @@ class Bus:
         """Return (device, base) owning addr, or None."""
         if self._dense:
             return self._by_addr.get(addr)
-        i = bisect.bisect(self._starts, addr) - 1
+        starts, maps = self._index
+        i = bisect.bisect(starts, addr) - 1
         if i >= 0:
-            m = self._maps[i]
+            m = maps[i]
             if addr < m.end:
                 return m.device, m.base
         return None
@@ -89,4 +106,4 @@ class Bus:
         dev.write(addr - base, data)
 
     def mappings(self) -> list[Mapping]:
-        return list(self._maps)
+        return list(self._index[1])

@@ -20,12 +20,14 @@ KVM ioctls (builder.attach_channels), the hypercalls (hypercall.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from corevisor import sandbox
 from corevisor.arch.x86_64.layout import DOORBELL_PORT
 from corevisor.errors import DeviceError
 from corevisor.resources import CHANNEL_GSIS
@@ -94,6 +96,17 @@ class Channel:
         """Start the relay thread of a doorbell = "thread" channel (once; idempotent)."""
         if self._relay is not None:
             self._relay.start()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """No ring is relayed while the block runs (a system snapshot counts the rings
+        waiting in both eventfds: one in flight between them would be counted twice or
+        not at all)."""
+        if self._relay is None:
+            yield
+            return
+        with self._relay.lock:
+            yield
 
     @property
     def name(self) -> str:
@@ -194,12 +207,13 @@ class DoorbellRelay:
         self._name = name
         self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread: threading.Thread | None = None
+        self.lock = threading.Lock()  # held for each ring moved (Channel.held)
         self.counted = receivers if receivers is not None else {}
         self.passed_on = passed_on if passed_on is not None else {}
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = start_thread(self._run, self._name)
+            self._thread = start_thread(self._run, self._name, sandbox.DOORBELL)
 
     def _run(self) -> None:
         poller = select.poll()
@@ -209,15 +223,16 @@ class DoorbellRelay:
             for fd, _ in poller.poll():
                 if fd == self._stop:
                     return
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    continue
-                target = self._targets[fd]
-                os.eventfd_write(target, 1)
-                who = self.counted.get(target)
-                if who is not None:
-                    self.passed_on[who] = self.passed_on.get(who, 0) + 1
+                with self.lock:
+                    try:
+                        os.eventfd_read(fd)
+                    except BlockingIOError:
+                        continue
+                    target = self._targets[fd]
+                    os.eventfd_write(target, 1)
+                    who = self.counted.get(target)
+                    if who is not None:
+                        self.passed_on[who] = self.passed_on.get(who, 0) + 1
 
     def close(self) -> None:
         if self._thread is not None:

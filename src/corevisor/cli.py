@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from corevisor import bundled, linuxboot
+from corevisor import bundled, linuxboot, provisioning
 from corevisor.errors import CorevisorError, show
 from corevisor.outputs import ensure_std_fds, notice
 from corevisor.spec import SystemSpec
@@ -47,6 +47,8 @@ PARTITION_OPTIONS = {
     "rng": "rng",
     "module": "modules",
     "device": "devices",
+    "transport": "transport",
+    "bios": "bios",
 }
 
 
@@ -109,6 +111,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--net", action="append", metavar="TAP", help="a virtio-net on a host TAP")
     run.add_argument("--rng", action="store_true", help="a virtio-rng entropy device")
     run.add_argument(
+        "--transport",
+        choices=("mmio", "pci"),
+        default=None,
+        help="how the virtio devices are attached: virtio-mmio windows (default) or "
+        "virtio-pci functions with MSI-X (the default with --bios)",
+    )
+    run.add_argument(
+        "--bios",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="boot the first --disk through a BIOS instead of an IMAGE (default PATH: "
+        "Debian's SeaBIOS, /usr/share/seabios/bios-256k.bin)",
+    )
+    run.add_argument(
         "--module",
         action="append",
         metavar="FILE[,STRING]",
@@ -122,6 +140,22 @@ def _parser() -> argparse.ArgumentParser:
         "with its parameters (docs/devices.md); repeatable",
     )
     run.add_argument(
+        "--sandbox",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="confine every VMM thread to its seccomp allowlist (default: on, or the "
+        "system file's [system] sandbox); --no-sandbox turns it off",
+    )
+    run.add_argument(
+        "--jail",
+        metavar="DIR",
+        default=None,
+        help="(root) run in new mount/PID/IPC namespaces, pivoted into DIR holding only "
+        "what the run needs, as --uid/--gid (docs/sandbox.md)",
+    )
+    run.add_argument("--uid", default=None, help="with --jail: the user to run as (id or name)")
+    run.add_argument("--gid", default=None, help="with --jail: the group to run as (id or name)")
+    run.add_argument(
         "--stats",
         action="store_true",
         help="at exit, print each machine's exit, page-fault, MMU, TLB and halt-poll counts",
@@ -134,6 +168,7 @@ def _parser() -> argparse.ArgumentParser:
         help="at exit, write those numbers and all of KVM's statistics as JSON (docs/stats.md)",
     )
     linuxboot.add_arguments(run)
+    provisioning.add_arguments(run)
     guests = sub.add_parser("guests", help="list the bundled guests and their image paths")
     guests.add_argument("--build", action="store_true", help="(re)build them first")
     host = sub.add_parser(
@@ -165,6 +200,8 @@ def _resolve(args: argparse.Namespace) -> SystemSpec:
     cmdline = args.cmdline
     if args.timeout is not None and not args.timeout > 0:
         raise CorevisorError(f"--timeout: {args.timeout:g} s (give a positive number of seconds)")
+    if args.bios is not None:
+        return _bios_system(args, target)
     if target is None:
         # The demo (examples/demo.toml): build its guests if they are missing.
         for name in bundled.DEMO_GUESTS:
@@ -206,6 +243,37 @@ def _resolve(args: argparse.Namespace) -> SystemSpec:
         rng=args.rng,
         modules=args.module,
         devices=args.device,
+        transport=args.transport,
+    )
+    return SystemSpec(partitions=(part,))
+
+
+def _bios_system(args: argparse.Namespace, target: str | None) -> SystemSpec:
+    """`run --bios [PATH] --disk IMG`: one machine booting its disk through the BIOS."""
+    from corevisor.config.args import bios_partition_from_args
+    from corevisor.config.files import DEFAULT_BIOS
+
+    if target is not None:
+        raise CorevisorError(f"--bios boots from its disk: IMAGE {show(target)} is not used "
+                             "(give the disk with --disk)")
+    for flag in ("cmdline", "initrd", "module"):
+        if getattr(args, flag, None):
+            raise CorevisorError(f"--{flag} cannot be combined with --bios: the BIOS boots "
+                                 "from the disk, with no kernel of corevisor's")
+    part = bios_partition_from_args(
+        args.bios or str(DEFAULT_BIOS),
+        cpus=1 if args.cpus is None else args.cpus,
+        memory=args.memory,
+        pin=args.pin,
+        serial=args.serial if args.serial is not None else "stdout",
+        gdb=args.gdb,
+        gdb_attach=args.gdb_attach,
+        gdb_allow_remote=args.gdb_allow_remote,
+        disks=args.disk,
+        nets=args.net,
+        rng=args.rng,
+        transport=args.transport,
+        devices=args.device,
     )
     return SystemSpec(partitions=(part,))
 
@@ -246,6 +314,32 @@ def _report_stats(
     if path is not None:
         names = [p.name for p in config.partitions]
         runstats.write_json(path, runstats.document(runs, names, host))
+
+
+def _id(value: str, flag: str, lookup: Callable[[str], int]) -> int:
+    """A numeric id, or a name looked up in the user or group database."""
+    if value.isdigit():
+        return int(value)
+    try:
+        return lookup(value)
+    except KeyError:
+        raise CorevisorError(f"{flag} {show(value)}: no such user or group") from None
+
+
+def _jail(system: SystemSpec, args: argparse.Namespace) -> SystemSpec:
+    """--jail DIR --uid U --gid G: continue inside the jail (sandbox/jail.py)."""
+    if args.jail is None:
+        raise CorevisorError("--uid and --gid go with --jail DIR")
+    if args.uid is None or args.gid is None:
+        raise CorevisorError("--jail needs --uid and --gid (the unprivileged user to run as)")
+    import grp
+    import pwd
+
+    from corevisor.sandbox import jail
+
+    uid = _id(args.uid, "--uid", lambda n: pwd.getpwnam(n).pw_uid)
+    gid = _id(args.gid, "--gid", lambda n: grp.getgrnam(n).gr_gid)
+    return jail.enter(system, Path(args.jail), uid, gid)
 
 
 def _list_guests(build: bool) -> int:
@@ -290,7 +384,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _list_guests(args.build)
         if args.command == "host":
             return _host_report(args.json)
+        if provisioning.wanted(args):
+            return provisioning.run(args)
         system = _resolve(args)
+        if args.sandbox is not None:
+            system = replace(system, sandbox=args.sandbox)
+        if args.jail is not None or args.uid is not None or args.gid is not None:
+            system = _jail(system, args)
+        if system.sandbox:
+            from corevisor import sandbox
+
+            sandbox.enable()
         return _run_system(system, args)
     except CorevisorError as e:
         _err(str(e))

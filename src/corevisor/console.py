@@ -57,7 +57,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
 
-from corevisor import inputs
+from corevisor import inputs, sandbox
 from corevisor.errors import ConfigError, show
 from corevisor.outputs import GuardedOutput, Report, report_to_stderr, silence
 from corevisor.signals import start_thread
@@ -120,7 +120,7 @@ class _InputPump:
         self._feed = feed
         self._wake_r, self._wake_w = os.pipe()
         try:
-            self._thread = start_thread(self._run, f"serial-in-{name}")
+            self._thread = start_thread(self._run, f"serial-in-{name}", sandbox.CONSOLE)
         except BaseException:
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -304,7 +304,7 @@ class UnixSocketSerial:
         """
         self._feed = feed
         if self._thread is None and not self._closed:
-            self._thread = start_thread(self._run, f"serial-{self._name}")
+            self._thread = start_thread(self._run, f"serial-{self._name}", sandbox.SOCKET)
 
     @property
     def connected(self) -> bool:

@@ -21,6 +21,7 @@ __all__ = [
     "LoaderError",
     "DeviceError",
     "SnapshotError",
+    "MigrationError",
     "ApiError",
     "GuestStopped",
     "show",
@@ -116,6 +117,10 @@ class DeviceError(CorevisorError):
 
 class SnapshotError(CorevisorError):
     """A snapshot file is corrupt, of the wrong version, or does not fit the machine."""
+
+
+class MigrationError(CorevisorError):
+    """A live migration failed or was refused; the source partition runs on."""
 
 
 class ApiError(CorevisorError):

@@ -1,4 +1,4 @@
-"""The paravirtual hypercall device on port 0x500 (docs/paravirt-abi.md, version 1.0).
+"""The paravirtual hypercall device on port 0x500 (docs/paravirt-abi.md, version 1.1).
 
 A guest writes the guest-physical address of a 64-byte call block to port 0x500; the
 Hypercalls device reads the block through GuestMemory (bounds-checked: a block outside
@@ -9,8 +9,12 @@ Unknown numbers answer -ENOSYS; they never stop the guest.
 The device is pure register logic (DESIGN.md convention 4). What a handler needs from
 the outside world (the console, the channel ends, the watchdog) comes in as a
 HypercallHost of plain callables and values, so this module knows nothing of systems,
-threads or KVM. What does not live here: the channels themselves (channel.py) and the
-watchdog's timing (system.py).
+threads or KVM. Two host services carry state of their own and are saved with the
+device: the guest's clock (GuestClock: HC_CLOCK continues across a snapshot or a
+migration, as the TSC and kvmclock do) and its generation (Generation: HC_GENERATION,
+which changes whenever the guest is restored from a snapshot, so a clone knows to
+reseed its randomness). What does not live here: the channels themselves (channel.py)
+and the watchdog's timing (system.py).
 """
 
 from __future__ import annotations
@@ -39,13 +43,16 @@ __all__ = [
     "HC_PARTITION_INFO",
     "HC_WATCHDOG",
     "HC_CHANNEL_INFO",
+    "HC_GENERATION",
+    "GuestClock",
+    "Generation",
     "HypercallHost",
     "Hypercalls",
     "HypercallsState",
     "handler_table",
 ]
 
-ABI_VERSION = 0x0001_0000  # major 1, minor 0
+ABI_VERSION = 0x0001_0001  # major 1, minor 1 (1.1 added HC_GENERATION)
 BLOCK_SIZE = 64
 MAX_CONSOLE_WRITE = 4096
 
@@ -57,6 +64,7 @@ HC_CHANNEL_NOTIFY = 4
 HC_PARTITION_INFO = 5
 HC_WATCHDOG = 6
 HC_CHANNEL_INFO = 7
+HC_GENERATION = 8
 
 _BLOCK = struct.Struct("<6Q")  # nr, args[5]
 _RESULT = struct.Struct("<qQ")  # ret, ret2 at offset 48
@@ -70,6 +78,44 @@ def _ignore_watchdog(ms: int) -> None:
     """The watchdog of a machine with no system around it: nothing watches."""
 
 
+class GuestClock:
+    """HC_CLOCK's time: the host's monotonic clock plus an offset.
+
+    A snapshot saves the guest's time (now_ns) and a restore continues from it
+    (continue_from), so the guest sees no time pass while it was saved or moved,
+    exactly as its TSC and kvmclock do (snapshot/state.py); without the offset the
+    clock would jump by whatever the host's monotonic clock did meanwhile (it even
+    restarts at boot).
+    """
+
+    def __init__(self, source: Callable[[], int] = time.monotonic_ns) -> None:
+        self._source = source
+        self.offset = 0
+
+    def now_ns(self) -> int:
+        return self._source() + self.offset
+
+    def continue_from(self, ns: int) -> None:
+        """From now on the clock reads ns, and runs on at the host's rate."""
+        self.offset = ns - self._source()
+
+
+class Generation:
+    """HC_GENERATION's answer: how many times this guest was restored from a snapshot,
+    and a random 64-bit id chosen at each of those restores (so clones of one snapshot,
+    which share the count, still tell each other apart). A fresh boot is 0, 0; a live
+    migration moves the same guest and changes neither (docs/provisioning.md)."""
+
+    def __init__(self, count: int = 0, ident: int = 0) -> None:
+        self.count = count
+        self.ident = ident
+
+    def advance(self) -> None:
+        """This guest is a new copy of a saved one: count it and pick a new id."""
+        self.count += 1
+        self.ident = int.from_bytes(os.urandom(8), "little")
+
+
 @dataclass(frozen=True)
 class HypercallHost:
     """Everything the handlers need from outside the device."""
@@ -80,7 +126,8 @@ class HypercallHost:
     vcpus: int = 1
     channels: Sequence[ChannelEnd] = ()
     watchdog: Callable[[int], None] = field(default=_ignore_watchdog)
-    clock_ns: Callable[[], int] = field(default=time.monotonic_ns)
+    clock: GuestClock = field(default_factory=GuestClock)
+    generation: Generation = field(default_factory=Generation)
 
 
 def handler_table(host: HypercallHost) -> dict[int, Handler]:
@@ -106,7 +153,7 @@ def handler_table(host: HypercallHost) -> dict[int, Handler]:
         return 0, 0
 
     def clock(args: tuple[int, ...]) -> tuple[int, int]:
-        return host.clock_ns(), 0
+        return host.clock.now_ns(), 0
 
     def channel_notify(args: tuple[int, ...]) -> tuple[int, int]:
         if args[0] >= len(host.channels):
@@ -126,6 +173,9 @@ def handler_table(host: HypercallHost) -> dict[int, Handler]:
         end = host.channels[args[0]]
         return end.gpa, end.size | end.flags << 32 | end.gsi << 40
 
+    def generation(args: tuple[int, ...]) -> tuple[int, int]:
+        return host.generation.count, host.generation.ident
+
     return {
         HC_VERSION: version,
         HC_CONSOLE_WRITE: console_write,
@@ -135,25 +185,40 @@ def handler_table(host: HypercallHost) -> dict[int, Handler]:
         HC_PARTITION_INFO: partition_info,
         HC_WATCHDOG: watchdog,
         HC_CHANNEL_INFO: channel_info,
+        HC_GENERATION: generation,
     }
 
 
 @dataclass(frozen=True)
 class HypercallsState:
-    """The port's counters. A call runs whole during the guest's `out`, so none is ever
-    in flight in a paused machine; what the handlers serve (console, channels, the
-    watchdog) is saved by its owner, and HypercallHost is rebuilt from the config."""
+    """The port's counters, the guest's clock and its generation. A call runs whole
+    during the guest's `out`, so none is ever in flight in a paused machine; what the
+    other handlers serve (console, channels, the watchdog) is saved by its owner, and
+    HypercallHost is rebuilt from the config. The fields with defaults came with
+    snapshot format 1.1."""
 
     calls: int
     ignored: int
+    clock_ns: int = 0  # HC_CLOCK when saved
+    generation: int = 0
+    generation_id: int = 0
 
 
 class Hypercalls:
     """Port 0x500: a 4-byte write of a call block's address runs one hypercall."""
 
-    def __init__(self, memory: GuestMemory, handlers: Mapping[int, Handler]) -> None:
+    def __init__(
+        self,
+        memory: GuestMemory,
+        handlers: Mapping[int, Handler],
+        clock: GuestClock | None = None,
+        generation: Generation | None = None,
+    ) -> None:
+        """clock, generation: the ones the handlers serve (saved with the device)."""
         self._memory = memory
         self._handlers = handlers
+        self.clock = clock if clock is not None else GuestClock()
+        self.generation = generation if generation is not None else Generation()
         self.calls = 0
         self.ignored = 0  # writes that were not a usable call block
 
@@ -177,10 +242,17 @@ class Hypercalls:
         self._memory.write(gpa + _RESULT_OFFSET, _RESULT.pack(ret, ret2 & (1 << 64) - 1))
 
     def save(self) -> HypercallsState:
-        return HypercallsState(self.calls, self.ignored)
+        return HypercallsState(
+            self.calls, self.ignored, self.clock.now_ns(), self.generation.count,
+            self.generation.ident,
+        )
 
     def restore(self, state: HypercallsState) -> None:
+        """Counters and generation as saved; the clock continues from its saved time."""
         st = require_state("hypercall", state, HypercallsState)
-        require_uint("hypercall", "calls", st.calls)
-        require_uint("hypercall", "ignored", st.ignored)
+        for name in ("calls", "ignored", "generation", "generation_id"):
+            require_uint("hypercall", name, getattr(st, name))
+        require_uint("hypercall", "clock_ns", st.clock_ns, 63)
         self.calls, self.ignored = st.calls, st.ignored
+        self.clock.continue_from(st.clock_ns)
+        self.generation.count, self.generation.ident = st.generation, st.generation_id

@@ -27,9 +27,10 @@ from corevisor.errors import ConfigError, show
 # console=ttyS0: the kernel's console on our COM1; earlyprintk=serial: output from the
 # first instructions (and from the bzImage decompressor), before the console driver;
 # reboot=k: reboot through the i8042 (corevisor reports it); panic=-1: reboot at once
-# on a panic instead of spinning; pci=off: corevisor has no PCI host bridge, so do not
-# probe for one port by port.
-DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=serial reboot=k panic=-1 pci=off"
+# on a panic instead of spinning; pci=off: a machine without --transport pci has no PCI
+# host bridge, so do not probe for one port by port (PCI_CMDLINE: one that has).
+PCI_CMDLINE = "console=ttyS0 earlyprintk=serial reboot=k panic=-1"
+DEFAULT_CMDLINE = PCI_CMDLINE + " pci=off"
 DEFAULT_MEMORY = "256M"
 PLAIN_MEMORY = "64M"
 
@@ -88,7 +89,8 @@ def apply(args: argparse.Namespace) -> None:
             )
         args.target = kernel
         if args.cmdline is None:
-            args.cmdline = DEFAULT_CMDLINE
+            pci = getattr(args, "transport", None) == "pci"
+            args.cmdline = PCI_CMDLINE if pci else DEFAULT_CMDLINE
         if args.memory is None:
             args.memory = DEFAULT_MEMORY
     if args.cmdline is None:

@@ -17,6 +17,13 @@ transition that any thread may call, and a refused one raises StateError
     stop     created | running | paused -> stopped   the vCPU threads end; no-op when stopped
     close    any -> stopped, everything released     idempotent
 
+``frozen`` holds the machine still for a snapshot or a migration: under the lifecycle
+lock (no start, pause, resume or halt check runs meanwhile) it pauses a running machine,
+parks every registered quiescer (the virtio I/O threads with their requests completed,
+the channel doorbells' irqfds, serial input: nothing then changes guest RAM, a device
+or the interrupt controllers), runs the caller's block, and undoes that in reverse: a
+machine that was running runs again, unless the block stopped it (a migration's end).
+
 The guest ends a machine too: the first StopReport of any vCPU (``finish``, called on
 that vCPU's thread) becomes the machine's outcome and stops the other vCPUs, so a guest
 can never leave a half-stopped machine behind. ``stop`` never waits for another
@@ -33,8 +40,8 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from corevisor.arch.x86_64.cpu import format_registers
@@ -43,13 +50,13 @@ from corevisor.devices.debug_exit import exit_message, exit_status
 from corevisor.errors import CorevisorError, StateError
 from corevisor.halt import HaltWatch, ioapic_can_wake, machine_stuck, read_halt_state
 from corevisor.kvm.ioctls import Kvm, VcpuFd, VmFd
-from corevisor.memory import GuestMemory
+from corevisor.memory import GuestMemory, MemoryRegion
 from corevisor.vcpu import ACK_TIMEOUT, StopReport, Vcpu
 
 if TYPE_CHECKING:
     from corevisor.runstats import StatsCollector
 
-__all__ = ["Machine", "MachineState", "Closeable"]
+__all__ = ["Machine", "MachineState", "Closeable", "Frozen"]
 
 PAUSE = "pause"  # the vCPU hold reason of Machine.pause
 HALT_CHECK = "halt-check"
@@ -63,6 +70,18 @@ class MachineState(enum.Enum):
     RUNNING = "running"
     PAUSED = "paused"
     STOPPED = "stopped"
+
+
+class Frozen:
+    """What Machine.frozen yields: whether the machine was running, and keep()."""
+
+    def __init__(self, was_running: bool) -> None:
+        self.was_running = was_running
+        self.kept = False
+
+    def keep(self) -> None:
+        """Leave the machine frozen when the block ends (it was handed over)."""
+        self.kept = True
 
 
 class Closeable(Protocol):
@@ -92,6 +111,10 @@ class Machine:
         self._starters: list[Callable[[], None]] = []
         self._stalls: list[Callable[[], str | None]] = []
         self._abandoned: list[Vcpu] = []  # vCPU threads that did not end when told to
+        self._quiescers: list[tuple[Callable[[], None], Callable[[], None]]] = []
+        self.spec: Any = None  # the PartitionSpec it was built from (builder.py sets it)
+        self.restore_notes: Any = None  # what a restore did not write (snapshot/state.py)
+        self.ram_slots: list[tuple[int, MemoryRegion]] = []  # KVM slot of each RAM region
         self._state = MachineState.CREATED
         self._lock = threading.Lock()  # state, report, closed: held briefly, never waiting
         self._op = threading.RLock()  # one start/pause/resume/halt check at a time
@@ -125,6 +148,11 @@ class Machine:
         user device's call in progress, userdev/attach.py); a pause that times out says it."""
         self._stalls.append(describe)
 
+    def at_quiesce(self, park: Callable[[], None], unpark: Callable[[], None]) -> None:
+        """In frozen(): park() once the vCPUs are paused (it returns when nothing it
+        serves runs any more; it may raise CorevisorError), unpark() afterwards."""
+        self._quiescers.append((park, unpark))
+
     def add_vcpu(self, fd: VcpuFd, host_core: int | None = None) -> Vcpu:
         """Own a new vCPU fd at once (before anything else can fail) and wrap it."""
         v = Vcpu(fd, self.pio, self.mmio, self.finish, host_core=host_core, memory=self.memory)
@@ -154,6 +182,10 @@ class Machine:
     def guest_reset(self) -> None:
         """The guest pulsed the reset line (i8042 command 0xFE)."""
         self.finish(StopReport("reset", "guest reset the machine (i8042 reset line)"))
+
+    def guest_panic(self) -> None:
+        """The guest's kernel reported a panic (pvpanic): a crash, whatever it does next."""
+        self.finish(StopReport("fault", "guest kernel panicked (pvpanic)"))
 
     # --- lifecycle ------------------------------------------------------------------
     def _refuse(self, verb: str) -> StateError:
@@ -197,6 +229,32 @@ class Machine:
                     raise self._refuse("resume")
                 self._state = MachineState.RUNNING
             self._release_all(PAUSE)
+
+    @contextmanager
+    def frozen(self) -> Iterator[Frozen]:
+        """Paused and quiesced for the whole block (see the module docstring). A created
+        machine (never started) is frozen as it is; a stopped one is refused
+        (StateError). The block may keep() it frozen for good: a migration that handed
+        the guest (and, locally, its very RAM) over must not let a thread of this
+        machine serve it again; the caller then stops it."""
+        with self._op:
+            handle = Frozen(self._state is MachineState.RUNNING)
+            if handle.was_running:
+                self.pause()
+            elif self._state is not MachineState.PAUSED and self._state is not MachineState.CREATED:
+                raise self._refuse("freeze")
+            parked: list[Callable[[], None]] = []
+            try:
+                for park, unpark in self._quiescers:
+                    park()
+                    parked.append(unpark)
+                yield handle
+            finally:
+                if not handle.kept:
+                    for unpark in reversed(parked):
+                        unpark()
+                    if handle.was_running and self._state is MachineState.PAUSED:
+                        self.resume()
 
     def stop(self, why: str = "stopped by the host", code: int | None = None) -> None:
         """Stop from the host side (the guest did not ask) and wait for the vCPU threads.

@@ -6,7 +6,10 @@ steer a device model (or a loader, or the GDB stub) into host memory: this is th
 software equivalent of an IOMMU. Regions are memfds so later work can share them
 between partitions, snapshot them and migrate them without copying through Python.
 
-What does not live here: the KVM memory-slot ioctls (kvm/ioctls.py) and the guest
+For a live migration GuestMemory also records which pages the VMM itself writes
+(track_writes / take_written): KVM's dirty log sees only what vCPUs write, not a virtio
+device filling a buffer through this class. What does not live here: the KVM
+memory-slot ioctls and the dirty log (kvm/ioctls.py, snapshot/migrate.py) and the guest
 memory map policy (arch/x86_64/layout.py).
 """
 
@@ -16,6 +19,7 @@ import ctypes
 import errno
 import mmap
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -106,6 +110,8 @@ class GuestMemory:
                 raise GuestMemoryError(
                     f"memory regions overlap: {a.gpa:#x}-{a.end:#x} and {b.gpa:#x}-{b.end:#x}"
                 )
+        self._written: set[int] | None = None  # pages the VMM wrote (page numbers)
+        self._written_lock = threading.Lock()
         self._index()
 
     def _index(self) -> None:
@@ -197,11 +203,45 @@ class GuestMemory:
         if readonly:
             raise GuestMemoryError(f"guest access {gpa:#x}+{size:#x} writes read-only memory")
         mm[off : off + size] = data
+        if self._written is not None:
+            self._mark(gpa, size)
 
     def fill(self, gpa: int, size: int, byte: int = 0) -> None:
         """Set size bytes of guest RAM to one value (zeroing a .bss, for instance)."""
         r, off = self._find_writable(gpa, size)
         r.mm[off : off + size] = bytes([byte]) * size
+        if self._written is not None:
+            self._mark(gpa, size)
+
+    # --- for migrations: the pages the VMM writes ---------------------------------------
+    def track_writes(self, on: bool = True) -> None:
+        """Start (or stop) recording the pages this class writes (write, fill, discard)."""
+        with self._written_lock:
+            self._written = set() if on else None
+
+    def take_written(self) -> set[int]:
+        """The page numbers (gpa // PAGE_SIZE) written since tracking began or since the
+        last call; none is lost to a write racing this call."""
+        with self._written_lock:
+            taken = self._written or set()
+            self._written = set() if self._written is not None else None
+        return taken
+
+    def _mark(self, gpa: int, size: int) -> None:
+        with self._written_lock:
+            written = self._written  # read again under the lock: take_written swaps it
+            if written is not None and size:
+                written.update(range(gpa // PAGE_SIZE, (gpa + size - 1) // PAGE_SIZE + 1))
+
+    def span(self, gpa: int, size: int, writable: bool = False) -> memoryview:
+        """[gpa, gpa+size) of one region as a memoryview, bounds-checked like read and
+        write: a migration sends pages from it and receives them into it without a copy.
+        A writable span bypasses track_writes (only a migration's target uses one)."""
+        mm, off, readonly, _ = self._locate(gpa, size)
+        if writable and readonly:
+            raise GuestMemoryError(f"guest access {gpa:#x}+{size:#x} writes read-only memory")
+        view = memoryview(mm)[off : off + size]
+        return view if writable else view.toreadonly()
 
     # --- for snapshots: where the data is, and dropping it -------------------------------
     def data_extents(self, gpa: int, size: int) -> list[tuple[int, int]]:
@@ -228,6 +268,8 @@ class GuestMemory:
             r.mm.madvise(mmap.MADV_REMOVE, off, size)
         else:
             r.mm[off : off + size] = bytes(size)
+        if self._written is not None:
+            self._mark(gpa, size)
 
     def _find_writable(self, gpa: int, size: int) -> tuple[MemoryRegion, int]:
         """_find, refusing read-only regions: what the guest may not write, a device acting

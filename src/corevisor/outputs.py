@@ -43,6 +43,19 @@ def _fileno(stream: Any) -> int | None:
     return fd if isinstance(fd, int) else None
 
 
+_null_fd: int | None = None  # /dev/null for silence(), opened once (devnull())
+
+
+def devnull() -> int:
+    """A /dev/null fd kept for silence(): opened here, on the first call, because the
+    failing write that needs it is often on a sandboxed vCPU thread, which may not open
+    files (sandbox/); ensure_std_fds opens it at start-up."""
+    global _null_fd
+    if _null_fd is None:
+        _null_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    return _null_fd
+
+
 def silence(stream: Any) -> None:
     """Point the descriptor behind stream (stdout, stderr) at /dev/null.
 
@@ -53,9 +66,7 @@ def silence(stream: Any) -> None:
     if fd not in (1, 2):
         return
     with contextlib.suppress(OSError):
-        null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-        os.dup2(null, fd)
-        os.close(null)
+        os.dup2(devnull(), fd)
 
 
 def ensure_std_fds() -> None:
@@ -73,6 +84,7 @@ def ensure_std_fds() -> None:
         sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - lives as long as the process
     if sys.stderr is None:
         sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+    devnull()  # for silence(), later, on whatever thread meets a failing output
 
 
 _stderr_lock = threading.Lock()

@@ -6,13 +6,15 @@ channel — is claimed here, so two claimants can never silently share one: an o
 is refused with both named (``channels.d.gpa: 0xe0001000+4K overlaps channel c
 (0xe0000000-0xe0002000)``).
 
-``machine_map(name, memory)`` is a corevisor machine before any device exists: its RAM,
-the fixed areas of the address map (arch/x86_64/layout.py), the legacy ports (and those
-the in-kernel irqchip and PIT answer) and the GSIs the in-kernel devices use. Validation
-(config/validate.py) places channels in two partitions' maps at once; user devices claim
-the ranges and lines they name (claim_device); the builder allocates virtio windows and
-GSIs, memory slots and channel slots from the machine's map. A pool (the virtio-mmio
-windows) is a claim that only allocations made *from* it may overlap.
+``machine_map(name, memory, pci=...)`` is a corevisor machine before any device exists:
+its RAM, the fixed areas of the address map (arch/x86_64/layout.py), the legacy ports (and
+those the in-kernel irqchip and PIT answer) and the GSIs the in-kernel devices use; with PCI
+also the configuration ports, the ECAM window, the BAR windows (pools: 32-bit, 64-bit, I/O)
+and the INTx GSIs. Validation (config/validate.py) places channels in two partitions' maps
+at once; user devices claim the ranges and lines they name (claim_device); the builder
+allocates virtio windows and GSIs, PCI BARs and MSI GSIs, memory slots and channel slots
+from the machine's map. A pool (the virtio-mmio windows, the PCI windows) is a claim that
+only allocations made *from* it may overlap.
 
 What does not live here: the address constants themselves (layout.py; the ABI's ports
 in hypercall.py and channel.py), the KVM calls that use the numbers (builder.py).
@@ -45,6 +47,11 @@ __all__ = [
     "IN_KERNEL_PORTS",
     "DEVICE_GSIS",
     "claim_device",
+    "MSI_GSIS",
+    "FIRMWARE_SLOTS",
+    "PCI_MMIO32",
+    "PCI_MMIO64",
+    "PCI_IO",
 ]
 
 
@@ -67,6 +74,7 @@ LEGACY_PORTS: dict[str, tuple[int, int]] = {
     "com1": (layout.COM1_PORT, 8),
     "hypercall": (layout.HYPERCALL_PORT, 4),
     "doorbell": (layout.DOORBELL_PORT, 4),
+    "pvpanic": (layout.PVPANIC_PORT, 1),
     "fw-cfg": (layout.FW_CFG_PORT, layout.FW_CFG_PORT_SIZE),
     "pm1": (layout.PM1A_EVT_PORT, PM1_SIZE),
     "pm-timer": (layout.PM_TMR_PORT, 4),
@@ -101,6 +109,14 @@ CHANNEL_SLOTS = range(16, 16 + len(CHANNEL_GSIS))
 assert len(VIRTIO_GSIS) == MAX_VIRTIO_DEVICES and len(CHANNEL_GSIS) == MAX_CHANNELS
 VIRTIO_WINDOW_SIZE = 0x1000
 VIRTIO_WINDOWS = "the virtio-mmio device windows"
+# GSIs above the IOAPIC's 24 pins: one per MSI/MSI-X vector in use (pci/routing.py).
+MSI_GSIS = range(24, 1024)
+# KVM memory slots of the firmware: its ROM below 4 GiB and the shadow-RAM segments of
+# 0xC0000-0xFFFFF (firmware/bios.py), above the channels'.
+FIRMWARE_SLOTS = range(CHANNEL_SLOTS.stop, CHANNEL_SLOTS.stop + 16)
+PCI_MMIO32 = "the PCI MMIO window below 4 GiB"
+PCI_MMIO64 = "the PCI MMIO window above 4 GiB"
+PCI_IO = "the PCI I/O port window"
 
 
 class Claim(NamedTuple):  # a NamedTuple, not a dataclass: cheaper at start-up
@@ -227,6 +243,22 @@ class Resources:
                 return self.claim(space, n, 1, owner)
         return None
 
+    def release(self, space: Space, start: int, owner: str) -> None:
+        """Give back owner's claim starting at start (a BAR the guest moved away)."""
+        claims = self._claims[space]
+        for i, c in enumerate(claims):
+            if c.start == start and c.owner == owner:
+                del claims[i]
+                return
+        raise KeyError(f"{self.name}: {owner} holds no {space.value} claim at {start:#x}")
+
+    def pool_of(self, space: Space, start: int, size: int) -> str | None:
+        """The pool [start, start+size) lies wholly inside, if any."""
+        for c in self._claims[space]:
+            if c.pool and c.start <= start and start + size <= c.end:
+                return c.owner
+        return None
+
     def owner_of(self, space: Space, owner: str) -> Claim:
         """The claim owner holds in space (a legacy device's ports)."""
         for c in self._claims[space]:
@@ -235,8 +267,10 @@ class Resources:
         raise KeyError(f"{self.name}: no {space.value} claimed by {owner}")
 
 
-def machine_map(name: str, memory: int) -> Resources:
-    """A corevisor machine with memory bytes of RAM before any device: what is fixed."""
+def machine_map(name: str, memory: int, pci: bool = False) -> Resources:
+    """A corevisor machine with memory bytes of RAM before any device: what is fixed.
+
+    pci: the machine has a PCI host bridge (PCI devices, or firmware)."""
     res = Resources(name)
     for gpa, size in layout.ram_layout(memory):
         res.claim(Space.GPA, gpa, size, f"partition {name}'s RAM")
@@ -246,7 +280,23 @@ def machine_map(name: str, memory: int) -> Resources:
         res.claim(Space.PIO, port, size, device)
     for device, gsi in FIXED_GSIS.items():
         res.claim(Space.GSI, gsi, 1, device)
+    if pci:
+        _claim_pci(res, memory)
     return res
+
+
+def _claim_pci(res: Resources, memory: int) -> None:
+    """The PCI host bridge's ports, ECAM, BAR windows and INTx lines (layout.py)."""
+    res.claim(Space.PIO, layout.PCI_CONFIG_PORT, 8, "pci-config")
+    res.claim(Space.PIO, layout.PCI_IO_START, layout.PCI_IO_END - layout.PCI_IO_START,
+              PCI_IO, reserve=True)
+    res.claim(Space.GPA, layout.PCI_ECAM_START, layout.PCI_ECAM_SIZE, "the PCI ECAM window")
+    res.claim(Space.GPA, layout.PCI_MMIO32_START,
+              layout.PCI_MMIO32_END - layout.PCI_MMIO32_START, PCI_MMIO32, reserve=True)
+    start, end = layout.pci64_window(memory)
+    res.claim(Space.GPA, start, end - start, PCI_MMIO64, reserve=True)
+    for gsi in sorted(set(layout.PCI_PIRQ_GSIS)):
+        res.claim(Space.GSI, gsi, 1, "PCI INTx")
 
 
 def claim_device(res: Resources, device: DeviceSpec, where: str) -> None:

@@ -13,9 +13,13 @@ again. No handler is installed, so any thread may kick at any time: nothing depe
 the main thread having done something first.
 
 **Threads.** ``start_thread`` starts a daemon thread with every signal blocked except
-the ones the kernel raises for a fault in that thread, so process-directed signals
-always land on the main thread, where Python runs its handlers, and never interrupt a
-vCPU or an I/O thread's poll.
+the ones the kernel raises for a fault in that thread (SIGSYS included: the seccomp
+sandbox reports a forbidden call through it), so process-directed signals always land
+on the main thread, where Python runs its handlers, and never interrupt a vCPU or an
+I/O thread's poll. The thread gets its name in the kernel too (``top -H``, strace) and
+a sandbox role: it runs ``setup`` (what must happen before confinement, like a vCPU's
+pinning), then enters its role's seccomp filter when the sandbox is on
+(sandbox/__init__.py), then ``target``.
 
 **Stopping.** ``stop_signals(request)`` routes SIGINT, SIGTERM and SIGHUP to
 ``request(signum)``, which must only store the request: it runs between two bytecodes
@@ -36,6 +40,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from corevisor import sandbox
+
 __all__ = [
     "KICK_SIGNAL",
     "STOP_SIGNALS",
@@ -52,16 +58,36 @@ KICK_SIGNAL = signal.SIGUSR1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Raised by the kernel for a fault of the thread itself: blocking them would turn a
 # crash into a hang, so they stay deliverable everywhere.
-_FAULT_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP}
+_FAULT_SIGNALS = {
+    signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS,
+}
 
 
 def _thread_mask() -> set[signal.Signals]:
     return set(signal.valid_signals()) - _FAULT_SIGNALS - {signal.SIGKILL, signal.SIGSTOP}
 
 
-def start_thread(target: Callable[[], None], name: str) -> threading.Thread:
-    """Start a daemon thread that inherits a mask blocking every (non-fault) signal."""
-    thread = threading.Thread(target=target, name=name, daemon=True)
+def start_thread(
+    target: Callable[[], None],
+    name: str,
+    role: str = sandbox.CONTROL,
+    setup: Callable[[], None] | None = None,
+) -> threading.Thread:
+    """Start a daemon thread that inherits a mask blocking every (non-fault) signal.
+
+    role: its seccomp role (sandbox.ROLES; the default, control, is the broadest).
+    setup: run on the thread before it is confined; it must not raise (a vCPU keeps
+    its own set-up error and reports it from target).
+    """
+
+    def run() -> None:
+        sandbox.name_thread(name)
+        if setup is not None:
+            setup()
+        sandbox.confine(role, name)
+        target()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _thread_mask())
     try:
         thread.start()

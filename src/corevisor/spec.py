@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 __all__ = [
     "PartitionSpec",
@@ -36,6 +36,7 @@ __all__ = [
     "RestartPolicy",
     "Doorbell",
     "VirtioSpec",
+    "Transport",
     "BlkSpec",
     "NetSpec",
     "DeviceSpec",
@@ -291,14 +292,25 @@ class NetSpec:
     tap: str = field(metadata=doc(schema={"type": "string", "minLength": 1, "maxLength": 15}))
 
 
+class Transport(enum.StrEnum):
+    """How a partition's virtio devices reach the guest (virtio/attach.py): "mmio", a
+    virtio-mmio window each (on Linux's command line and in the DSDT), or "pci", a
+    virtio-pci function each on a PCI host bridge (with MSI-X)."""
+
+    MMIO = "mmio"
+    PCI = "pci"
+
+
 @dataclass(frozen=True)
 class VirtioSpec:
-    """A partition's virtio devices (in the order they get MMIO windows and IRQs)."""
+    """A partition's virtio devices (in the order they get windows or slots, and IRQs)."""
 
     blk: tuple[BlkSpec, ...] = ()
     net: tuple[NetSpec, ...] = ()
     rng: bool = False
     console: bool = field(default=False, metadata=doc(key="virtio_console"))
+    transport: Transport = field(default=Transport.MMIO, metadata=doc(
+        description='"mmio" or "pci" (the default with bios)'))
 
     @property
     def count(self) -> int:
@@ -402,8 +414,13 @@ _MODULES_SCHEMA: dict[str, Any] = {
 class PartitionSpec:
     """One partition (one VM): its guest image and the resources it gets."""
 
+    # A document has exactly one of these keys (config/schema.py states it as oneOf).
+    DOCUMENT_ONE_OF: ClassVar[tuple[str, ...]] = ("image", "bios")
+
     name: str = field(metadata=doc(omit=True))  # the key of its [partitions.NAME] table
-    image: Path = field(metadata=doc(schema=_PATH_SCHEMA, description="the guest ELF or bzImage"))
+    # The guest image, or None for a machine that boots through its firmware (bios).
+    image: Path | None = field(default=None, metadata=doc(
+        schema=_PATH_SCHEMA, description="the guest ELF or bzImage (or give bios)"))
     cpus: int = field(default=1, metadata=doc(schema={"type": "integer", "minimum": 1,
                                                       "maximum": MAX_VCPUS}))
     memory: int = field(default=DEFAULT_MEMORY, metadata=doc(schema=_SIZE_SCHEMA))
@@ -428,6 +445,19 @@ class PartitionSpec:
     virtio: VirtioSpec = field(default=VirtioSpec(), metadata=doc(flatten=True))
     # User-written device models ([[partitions.NAME.devices]]; userdev/, docs/devices.md).
     devices: tuple[DeviceSpec, ...] = ()
+    # Firmware the machine starts in (firmware/bios.py: SeaBIOS), booting from its disk.
+    bios: Path | None = field(default=None, metadata=doc(
+        schema=_PATH_SCHEMA, description="a BIOS image (SeaBIOS's bios.bin) to boot the disk "
+        "through, instead of an image"))
+
+    def __post_init__(self) -> None:
+        if (self.image is None) == (self.bios is None):
+            raise ValueError("a partition boots an image or its bios: exactly one of the two")
+
+    @property
+    def pci(self) -> bool:
+        """Whether the machine has a PCI host bridge (PCI devices or firmware)."""
+        return self.bios is not None or self.virtio.transport is Transport.PCI
 
     def vcpu_cores(self) -> tuple[int, ...]:
         """The host core of each vCPU, in vCPU order (empty if the partition is not pinned)."""
@@ -484,6 +514,9 @@ class SystemSpec:
     source: Path | None = None
     channels: tuple[ChannelSpec, ...] = ()
     log_dir: Path | None = None
+    # Every thread under its role's seccomp filter (sandbox/); `run --no-sandbox` wins.
+    sandbox: bool = field(default=True, metadata=doc(
+        description="confine every VMM thread to its role's seccomp allowlist"))
 
     def partition(self, name: str) -> PartitionSpec:
         for p in self.partitions:

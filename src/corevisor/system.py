@@ -82,15 +82,21 @@ from corevisor.arch.x86_64.cpu import format_registers
 from corevisor.builder import PartitionLinks, build
 from corevisor.channel import Channel, ChannelEnd, ends_for, open_channels
 from corevisor.console import ConsoleMux, PrefixedSerial, SerialBackend, SerialTap, open_serial
-from corevisor.errors import CorevisorError, NotFoundError, StateError, show
+from corevisor.errors import CorevisorError, MigrationError, NotFoundError, StateError, show
 from corevisor.machine import Machine
 from corevisor.outputs import silence
 from corevisor.signals import describe, exit_status, start_thread
 from corevisor.spec import ChannelSpec, PartitionSpec, RestartPolicy, SerialKind, SystemSpec
 from corevisor.vcpu import StopReport
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # snapshots load their code only when one is taken or restored
+    from corevisor.memory import GuestMemory
     from corevisor.runstats import MachineRun
+    from corevisor.snapshot.format import Snapshot
+    from corevisor.snapshot.migrate import MigrationResult, Progress
+    from corevisor.snapshot.partition import Overrides
+    from corevisor.snapshot.state import MachineSnapshot
+    from corevisor.snapshot.system import SystemSnapshot
 
 __all__ = [
     "System",
@@ -177,10 +183,11 @@ class Watchdog:
         self.period_ms = ms
         self.deadline = self._clock() + ms / 1000 if ms else None
 
-    def rearm(self) -> None:
-        """A full period from now, if armed (after a pause: the guest could not kick)."""
+    def rearm(self, at_least_ms: int = 0) -> None:
+        """A full period from now, if armed (after a pause: the guest could not kick);
+        at_least_ms: no shorter than that (a restored guest's first period)."""
         if self.deadline is not None:
-            self.kick(self.period_ms)
+            self.deadline = self._clock() + max(self.period_ms, at_least_ms) / 1000
 
     def expired(self, now: float) -> bool:
         deadline = self.deadline
@@ -236,6 +243,7 @@ class _Partition:
         self.restarts = 0
         self.last = ""
         self.expired = False  # the report being handled came from the watchdog
+        self.restored = False  # its machine continues a saved guest (not started yet)
         self.lock = threading.RLock()
 
     @property
@@ -295,6 +303,7 @@ class System:
         self._delivering = threading.Lock()
         self._monitor: threading.Thread | None = None
         self._monitor_stop = threading.Event()
+        self._migrations: dict[str, Progress] = {}  # the latest migration of each partition
 
     # --- events -----------------------------------------------------------------------
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
@@ -474,14 +483,7 @@ class System:
         existing partitions, which must be created or stopped (module docstring).
         """
         name = config.name
-        with self._lock:
-            if self._closed or not self._opened:
-                raise StateError(f"cannot add partition {name}: the system is not open")
-            if name in self._parts or name in self._reserved:
-                raise StateError(f"cannot add partition {name}: a partition of that name exists")
-            self._reserved.add(name)
-            index = self._next_index
-            self._next_index += 1
+        index = self._reserve(name)
         try:
             peers = {end for c in channels for end in c.between} - {name}
             with self._locked(peers) as held:
@@ -503,6 +505,19 @@ class System:
             with self._lock:
                 self._reserved.discard(name)
             self._deliver()
+
+    def _reserve(self, name: str) -> int:
+        """Claim name for a partition being built (outside the lock); its index. The
+        caller discards the name from _reserved once the partition is in (or failed)."""
+        with self._lock:
+            if self._closed or not self._opened:
+                raise StateError(f"cannot add partition {name}: the system is not open")
+            if name in self._parts or name in self._reserved:
+                raise StateError(f"cannot add partition {name}: a partition of that name exists")
+            self._reserved.add(name)
+            index = self._next_index
+            self._next_index += 1
+            return index
 
     @contextlib.contextmanager
     def _locked(self, names: set[str]) -> Iterator[list[_Partition]]:
@@ -554,8 +569,13 @@ class System:
             self._end(p, EXIT_GUEST_FAULT, "error", f"rebuild with new channels failed: {e}")
 
     def _new_partition(
-        self, index: int, config: PartitionSpec, channels: tuple[ChannelEnd, ...]
+        self,
+        index: int,
+        config: PartitionSpec,
+        channels: tuple[ChannelEnd, ...],
+        make: Callable[[PartitionLinks], Machine] | None = None,
     ) -> _Partition:
+        """make: how its machine is made from its links (default: build config)."""
         console = self._console(config)
         try:
             watchdog = Watchdog()
@@ -565,10 +585,14 @@ class System:
                 serial=console,
                 watchdog=watchdog.kick,
                 report=self.report,
+                parts=(("watchdog", watchdog),),
                 stats=self.stats.append if self.stats is not None else None,
             )
             p = _Partition(index, config, links, watchdog, console)
-            p.machine = build(config, self.kvm_path, links)
+            if make is not None:
+                p.machine = make(links)
+            else:
+                p.machine = build(config, self.kvm_path, links)
         except BaseException:
             if console is not None:
                 console.close()
@@ -655,6 +679,260 @@ class System:
             return {e for ch in self._channels if name in ch.config.between
                     for e in ch.config.between} - {name}
 
+    # --- snapshots ------------------------------------------------------------------------
+    def snapshot(self, name: str, path: Path) -> Snapshot:
+        """Save partition name (created, running or paused) into the directory path
+        (docs/snapshot-format.md) and let it run on as it was. Refused before anything is
+        paused for state corevisor cannot save; a failed write removes its files."""
+        from corevisor.snapshot.partition import take
+
+        with self._operation(name) as p:
+            self._require(p, "snapshot", _S.CREATED, _S.RUNNING, _S.PAUSED)
+            m = p.machine
+            assert m is not None
+            started = time.monotonic()
+            try:
+                snap = take(m, Path(path))
+            except StateError:
+                raise StateError(f"cannot snapshot partition {name}: it has stopped") from None
+            finally:
+                if p.state is _S.RUNNING:
+                    p.watchdog.rearm()  # it could not kick while frozen
+            took = (time.monotonic() - started) * 1000
+            self._publish(p, "message", f"snapshot in {show(str(path))} ({took:.0f} ms, "
+                          f"{snap.memory.data_bytes >> 20} MiB of RAM written)")
+            return snap
+
+    def restore(
+        self, path: Path, overrides: Overrides | None = None, start: bool = True
+    ) -> PartitionInfo:
+        """Add a partition continuing the guest saved in the directory path, with
+        overrides for what must differ (a clone's name, serial, TAPs, disks, cores);
+        started unless start is False. Every check (format, checksums, version, the
+        host's CPU, the spec against this host and system) runs before anything is
+        built; a failure starts nothing and adds nothing."""
+        from corevisor.snapshot import partition
+
+        snap = partition.read(Path(path))
+        config = partition.restored_spec(snap, overrides or partition.Overrides())
+        self._check_addition(config)
+        name = config.name
+
+        def make(links: PartitionLinks) -> Machine:
+            return partition.restore(snap, overrides, self.kvm_path, links, config)
+
+        info = self._add_made(config, make)
+        if start:
+            self.start(name)
+            info = self.partition(name)
+        return info
+
+    def snapshot_system(self, path: Path) -> SystemSnapshot:
+        """Save every partition and every channel (its memory and waiting doorbells) at
+        one instant into the directory path (snapshot/system.py): all partitions are
+        frozen together, then each runs on as it was. A stopped partition is refused
+        (remove it first); a failed write removes its files."""
+        from corevisor.snapshot import system as saved
+        from corevisor.snapshot.partition import movable
+
+        with contextlib.ExitStack() as stack:
+            parts = [self._get(n) for n in sorted(self._parts)]
+            for p in parts:
+                stack.enter_context(p.lock)
+                self._require(p, "snapshot the system with partition", _S.CREATED,
+                              _S.RUNNING, _S.PAUSED)
+            machines = [p.machine for p in sorted(parts, key=lambda q: q.index)]
+            for m in machines:
+                assert m is not None
+                movable(m)
+            try:
+                for m in machines:
+                    stack.enter_context(m.frozen())  # type: ignore[union-attr]
+                for ch in self._channels:
+                    stack.enter_context(ch.held())
+                snap = saved.write(Path(path), machines, self._channels)  # type: ignore[arg-type]
+            finally:
+                for p in parts:
+                    if p.state is _S.RUNNING:
+                        p.watchdog.rearm()
+        self.report("system", f"system snapshot in {show(str(path))}")
+        self._deliver()
+        return snap
+
+    def restore_system(self, path: Path, start: bool = True) -> list[PartitionInfo]:
+        """Add every partition of a system snapshot (this system must have none yet),
+        its channels opened with their saved memory, the waiting doorbells rung once
+        every partition is restored; started unless start is False."""
+        from corevisor.channel import open_channels
+        from corevisor.snapshot import partition
+        from corevisor.snapshot import system as saved
+
+        snap = saved.read(Path(path))
+        with self._lock:
+            if self._parts or self._channels:
+                raise StateError("cannot restore a system snapshot: this system is not empty")
+            self._channels = open_channels([c.spec for c in snap.channels])
+        for ch, c in zip(self._channels, snap.channels, strict=True):
+            saved.load_channel(ch, c)
+        for _, where in snap.partitions:
+            self.restore(where, partition.Overrides(serial=None), start=False)
+        for ch, c in zip(self._channels, snap.channels, strict=True):
+            ch.restore(c.state)
+        if start:
+            for name, _ in snap.partitions:
+                self.start(name)
+        return self.partitions()
+
+    def incoming(
+        self,
+        address: str,
+        overrides: Overrides | None = None,
+        on_progress: Callable[[dict[str, object]], None] | None = None,
+    ) -> PartitionInfo:
+        """Wait on address (tcp:HOST:PORT or unix:PATH) for one live migration and add
+        the partition it brings, running (snapshot/migrate.py). The guest is checked
+        (CPU, spec against this host and system, overrides applied) before any page is
+        taken; a failure at any point leaves nothing behind here."""
+        from corevisor.builder import prepare_restore, restore_state
+        from corevisor.snapshot import migrate
+        from corevisor.snapshot.partition import Overrides, spec_for_restore
+
+        addr = migrate.Address.parse(address)
+        o = overrides if overrides is not None else Overrides()
+        listener = migrate.listen(addr)
+        self.report("system", f"waiting for a migration on {addr}")
+        self._deliver()
+
+        def accept(inc: migrate.Incoming) -> PartitionSpec:
+            migrate.with_host(inc, self.kvm_path)
+            config = spec_for_restore(inc.spec, f"{addr}: the source's spec", o)
+            self._check_addition(config)
+            return config
+
+        def build(config: PartitionSpec, memory: GuestMemory) -> str:
+            self._add_made(config, lambda links: prepare_restore(
+                config, memory, self.kvm_path, links
+            ))
+            return config.name
+
+        def restore(name: str, state: MachineSnapshot) -> None:
+            m = self.machine(name)
+            assert m is not None
+            restore_state(m, state, new_generation=False)
+
+        def discard(name: str) -> None:
+            with contextlib.suppress(CorevisorError):
+                self.stop(name, "the migration failed")
+            with contextlib.suppress(CorevisorError):
+                self.remove(name)
+
+        try:
+            name = migrate.receive(
+                listener, str(addr), accept, build, restore, self.start, discard, on_progress,
+                cancelled=lambda: self._stop_request is not None,
+            )
+        except BaseException:
+            if on_progress is not None:
+                on_progress({"phase": "failed"})
+            raise
+        finally:
+            listener.close()
+            migrate.remove_socket(addr)
+        if on_progress is not None:
+            on_progress({"phase": "done"})
+        self.report(name, f"migrated in through {addr}")
+        self._deliver()
+        return self.partition(name)
+
+    def migrate(
+        self,
+        name: str,
+        to: str,
+        *,
+        max_downtime: float | None = None,
+        timeout: float | None = None,
+        bandwidth: float | None = None,
+        throttle: bool = True,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> MigrationResult:
+        """Move partition name (running or paused) live to the target waiting on `to`
+        (`corevisor run --incoming ADDR`, or a System.incoming); it then ends here with
+        status 0. On failure (MigrationError, one line) it runs on here as before.
+        max_downtime: seconds the guest may be paused at the end (default 0.3);
+        timeout: seconds before a guest that does not converge gives up; bandwidth:
+        bytes/s at most. migration(name) tells the progress meanwhile."""
+        from corevisor.snapshot import migrate
+
+        address = migrate.Address.parse(to)
+        with self._operation(name) as p:
+            self._require(p, "migrate", _S.RUNNING, _S.PAUSED)
+            m = p.machine
+            assert m is not None
+            progress = migrate.Progress(str(address))
+            self._migrations[name] = progress
+            try:
+                result = migrate.send(
+                    m, address,
+                    max_downtime=migrate.DEFAULT_MAX_DOWNTIME if max_downtime is None
+                    else max_downtime,
+                    timeout=migrate.DEFAULT_TIMEOUT if timeout is None else timeout,
+                    bandwidth=bandwidth, throttle=throttle, progress=progress,
+                    on_progress=on_progress,
+                )
+            except CorevisorError as e:
+                if p.state is _S.RUNNING:
+                    p.watchdog.rearm()
+                self._publish(p, "message", f"migration to {address} failed, it runs on "
+                              f"here: {e}")
+                raise MigrationError(str(e)) from None
+            self._stop(p, f"migrated to {address} ({result.downtime_ms:.0f} ms down)", 0)
+            return result
+
+    def migration(self, name: str) -> Progress | None:
+        """The progress of partition name's latest migration (None if it had none)."""
+        self._get(name)
+        return self._migrations.get(name)
+
+    def _check_addition(self, config: PartitionSpec) -> None:
+        """config checked against the partitions already here (names, dedicated cores,
+        listening sockets, memory)."""
+        from corevisor.config.host import gather
+        from corevisor.config.validate import API_KEYS, validate_addition
+        from corevisor.errors import ConfigError
+
+        with self._lock:
+            here = tuple(q.config for q in self._parts.values())
+            names = {q.name for q in here}
+            # Channels to partitions not restored yet (a system restore adds them one by
+            # one) are the restore's to check: each end against the saved guest's.
+            channels = tuple(ch.config for ch in self._channels
+                             if set(ch.config.between) <= names)
+        try:
+            validate_addition(config, SystemSpec(here, channels=channels), gather(),
+                              keys=API_KEYS, gdb_allow_remote=True)
+        except ConfigError as e:
+            raise StateError(f"cannot add partition {config.name}: {e}") from None
+
+    def _add_made(
+        self, config: PartitionSpec, make: Callable[[PartitionLinks], Machine]
+    ) -> PartitionInfo:
+        """add() for a machine made by make (a restore, a migration's target)."""
+        name = config.name
+        index = self._reserve(name)
+        with self._lock:
+            channels = ends_for(name, self._channels)
+        try:
+            p = self._new_partition(index, config, channels, make)
+            p.restored = True
+            with self._lock:
+                self._parts[name] = p
+            self._publish(p, "state", "-> created")
+            return p.info()
+        finally:
+            with self._lock:
+                self._reserved.discard(name)
+            self._deliver()
+
     # --- transitions (the partition's lock held) -----------------------------------------
     def _start_channels(self) -> None:
         with self._lock:
@@ -664,11 +942,19 @@ class System:
                     ch.start()
 
     def _launch(self, p: _Partition) -> None:
-        """Start p's (built) machine: channels first, the watchdog armed from the config."""
+        """Start p's (built) machine: channels first, the watchdog armed from the config
+        (a restored guest's as it was saved)."""
         m = p.machine
         assert m is not None
         self._start_channels()
-        p.watchdog.kick(p.config.watchdog_ms)
+        if p.restored:
+            # Armed as saved, its first period from now and no shorter than the
+            # configured one: the guest's clocks stood still while it was saved, and a
+            # restored guest starts cold, as at boot (on a shadow MMU: every page faults).
+            p.restored = False
+            p.watchdog.rearm(at_least_ms=p.config.watchdog_ms)
+        else:
+            p.watchdog.kick(p.config.watchdog_ms)
         try:
             m.start()
         except BaseException as e:
@@ -814,14 +1100,34 @@ class System:
     def _all_stopped(self) -> bool:
         return all(p.state is _S.STOPPED for p in list(self._parts.values()))
 
-    def run(self, timeout: float | None = None) -> int:
-        """Build and start every partition, monitor them until all stopped; the status."""
+    def run(
+        self,
+        timeout: float | None = None,
+        restore: tuple[Path, Overrides] | None = None,
+        incoming: tuple[str, Overrides, Callable[[dict[str, object]], None] | None]
+        | None = None,
+    ) -> int:
+        """Build and start every partition, monitor them until all stopped; the status.
+
+        restore: also a partition continuing a snapshot (`run --restore`); incoming: one
+        received by a live migration (`run --incoming`), waited for first.
+        """
         try:
             self.open()
+            if restore is not None:
+                from corevisor.snapshot.system import is_system
+
+                if is_system(restore[0]):
+                    self.restore_system(restore[0], start=False)
+                else:
+                    self.restore(restore[0], restore[1], start=False)
+            if incoming is not None:
+                self.incoming(*incoming)  # started as it arrives
             for name in list(self._parts):
                 if self._stop_request is not None:
                     break  # a signal came during the build: the monitor stops the rest
-                self.start(name)
+                if self._parts[name].state is _S.CREATED:
+                    self.start(name)
             self._monitor_until_stopped(timeout)
         finally:
             self.close()

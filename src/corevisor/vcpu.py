@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from corevisor import sandbox
 from corevisor.arch.x86_64.cpu import format_registers
 from corevisor.bus import Bus
 from corevisor.devices import Device
@@ -97,6 +98,7 @@ class Vcpu:
         self._posted = 0  # number of the last command posted
         self._seen = 0  # number of the last command the thread has handled
         self._thread: threading.Thread | None = None
+        self._setup_error: CorevisorError | None = None
         self._closed = False
 
     @property
@@ -116,7 +118,9 @@ class Vcpu:
         with self._cond:
             if self._thread is not None or self._closed:
                 raise StateError(f"cannot start vCPU {self.index}: it was started before")
-            self._thread = start_thread(self._main, f"vcpu{self.index}")
+            self._thread = start_thread(
+                self._main, f"vcpu{self.index}", sandbox.VCPU, setup=self._setup
+            )
 
     def _post(self, change: Callable[[], None]) -> int:
         """Apply a command under the lock, number it, and get the thread to look at it."""
@@ -216,11 +220,20 @@ class Vcpu:
         self.fd.close()
 
     # --- the thread -------------------------------------------------------------------
-    def _main(self) -> None:
-        report: StopReport | None
+    def _setup(self) -> None:
+        """On the thread, before its sandbox role confines it: KVM_RUN's signal mask and
+        the host core (a confined vCPU cannot move itself). An error waits for _main."""
         try:
             self.fd.set_signal_mask(kvm_run_blocked())
             self._pin()
+        except CorevisorError as e:
+            self._setup_error = e
+
+    def _main(self) -> None:
+        report: StopReport | None
+        try:
+            if self._setup_error is not None:
+                raise self._setup_error
             report = self._loop()
         except CorevisorError as e:
             report = StopReport("fault", str(e), registers=self._regs(), vcpu=self.index)

@@ -6,10 +6,12 @@ has it, a skip is a bug.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,13 +39,59 @@ def guests() -> dict[str, Path]:
     return {name: bundled.image_path(name) for name in bundled.GUESTS}
 
 
-def corevisor(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI in a child process, as a user would."""
+def corevisor(
+    *args: str, timeout: float = 180, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a child process, as a user would (prefix: e.g. `ip netns exec`)."""
     return subprocess.run(
-        [sys.executable, "-m", "corevisor.cli", *args],
+        [*prefix, sys.executable, "-m", "corevisor.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
         check=False,
     )
+
+
+@contextlib.contextmanager
+def tap_in_netns(ns: str, tap: str, cidr: str, user: int | None = None) -> Iterator[str]:
+    """A network namespace ns holding TAP tap, up, with address cidr; removed afterwards.
+
+    The guest's NIC sits on the TAP; corevisor runs in the namespace
+    (`prefix=("ip", "netns", "exec", ns)`), so the host's own network is never touched.
+    user: the TAP's owner, for a VMM that attaches after dropping root (the jail).
+    """
+    owner = ("user", str(user)) if user is not None else ()
+    subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True, timeout=30)
+    try:
+        for cmd in (
+            ("tuntap", "add", "dev", tap, "mode", "tap", *owner),
+            ("addr", "add", cidr, "dev", tap),
+            ("link", "set", tap, "up"),
+        ):
+            subprocess.run(["ip", "-n", ns, *cmd], check=True, capture_output=True, timeout=30)
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+JAIL_USER = "cvjail"
+
+
+def ensure_user(name: str) -> tuple[int, int]:
+    """A real unprivileged user (created once, with no home and no login, if missing)."""
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                        "/usr/sbin/nologin", name], check=True, capture_output=True)
+        pw = pwd.getpwnam(name)
+    return pw.pw_uid, pw.pw_gid
+
+
+@pytest.fixture(scope="session")
+def jail_user() -> tuple[int, int]:
+    """The user --jail drops to in the tests."""
+    return ensure_user(JAIL_USER)

@@ -100,12 +100,12 @@ def test_host_without_a_usable_dev_kvm_says_why_and_fails() -> None:
 
 
 def _lab_npt() -> bool:
-    """How the lab booted: COREVISOR_LAB=npt=N (lab/vm.py), else lab.npt= on /proc/cmdline."""
+    """How the lab booted: COREVISOR_LAB=npt=N (lab/vm.py), else kvm_amd.npt= on /proc/cmdline."""
     env = os.environ.get("COREVISOR_LAB", "")
     if env.startswith("npt="):
         return env == "npt=1"
     words = Path("/proc/cmdline").read_text().split()
-    return "lab.npt=0" not in words
+    return "kvm_amd.npt=0" not in words
 
 
 @pytest.mark.lab

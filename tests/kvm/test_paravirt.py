@@ -54,7 +54,7 @@ def test_hypercalls_answer_per_the_abi(tmp_path: Path) -> None:
     r = corevisor("run", str(img), "--memory", "16M", "--cpus", "2", timeout=60)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert "version 00010000" in lines
+    assert "version 00010001" in lines  # ABI 1.1
     assert "info 0000000000000002" in lines  # partition 0, 2 vCPUs
     assert "unknown ffffffda" in lines  # -38
     assert "nochan fffffffe" in lines  # -2

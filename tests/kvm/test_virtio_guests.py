@@ -1,13 +1,16 @@
-"""The virtio test guests (blk, net, rng) on real KVM through the real CLI.
+"""The virtio test guests (blk, net, rng) on real KVM through the real CLI, over both
+transports: virtio-mmio and virtio-pci (found through ECAM, or ports 0xCF8/0xCFC).
 
 blk works on a real image file the test fills and checks afterwards; net answers real
 pings sent from the host side of a TAP in a network namespace of the test's own (created
 here, always removed; no address outside it is touched); rng reads the host's entropy.
+Over PCI, blk also completes requests by MSI-X and by INTx interrupts.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import select
 import shutil
 import struct
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kvm.conftest import corevisor
+from tests.kvm.conftest import corevisor, tap_in_netns
 
 GREETING = b"corevisor blk test: sector zero"
 START, SECTORS = 8, 64
@@ -34,10 +37,28 @@ def _image(tmp_path: Path) -> Path:
     return img
 
 
-def test_blk_writes_flushes_and_reads_back(guests: dict[str, Path], tmp_path: Path) -> None:
+# (corevisor --transport, extra guest command line, the line a PCI guest prints first)
+TRANSPORTS = {
+    "mmio": ("mmio", "", []),
+    "pci-ecam": ("pci", "", ["virtio-pci 00:01.0 (ECAM)"]),
+    "pci-cf8": ("pci", " pci=cf8", ["virtio-pci 00:01.0 (0xCF8)"]),
+}
+
+
+@pytest.fixture(params=list(TRANSPORTS))
+def transport(request: pytest.FixtureRequest) -> tuple[str, str, list[str]]:
+    return TRANSPORTS[request.param]
+
+
+def test_blk_writes_flushes_and_reads_back(
+    guests: dict[str, Path], tmp_path: Path, transport: tuple[str, str, list[str]]
+) -> None:
+    kind, extra, first = transport
     img = _image(tmp_path)
-    r = corevisor("run", "blk", "--disk", str(img), "--cmdline", "mode=check", timeout=60)
+    r = corevisor("run", "blk", "--disk", str(img), "--transport", kind,
+                  "--cmdline", "mode=check" + extra, timeout=60)
     assert r.stdout.splitlines() == [
+        *(f"blk: {line}" for line in first),
         "blk: capacity 2048 sectors",
         f'blk: sector 0 "{GREETING.decode()}"',
         f"blk: ok {SECTORS} sectors",
@@ -63,10 +84,30 @@ def test_blk_read_only_disk_refuses_writes(guests: dict[str, Path], tmp_path: Pa
     assert img.read_bytes() == before
 
 
-def test_rng_reads_differ(guests: dict[str, Path]) -> None:
-    r = corevisor("run", "rng", "--rng", timeout=60)
+@pytest.mark.parametrize("irq", ["msix", "intx"])
+def test_blk_over_pci_completes_by_interrupt(
+    guests: dict[str, Path], tmp_path: Path, irq: str
+) -> None:
+    """The queue's used buffers raise an MSI-X vector (a KVM MSI route the guest's table
+    entry programmed) or INTA (level-triggered, on the line config space names)."""
+    img = _image(tmp_path)
+    r = corevisor("run", "blk", "--disk", str(img), "--transport", "pci",
+                  "--cmdline", f"mode=check irq={irq}", timeout=60)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    found = re.search(rf"blk: {irq}: 4 requests completed by (\d+) interrupts", r.stdout)
+    assert found and int(found.group(1)) >= 4, r.stdout
+    if irq == "intx":
+        assert "blk: intx line 10" in r.stdout  # slot 1, INTA: PIRQA = IRQ 10 (layout.py)
+
+
+def test_rng_reads_differ(guests: dict[str, Path], transport: tuple[str, str, list[str]]) -> None:
+    kind, extra, first = transport
+    r = corevisor("run", "rng", "--rng", "--transport", kind, "--cmdline", extra.strip(),
+                  timeout=60)
     lines = r.stdout.splitlines()
     assert lines[-1] == "rng: ok" and r.returncode == 0, (r.stdout, r.stderr)
+    assert lines[: len(first)] == [f"rng: {line}" for line in first]
+    lines = lines[len(first) :]
     a, b = (x.removeprefix("rng: ") for x in lines[:2])
     assert len(a) == len(b) == 128 and a != b
     int(a, 16), int(b, 16)
@@ -121,48 +162,58 @@ def _ping(ip: str) -> subprocess.CompletedProcess[str]:
     os.geteuid() != 0 or shutil.which("ip") is None or not os.path.exists("/dev/net/tun"),
     reason="needs root, iproute2 and /dev/net/tun (network namespace + TAP)",
 )
-def test_net_answers_ping_in_a_private_namespace(guests: dict[str, Path]) -> None:
-    subprocess.run(["ip", "netns", "add", NS], check=True, capture_output=True, timeout=30)
-    proc: subprocess.Popen[str] | None = None
-    try:
-        for cmd in (
-            ("tuntap", "add", "dev", TAP, "mode", "tap"),
-            ("addr", "add", f"{HOST_IP}/24", "dev", TAP),
-            ("link", "set", TAP, "up"),
-        ):
-            subprocess.run(["ip", "-n", NS, *cmd], check=True, capture_output=True, timeout=30)
+@pytest.mark.parametrize(
+    ("kind", "jailed"),
+    [("mmio", False), ("pci-ecam", False), ("pci-cf8", False), ("mmio", True)],
+    ids=["mmio", "pci-ecam", "pci-cf8", "mmio-jail"],
+)
+def test_net_answers_ping_in_a_private_namespace(
+    guests: dict[str, Path], jail_user: tuple[int, int], tmp_path: Path, kind: str,
+    jailed: bool,
+) -> None:
+    transport, extra, first = TRANSPORTS[kind]
+    # In the jail the VMM attaches as the jail's user: the TAP is made for that user.
+    jail = ["--jail", str(tmp_path), "--uid", str(jail_user[0]), "--gid", str(jail_user[1])]
+    with tap_in_netns(NS, TAP, f"{HOST_IP}/24", user=jail_user[0] if jailed else None):
         proc = subprocess.Popen(
             ["ip", "netns", "exec", NS, sys.executable, "-m", "corevisor.cli", "run", "net"]
-            + ["--net", TAP, "--cmdline", f"ip={GUEST_IP} count=3 timeout=40"],
+            + ["--net", TAP, "--transport", transport,
+               "--cmdline", f"ip={GUEST_IP} count=3 timeout=40" + extra]
+            + (jail if jailed else []),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        assert proc.stdout is not None
-        out: list[str] = []
-        deadline = time.monotonic() + 30
-        while not any(x.startswith("net: up ") for x in out):
-            ready, _, _ = select.select(
-                [proc.stdout], [], [], max(0.0, deadline - time.monotonic())
-            )
-            line = proc.stdout.readline() if ready else ""
-            assert line, f"the guest never came up: {out}"
-            out.append(line.rstrip("\n"))
-        assert f"ip={GUEST_IP}" in out[-1]
-        ping = _ping(GUEST_IP)
-        assert ping.returncode == 0, ping.stdout + ping.stderr
-        assert "3 received" in ping.stdout and "BAD CHECKSUM" not in ping.stdout, ping.stdout
-        rest, err = proc.communicate(timeout=30)
-        out += rest.splitlines()
-        assert proc.returncode == 0, err
-        assert out[-1] == "net: done, 3 echo replies", out
-        assert [x for x in out if x.startswith("net: echo reply ")] == [
-            f"net: echo reply {k} to {HOST_IP} seq={k}" for k in (1, 2, 3)
-        ]
-        assert f"net: arp reply to {HOST_IP}" in out
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        subprocess.run(["ip", "netns", "del", NS], capture_output=True, timeout=30)
+        try:
+            assert proc.stdout is not None
+            out: list[str] = []
+            deadline = time.monotonic() + 30
+            while not any(x.startswith("net: up ") for x in out):
+                ready, _, _ = select.select(
+                    [proc.stdout], [], [], max(0.0, deadline - time.monotonic())
+                )
+                line = proc.stdout.readline() if ready else ""
+                assert line, f"the guest never came up: {out}"
+                out.append(line.rstrip("\n"))
+            assert f"ip={GUEST_IP}" in out[-1]
+            ping = _ping(GUEST_IP)
+            assert ping.returncode == 0, ping.stdout + ping.stderr
+            assert "3 received" in ping.stdout and "BAD CHECKSUM" not in ping.stdout, ping.stdout
+            rest, err = proc.communicate(timeout=30)
+            out += rest.splitlines()
+            assert proc.returncode == 0, err
+            assert out[-1] == "net: done, 3 echo replies", out
+            assert out[: len(first)] == [f"net: {line}" for line in first]
+            assert [x for x in out if x.startswith("net: echo reply ")] == [
+                f"net: echo reply {k} to {HOST_IP} seq={k}" for k in (1, 2, 3)
+            ]
+            assert f"net: arp reply to {HOST_IP}" in out
+        finally:
+            _kill(proc)
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()

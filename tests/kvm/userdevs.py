@@ -71,15 +71,16 @@ class FailingSensor(TempSensor):  # type: ignore[misc, valid-type]
 
 class LoggingSensor(TempSensor):  # type: ignore[misc, valid-type]
     """The sensor plus a log in guest memory: +4 (a 32-bit write) sets its address, and
-    each alarm appends the temperature there as a u32. A log address outside RAM sets
-    status bit 1 (checked=True, as a driver expects) or fails the device (checked=False:
-    the GuestMemoryError is let through)."""
+    each alarm appends the temperature there as a u32, before the line rises. A log
+    address outside RAM sets status bit 1 (checked=True, as a driver expects) or fails the
+    device (checked=False: the GuestMemoryError is let through), so the line never rises
+    for that alarm and the guest sees none."""
 
     REGION = Ports(0x700, 8)
 
     def __init__(self, host: Host, checked: bool = True, **kw: int) -> None:
+        self.checked, self.log, self.entries, self.alarmed = checked, 0, 0, False
         super().__init__(host, **kw)
-        self.checked, self.log, self.entries = checked, 0, 0
 
     def write(self, offset: int, data: bytes) -> None:
         if offset == 4 and len(data) == 4:
@@ -87,10 +88,9 @@ class LoggingSensor(TempSensor):  # type: ignore[misc, valid-type]
             return
         super().write(offset, data)
 
-    def sample(self) -> None:
-        had = self.regs[2] & 1
-        super().sample()
-        if self.log and self.regs[2] & 1 and not had:
+    def update(self) -> None:
+        alarm = bool(self.regs[2] & 1)
+        if self.log and alarm and not self.alarmed:  # a new alarm: logged first
             where = self.log + 4 * self.entries
             try:
                 self.host.memory.write(where, self.regs[0].to_bytes(4, "little"))
@@ -99,6 +99,8 @@ class LoggingSensor(TempSensor):  # type: ignore[misc, valid-type]
                 if not self.checked:
                     raise
                 self.regs[2] |= 2
+        self.alarmed = alarm
+        super().update()
 
     def save(self) -> tuple[bytes, int, int, bool]:
         return bytes(self.regs), self.log, self.entries, self.checked
@@ -106,6 +108,7 @@ class LoggingSensor(TempSensor):  # type: ignore[misc, valid-type]
     def restore(self, state: tuple[bytes, int, int, bool]) -> None:
         regs, self.log, self.entries, self.checked = state
         super().restore(regs)
+        self.alarmed = bool(self.regs[2] & 1)
 
 
 class BlockingSensor(TempSensor):  # type: ignore[misc, valid-type]
@@ -149,3 +152,23 @@ class Exploding:
 
     def write(self, offset: int, data: bytes) -> None:
         pass
+
+
+class ForbiddenSensor(TempSensor):  # type: ignore[misc, valid-type]
+    """Opens a file (a system call no device thread may make under the sandbox) the first
+    time the guest reads the temperature ("read", on the vCPU thread) or at the first
+    sample once the interrupt is on ("timer", on the devices thread)."""
+
+    def __init__(self, host: Host, where: str = "read", **kw: int) -> None:
+        super().__init__(host, **kw)
+        self.where = where
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset == 0 and self.where == "read":
+            open("/dev/null").close()  # noqa: SIM115 - the forbidden call itself
+        return super().read(offset, size)  # type: ignore[no-any-return]
+
+    def sample(self) -> None:
+        if self.regs[3] & 1 and self.where == "timer":
+            open("/dev/null").close()  # noqa: SIM115
+        super().sample()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from corevisor.arch.x86_64 import acpi, layout
+from corevisor.arch.x86_64 import acpi, aml, layout
 from corevisor.memory import GuestMemory
 
 
@@ -144,3 +144,56 @@ def test_iasl_disassembles_every_table(tmp_path: Path) -> None:
     for sig, t in tables.items():
         dsl = _iasl(tmp_path, sig, t)
         assert "Invalid" not in dsl and "**** " not in dsl, dsl
+
+
+def _pci_host() -> aml.PciHost:
+    routes = tuple((s, p, layout.pci_intx_gsi(s, p + 1)) for s in range(1, 32) for p in range(4))
+    return aml.PciHost(
+        config_port=layout.PCI_CONFIG_PORT,
+        io=(layout.PCI_IO_START, layout.PCI_IO_END),
+        mmio32=(layout.PCI_MMIO32_START, layout.PCI_MMIO32_END),
+        mmio64=layout.pci64_window(64 << 20),
+        ecam=(layout.PCI_ECAM_START, layout.PCI_ECAM_SIZE),
+        routes=routes,
+    )
+
+
+def _pci_tables() -> dict[bytes, bytes]:
+    built = acpi.build_acpi_tables(2, (), _pci_host())
+    rsdp, blob = built.relocate(0x10000)
+    out = {}
+    xsdt_at = struct.unpack_from("<Q", rsdp, 24)[0] - 0x10000
+    xsdt = blob[xsdt_at : xsdt_at + struct.unpack_from("<I", blob, xsdt_at + 4)[0]]
+    for i in range((len(xsdt) - 36) // 8):
+        at = struct.unpack_from("<Q", xsdt, 36 + 8 * i)[0] - 0x10000
+        t = blob[at : at + struct.unpack_from("<I", blob, at + 4)[0]]
+        out[t[:4]] = t
+    dsdt_at = struct.unpack_from("<Q", out[b"FACP"], 140)[0] - 0x10000
+    out[b"DSDT"] = blob[dsdt_at : dsdt_at + struct.unpack_from("<I", blob, dsdt_at + 4)[0]]
+    return out
+
+
+def test_a_pci_machine_has_mcfg_pci0_prt_and_intx_overrides(tmp_path: Path) -> None:
+    tables = _pci_tables()
+    for sig, t in tables.items():
+        assert sum(t) % 256 == 0, sig
+    mcfg = tables[b"MCFG"]
+    assert struct.unpack_from("<QHBB", mcfg, 44) == (layout.PCI_ECAM_START, 0, 0, 0)
+    assert "Invalid" not in _iasl(tmp_path, b"MCFG", mcfg)
+    madt = tables[b"APIC"]
+    for irq in (10, 11):  # the INTx lines: level, active low
+        assert struct.pack("<BBBBIH", 2, 10, 0, irq, irq, 0x000F) in madt
+    dsdt = _iasl(tmp_path, b"DSDT", tables[b"DSDT"])
+    assert "Device (PCI0)" in dsdt and 'EisaId ("PNP0A08")' in dsdt
+    assert 'EisaId ("PNP0A03")' in dsdt and 'EisaId ("PNP0C02")' in dsdt
+    assert re.search(r"WordBusNumber \(ResourceProducer,", dsdt)
+    assert re.search(r"0xE0100000,\s+// Range Minimum", dsdt), dsdt  # the 32-bit window
+    assert re.search(r"QWordMemory \(ResourceProducer,", dsdt)
+    # _PRT: slot 1 INTA on GSI 10 (PIRQA), slot 1 INTB on 10, slot 1 INTC on 11 ...
+    prt = dsdt[dsdt.index("Name (_PRT"):]
+    first = re.findall(r"Package \(0x04\)\s+\{\s+(0x[0-9A-F]+|Zero|One),\s+"
+                       r"(0x[0-9A-F]+|Zero|One),\s+(Zero),\s+(0x[0-9A-F]+)", prt)
+    assert first[:3] == [("0x0001FFFF", "Zero", "Zero", "0x0A"),
+                         ("0x0001FFFF", "One", "Zero", "0x0A"),
+                         ("0x0001FFFF", "0x02", "Zero", "0x0B")], first[:3]
+    assert len(first) == 31 * 4

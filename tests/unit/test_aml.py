@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from corevisor.arch.x86_64 import acpi, aml
+from corevisor.arch.x86_64 import acpi, aml, layout
 from corevisor.memory import GuestMemory
 
 
@@ -62,6 +62,9 @@ def test_iasl_disassembles_virtio_devices(tmp_path: Path) -> None:
     assert 'Name (_HID, EisaId ("PNP0501")' in dsl
     assert "IO (Decode16,\n" in dsl and "0x03F8," in dsl
     assert "IRQNoFlags ()\n" in dsl and "{4}" in dsl
+    # pvpanic on its one port: what Linux's pvpanic-mmio driver binds
+    assert "Device (PEVT)" in dsl and 'Name (_HID, "QEMU0001")' in dsl
+    assert f"0x{layout.PVPANIC_PORT:04X},             // Range Minimum" in dsl
     # And it compiles back: the AML is well-formed, not just disassemblable.
     back = subprocess.run(
         ["iasl", "-p", "re", "dsdt.dsl"], cwd=tmp_path, capture_output=True, text=True, timeout=60

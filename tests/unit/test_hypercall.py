@@ -11,7 +11,7 @@ import pytest
 
 from corevisor.channel import Channel, DoorbellPort, ReadOnlyGuard, ends_for
 from corevisor.console import ConsoleMux
-from corevisor.hypercall import HypercallHost, Hypercalls, handler_table
+from corevisor.hypercall import Generation, GuestClock, HypercallHost, Hypercalls, handler_table
 from corevisor.memory import GuestMemory, MemoryRegion
 from corevisor.spec import ChannelSpec
 from corevisor.system import Watchdog
@@ -40,13 +40,25 @@ def device(mem: GuestMemory, **kw: object) -> tuple[Hypercalls, list[bytes]]:
 
 
 def test_version_clock_info_and_unknown(mem: GuestMemory) -> None:
-    dev, _ = device(mem, partition_id=3, vcpus=2, clock_ns=lambda: 123)
-    assert call(dev, mem, 0) == (0x10000, 0)
+    dev, _ = device(mem, partition_id=3, vcpus=2, clock=GuestClock(lambda: 123))
+    assert call(dev, mem, 0) == (0x10001, 0)  # ABI 1.1
     assert call(dev, mem, 3) == (123, 0)
     assert call(dev, mem, 5) == (3, 2)
     assert call(dev, mem, 2) == (0, 0)
     assert call(dev, mem, 1234) == (-38, 0)
     assert dev.calls == 5
+
+
+def test_generation_counts_restores_with_a_new_id_each(mem: GuestMemory) -> None:
+    generation = Generation()
+    dev, _ = device(mem, generation=generation)
+    assert call(dev, mem, 8) == (0, 0)  # a fresh boot
+    generation.advance()
+    first = call(dev, mem, 8)
+    generation.advance()
+    second = call(dev, mem, 8)
+    assert (first[0], second[0]) == (1, 2)
+    assert first[1] != second[1]
 
 
 def test_console_write(mem: GuestMemory) -> None:

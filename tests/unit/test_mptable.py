@@ -113,3 +113,31 @@ def test_mptable_is_in_reserved_memory(mem: GuestMemory) -> None:
 def test_cpu_count_out_of_range(mem: GuestMemory, ncpus: int) -> None:
     with pytest.raises(ConfigError, match=r"out of range for the MP table \(1-254\)"):
         write_mptable(mem, ncpus)
+
+
+def test_a_pci_machine_lists_bus_0_as_pci_and_its_intx(mem: GuestMemory) -> None:
+    """With PCI, bus 0 is PCI and ISA is bus 1 (as SeaBIOS numbers them); each device's
+    INTA is an entry (source IRQ = device << 2 | pin, level, active low), and the ISA
+    IRQ its line shares is not listed as an ISA interrupt."""
+    write_mptable(mem, 1, irq0_pin=0, pci_routes=[(1, 0, 10), (2, 0, 10), (3, 0, 11)])
+    ptr = mem.read(layout.MPTABLE_ADDR, 16)
+    table_addr = struct.unpack_from("<I", ptr, 4)[0]
+    length = struct.unpack_from("<H", mem.read(table_addr + 4, 2))[0]
+    table = mem.read(table_addr, length)
+    assert sum(table) % 256 == 0
+    off, ints, buses = 44, [], {}
+    while off < length:
+        kind = table[off]
+        if kind == 0:
+            off += 20
+            continue
+        if kind == 1:
+            buses[table[off + 1]] = table[off + 2 : off + 8]
+        if kind == 3:
+            ints.append(struct.unpack_from("<BBHBBBB", table, off))
+        off += 8
+    assert buses == {0: b"PCI   ", 1: b"ISA   "}
+    pci = [(flags, irq, pin) for _, _, flags, bus, irq, _, pin in ints if bus == 0]
+    assert pci == [(0x0F, 1 << 2, 10), (0x0F, 2 << 2, 10), (0x0F, 3 << 2, 11)]
+    isa = [irq for _, _, _, bus, irq, _, _ in ints if bus == 1]
+    assert 10 not in isa and 11 not in isa and 4 in isa

@@ -58,6 +58,7 @@ gpa = 0xE0000000
 
 [system]
 log_dir = "logs"
+sandbox = false
 """
 
 
@@ -94,7 +95,8 @@ def test_the_schema_has_exactly_the_readers_keys() -> None:
     defs = system_schema()["$defs"]
     assert tuple(defs["PartitionSpec"]["properties"]) == PARTITION_KEYS
     assert tuple(defs["ChannelSpec"]["properties"]) == CHANNEL_KEYS
-    assert defs["PartitionSpec"]["required"] == ["image"]
+    assert "required" not in defs["PartitionSpec"]  # image, or bios: exactly one
+    assert defs["PartitionSpec"]["oneOf"] == [{"required": ["image"]}, {"required": ["bios"]}]
     assert defs["ExitMode"]["enum"] == sorted(["normal", "halt-poll", "disabled"])
 
 
@@ -143,6 +145,7 @@ def test_a_partition_body_as_the_api_would_get_it() -> None:
     check.validate({"image": "x.elf", "gdb": "[::1]:1234", "pin": [0, 1], "cpus": 2})
     for bad in (
         {"memory": "32M"},  # no image
+        {"image": "x.elf", "bios": "bios.bin"},  # both
         {"image": "x.elf", "name": "a"},  # the name is the URL's (or the table's key)
         {"image": "x.elf", "gdb": "127.0.0.1"},
         {"image": "x.elf", "serial": None},  # optional keys are left out, not null

@@ -27,7 +27,14 @@ from corevisor.devices.postcode import PostCode
 from corevisor.devices.rtc import Rtc
 from corevisor.devices.uart16550 import Uart16550
 from corevisor.errors import DeviceError, SnapshotError
-from corevisor.hypercall import HYPERCALL_PORT, HypercallHost, Hypercalls, HypercallsState
+from corevisor.hypercall import (
+    HYPERCALL_PORT,
+    Generation,
+    GuestClock,
+    HypercallHost,
+    Hypercalls,
+    HypercallsState,
+)
 from corevisor.hypercall import handler_table as hypercall_handlers
 from corevisor.memory import GuestMemory
 from corevisor.snapshot import Stateful, restore_parts, save_parts
@@ -162,16 +169,28 @@ def test_transport_refuses_a_bad_queue_state_before_changing_anything(mem: Guest
 # --- hypercalls, channels, doorbells, guards, watchdog --------------------------------
 
 
-def test_hypercall_counters_round_trip(mem: GuestMemory) -> None:
-    host = HypercallHost(memory=mem, console=lambda data: None)
-    calls = Hypercalls(mem, hypercall_handlers(host))
+def test_hypercall_counters_clock_and_generation_round_trip(mem: GuestMemory) -> None:
+    host_ns = [5_000]
+    host = HypercallHost(memory=mem, console=lambda data: None,
+                         clock=GuestClock(lambda: host_ns[0]), generation=Generation(2, 77))
+    calls = Hypercalls(mem, hypercall_handlers(host), host.clock, host.generation)
     mem.write(0x1000, struct.pack("<6Q", 0, 0, 0, 0, 0, 0))  # HC_VERSION
     calls.write(0, (0x1000).to_bytes(4, "little"))
     calls.write(0, b"\x01")  # not a call
-    assert calls.save() == HypercallsState(calls=1, ignored=1)
-    _round_trip(lambda: Hypercalls(mem, {}), calls.save())
+    assert calls.save() == HypercallsState(calls=1, ignored=1, clock_ns=5_000, generation=2,
+                                           generation_id=77)
+    # Another host whose monotonic clock reads 9 s: the guest's clock goes on from 5 us.
+    other_ns = [9_000_000_000]
+    restored = _round_trip(
+        lambda: Hypercalls(mem, {}, GuestClock(lambda: other_ns[0])), calls.save()
+    )
+    other_ns[0] += 1_000
+    assert restored.clock.now_ns() == 6_000
+    assert (restored.generation.count, restored.generation.ident) == (2, 77)
     with pytest.raises(DeviceError):
         calls.restore(HypercallsState(calls=-1, ignored=0))
+    with pytest.raises(DeviceError):
+        calls.restore(HypercallsState(calls=0, ignored=0, clock_ns=-1))
     assert HYPERCALL_PORT == 0x500
 
 

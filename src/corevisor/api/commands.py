@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     _socket(serve)
     serve.add_argument("system", nargs="?", metavar="SYSTEM.toml",
                        help="partitions to start with (default: none)")
+    serve.add_argument("--sandbox", action=argparse.BooleanOptionalAction, default=None,
+                       help="seccomp per thread role, as for run (default: on, or the "
+                       "file's [system] sandbox)")
 
     ctl = sub.add_parser("ctl", help="drive a running daemon")
     _socket(ctl)
@@ -51,8 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     cmds = ctl.add_subparsers(dest="command", required=True)
     cmds.add_parser("ps", parents=[as_json], help="list partitions")
     add = cmds.add_parser("add", parents=[as_json], help="create the partitions of a file")
-    add.add_argument("file", metavar="FILE", help="a system TOML file")
+    add.add_argument("file", metavar="FILE", nargs="?", help="a system TOML file")
     add.add_argument("--start", action="store_true", help="start each one at once")
+    from corevisor.api.ctl import add_provision_arguments
+
+    add_provision_arguments(cmds, add, as_json)
     for verb in VERBS:
         p = cmds.add_parser(verb, parents=[as_json], help=f"{verb} partitions")
         p.add_argument("names", nargs="+", metavar="NAME")
@@ -107,4 +113,9 @@ def _serve(args: argparse.Namespace) -> int:
         from corevisor.config.toml import load_config
 
         config = load_config(Path(args.system))
+    sandboxed = args.sandbox if args.sandbox is not None else (config is None or config.sandbox)
+    if sandboxed:  # as `run` does (docs/sandbox.md): every daemon thread under control's
+        from corevisor import sandbox
+
+        sandbox.enable()
     return serve(args.socket, config, err=sys.stderr)

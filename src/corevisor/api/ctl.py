@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from corevisor.api.client import Client
-from corevisor.errors import show
+from corevisor.errors import CorevisorError, show
 
 __all__ = ["run_command", "format_table", "VERBS"]
 
@@ -112,6 +112,11 @@ def _states(partitions: list[dict[str, Any]], args: Any, out: TextIO) -> int:
 
 def _add(client: Client, args: Any, out: TextIO) -> int:
     query = "?start=true" if args.start else ""
+    if args.restore is not None:
+        return _states([client.json("POST", "/partitions/restore" + query,
+                                    _restore_body(args))], args, out)
+    if args.file is None:
+        raise CorevisorError("ctl add: give a system FILE or --restore DIR")
     bodies = _documents(Path(args.file))
     return _states([client.json("POST", "/partitions" + query, b) for b in bodies], args, out)
 
@@ -180,8 +185,105 @@ def _metrics(client: Client, args: Any, out: TextIO) -> int:
     return 0
 
 
+# --- provisioning: snapshot, add --restore, migrate ---------------------------------------
+
+
+def add_provision_arguments(cmds: Any, add: Any, as_json: Any) -> None:
+    """`ctl add --restore DIR [overrides]`, `ctl snapshot NAME DIR`, `ctl migrate NAME ADDR`."""
+    add.add_argument("--restore", metavar="DIR", help="a partition continuing this snapshot")
+    add.add_argument("--name", help="with --restore: the clone's name")
+    add.add_argument("--serial", help="with --restore: its serial line")
+    add.add_argument("--net", action="append", metavar="TAP", help="with --restore: a TAP")
+    add.add_argument("--disk", action="append", metavar="PATH", help="with --restore: a disk")
+    add.add_argument("--pin", help="with --restore: host cores")
+    add.add_argument("--copy-memory", action="store_true",
+                     help="with --restore: copy the saved RAM (default: map it)")
+    snap = cmds.add_parser("snapshot", parents=[as_json],
+                           help="save a partition into a directory; it runs on")
+    snap.add_argument("name", metavar="NAME")
+    snap.add_argument("dir", metavar="DIR")
+    mig = cmds.add_parser("migrate", parents=[as_json],
+                          help="move a partition live to `corevisor run --incoming ADDR`")
+    mig.add_argument("name", metavar="NAME")
+    mig.add_argument("to", metavar="ADDR", help="tcp:HOST:PORT or unix:PATH")
+    mig.add_argument("--max-downtime", type=float, metavar="MS", help="default 300")
+    mig.add_argument("--timeout", type=float, metavar="S", help="default 300")
+    mig.add_argument("--bandwidth", type=float, metavar="BYTES/S")
+
+
+def _restore_body(args: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"path": str(Path(args.restore).absolute())}
+    for key in ("name", "serial", "pin"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    if args.net:
+        body["net"] = args.net
+    if args.disk:
+        body["disk"] = [str(Path(d).absolute()) for d in args.disk]
+    if args.copy_memory:
+        body["copy_memory"] = True
+    return body
+
+
+def _snapshot(client: Client, args: Any, out: TextIO) -> int:
+    answer = client.json("POST", f"/partitions/{args.name}/snapshot",
+                         {"path": str(Path(args.dir).absolute())})
+    if args.json:
+        _print_json(answer, out)
+    else:
+        out.write(f"{args.name}: saved in {answer['path']} "
+                  f"({answer['data_bytes'] / 2**20:.1f} MiB of RAM data)\n")
+    return 0
+
+
+def _migrate(client: Client, args: Any, out: TextIO) -> int:
+    """POST .../migrate (answered when done) while another request polls the progress
+    for the bar (provisioning.ProgressBar, on stderr when it is a terminal)."""
+    import threading
+
+    from corevisor.api.client import Client as Polling
+    from corevisor.provisioning import ProgressBar
+
+    body: dict[str, Any] = {"to": args.to}
+    for key, value in (("max_downtime_ms", args.max_downtime), ("timeout_s", args.timeout),
+                       ("bandwidth", args.bandwidth)):
+        if value is not None:
+            body[key] = value
+    result: dict[str, Any] = {}
+
+    def request() -> None:
+        try:
+            result["answer"] = Client(client.socket_path, timeout=None).json(
+                "POST", f"/partitions/{args.name}/migrate", body)
+        except CorevisorError as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=request, name="ctl-migrate", daemon=True)
+    thread.start()
+    bar = ProgressBar("migrating out")
+    poll = Polling(client.socket_path)
+    while thread.is_alive():
+        thread.join(0.2)
+        try:
+            bar(poll.json("GET", f"/partitions/{args.name}/migration"))
+        except CorevisorError:
+            pass  # not started yet, or already gone: the answer says how it went
+    bar({"phase": "failed" if "error" in result else "done"})
+    if "error" in result:
+        raise result["error"]
+    answer = result["answer"]
+    if args.json:
+        _print_json(answer, out)
+    else:
+        out.write(f"{args.name}: migrated to {answer['address']} in {answer['total_s']:.1f} s, "
+                  f"{answer['rounds']} rounds, {answer['downtime_ms']:.0f} ms down\n")
+    return 0
+
+
 _COMMANDS = {
     "ps": _ps,
+    "snapshot": _snapshot,
+    "migrate": _migrate,
     "add": _add,
     "rm": _rm,
     "inspect": _inspect,

@@ -134,6 +134,10 @@ _ANSWERS: dict[str, dict[str, Any]] = {
     },
 }
 
+from corevisor.api.provision import SCHEMAS as _PROVISION  # noqa: E402
+
+_ANSWERS.update(_PROVISION)
+
 _DESCRIPTIONS = {200: "OK", 201: "created", 204: "done, nothing to say", 400: "bad input",
                  404: "no such partition", 409: "the partition's state does not allow it",
                  500: "the daemon could not do it"}

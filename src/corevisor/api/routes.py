@@ -7,9 +7,10 @@ Allow when only the method is wrong, 404 ``no such endpoint`` when nothing match
 
 Errors are JSON ``{"error": MESSAGE}`` with the same one line the CLI would print:
 
-    400  bad input: ConfigError, LoaderError (a body, a value, a query parameter)
+    400  bad input: ConfigError, LoaderError (a body, a value, a query parameter),
+         SnapshotError (a snapshot that cannot be taken or read)
     404  NotFoundError: no partition by that name
-    409  StateError: the partition's state does not allow it
+    409  StateError: the partition's state does not allow it; MigrationError
     500  anything else the daemon could not do (a KvmError while building, a bug)
 
 A new partition's body is a system document (the schema of a system file, with exactly
@@ -29,12 +30,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from corevisor.api.provision import routes as provision_routes
 from corevisor.api.server import HttpError, Request, Response, Stream, json_response
 from corevisor.errors import (
     ConfigError,
     CorevisorError,
     LoaderError,
+    MigrationError,
     NotFoundError,
+    SnapshotError,
     StateError,
     quote,
     show,
@@ -60,8 +64,10 @@ def status_of(e: CorevisorError) -> int:
         return 404
     if isinstance(e, StateError):
         return 409
-    if isinstance(e, ConfigError | LoaderError):
+    if isinstance(e, ConfigError | LoaderError | SnapshotError):
         return 400
+    if isinstance(e, MigrationError):
+        return 409  # refused or failed: the partition runs on where it was
     return 500
 
 
@@ -321,6 +327,7 @@ ROUTES: tuple[Route, ...] = (
           query=(Param("format", "string", "text (Prometheus 0.0.4, default) or json"),)),
     Route("GET", "/openapi.json", _openapi, "getOpenApi", "This API's OpenAPI document",
           {200: "application/json"}),
+    *provision_routes(),  # snapshot, restore, migrate (api/provision.py)
 )
 
 

@@ -33,11 +33,13 @@ from corevisor.spec import (
     DeviceSpec,
     NetSpec,
     PartitionSpec,
+    Transport,
     VirtioSpec,
 )
 from corevisor.virtio.config import check_image, check_tap
 
-__all__ = ["partition_from_args", "name_from_image", "virtio_from_args", "devices_from_args"]
+__all__ = ["partition_from_args", "bios_partition_from_args", "name_from_image",
+           "virtio_from_args", "devices_from_args"]
 
 
 def name_from_image(image: str) -> str:
@@ -49,9 +51,13 @@ def name_from_image(image: str) -> str:
 
 
 def virtio_from_args(
-    disks: list[str] | None = None, nets: list[str] | None = None, rng: bool = False
+    disks: list[str] | None = None,
+    nets: list[str] | None = None,
+    rng: bool = False,
+    transport: str | None = None,
+    default: Transport = Transport.MMIO,
 ) -> VirtioSpec:
-    """The devices of `corevisor run --disk PATH[,ro] --net TAP --rng`."""
+    """The devices of `corevisor run --disk PATH[,ro] --net TAP --rng --transport T`."""
     blks = []
     for spec in disks or []:
         text, sep, opt = spec.rpartition(",")
@@ -61,7 +67,57 @@ def virtio_from_args(
         check_image(path, "--disk", show(text))
         blks.append(BlkSpec(path, opt == "ro"))
     taps = tuple(NetSpec(check_tap(t, "--net")) for t in nets or [])
-    return VirtioSpec(tuple(blks), taps, rng, False)
+    chosen = default
+    if transport is not None:
+        try:
+            chosen = Transport(transport)
+        except ValueError:
+            known = " | ".join(str(t) for t in Transport)
+            raise ConfigError(f"--transport: {quote(transport)} is not one of {known}") from None
+    return VirtioSpec(tuple(blks), taps, rng, False, chosen)
+
+
+def bios_partition_from_args(
+    bios: str,
+    *,
+    cpus: int = 1,
+    memory: str = "64M",
+    pin: str | None = None,
+    serial: str = "stdout",
+    name: str | None = None,
+    gdb: str | None = None,
+    gdb_attach: bool = False,
+    gdb_allow_remote: bool = False,
+    disks: list[str] | None = None,
+    nets: list[str] | None = None,
+    rng: bool = False,
+    transport: str | None = None,
+    devices: list[str] | None = None,
+    host: HostFacts | None = None,
+) -> PartitionSpec:
+    """`corevisor run --bios [PATH] --disk IMG`: a machine that boots its disk through
+    its BIOS; errors name the option."""
+    if name is not None and NAME_RE.fullmatch(name) is None:
+        raise ConfigError(f"--name: bad partition name {quote(name)} (use {NAME_PATTERN})")
+    path = parse_path(bios, "--bios", None)
+    files.check_bios(path, "--bios", bios)
+    virtio = virtio_from_args(disks, nets, rng, transport, default=Transport.PCI)
+    part = PartitionSpec(
+        name=name if name is not None else "bios",
+        bios=path,
+        cpus=cpus,
+        memory=parse_size(memory, "--memory"),
+        pin=parse_cpu_list(pin, "--pin") if pin is not None else (),
+        serial=parse_serial(serial, "--serial", None),
+        gdb=parse_gdb(gdb, "--gdb") if gdb is not None else None,
+        gdb_attach=gdb_attach,
+        virtio=virtio,
+        devices=devices_from_args(devices),
+    )
+    validate_partition(
+        part, CLI_KEYS, host if host is not None else gather(), gdb_allow_remote=gdb_allow_remote
+    )
+    return part
 
 
 def devices_from_args(options: list[str] | None) -> tuple[DeviceSpec, ...]:
@@ -90,6 +146,7 @@ def partition_from_args(
     nets: list[str] | None = None,
     rng: bool = False,
     modules: list[str] | None = None,
+    transport: str | None = None,
     devices: list[str] | None = None,
     host: HostFacts | None = None,
 ) -> PartitionSpec:
@@ -114,7 +171,7 @@ def partition_from_args(
         modules=module_specs,
         gdb=parse_gdb(gdb, "--gdb") if gdb is not None else None,
         gdb_attach=gdb_attach,
-        virtio=virtio_from_args(disks, nets, rng),
+        virtio=virtio_from_args(disks, nets, rng, transport),
         devices=devices_from_args(devices),
     )
     validate_partition(

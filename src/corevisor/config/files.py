@@ -1,4 +1,4 @@
-"""The checks that look at the file system: a guest image, an initrd, a log directory.
+"""The checks that look at the file system: a guest image, an initrd, a BIOS, a log directory.
 
 They run where a path is read (toml.py, args.py), because only there is the text the
 user wrote known, and messages show that text (``partitions.demo.image: guests/x.elf
@@ -28,12 +28,16 @@ __all__ = [
     "stat_or_none",
     "check_guest_image",
     "check_initrd",
+    "check_bios",
+    "DEFAULT_BIOS",
     "check_log_dir",
     "check_directory",
     "boot_files",
 ]
 
 _ELF_MAGIC = b"\x7fELF"
+# Debian's SeaBIOS (package seabios), the build QEMU's PCs use.
+DEFAULT_BIOS = Path("/usr/share/seabios/bios-256k.bin")
 
 
 def stat_or_none(path: Path, where: str, shown: str) -> os.stat_result | None:
@@ -72,6 +76,21 @@ def check_guest_image(path: Path, where: str, shown: str) -> str:
 def check_initrd(path: Path, where: str, shown: str) -> None:
     """An initramfs for a Linux image: a regular file (its format is the kernel's business)."""
     _regular_file(path, where, shown)
+
+
+def check_bios(path: Path, where: str, shown: str) -> None:
+    """A BIOS image the machine can map below 4 GiB: a multiple of 64 KiB, up to the VT-x
+    TSS KVM keeps below the ROM (layout.BIOS_MAX_SIZE)."""
+    from corevisor.arch.x86_64.layout import BIOS_MAX_SIZE, BIOS_MIN_SIZE
+
+    _regular_file(path, where, shown)
+    size = os.stat(path).st_size
+    if size % BIOS_MIN_SIZE or not BIOS_MIN_SIZE <= size <= BIOS_MAX_SIZE:
+        hint = " (Debian's package seabios has /usr/share/seabios/bios-256k.bin)"
+        raise ConfigError(
+            f"{where}: {show(shown)} is {size} bytes; a BIOS image is a multiple of 64 KiB "
+            f"up to {BIOS_MAX_SIZE >> 10} KiB{hint}"
+        )
 
 
 def check_directory(path: Path, where: str, shown: str) -> None:

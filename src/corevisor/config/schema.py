@@ -145,6 +145,9 @@ def _document_object(cls: type, raw: dict[str, dict[str, Any]]) -> dict[str, Any
     out["properties"] = properties
     if required:
         out["required"] = required
+    one_of = getattr(cls, "DOCUMENT_ONE_OF", ())
+    if one_of:  # exactly one of these keys (a partition's image, or its bios)
+        out["oneOf"] = [{"required": [key]} for key in one_of]
     out["additionalProperties"] = False
     return out
 
@@ -174,6 +177,14 @@ def _document_default(f: dataclasses.Field[Any]) -> Any:
     return dataclasses.MISSING
 
 
+def _field_description(cls: type, name: str) -> str:
+    """The doc metadata description of one spec field."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return str(f.metadata.get("doc", {}).get("description", ""))
+    raise KeyError(name)
+
+
 def _system(ref_template: str) -> dict[str, Any]:
     """A system file: partitions (and channels) keyed by name, and the [system] table."""
 
@@ -201,7 +212,12 @@ def _system(ref_template: str) -> dict[str, Any]:
                         "type": "string",
                         "minLength": 1,
                         "description": "per-partition serial logs (default: a new temp dir)",
-                    }
+                    },
+                    "sandbox": {
+                        "type": "boolean",
+                        "default": True,
+                        "description": _field_description(SystemSpec, "sandbox"),
+                    },
                 },
                 "additionalProperties": False,
             },

@@ -27,6 +27,10 @@ JSON schema)::
     net = [{tap = "tap0"}]
     rng = true
     virtio_console = true
+    transport = "mmio"                  # or "pci": virtio-pci functions with MSI-X
+    # bios = "/usr/share/seabios/bios-256k.bin"   instead of image: boot the first disk
+    #                                     through SeaBIOS (transport "pci"; no initrd,
+    #                                     modules or cmdline)
 
     [[partitions.demo.devices]]         # a device model written in Python (docs/devices.md)
     class = "sensor.py:TempSensor"      # or "package.module:Class"
@@ -43,9 +47,10 @@ JSON schema)::
 
     [system]
     log_dir = "logs"                    # per-partition serial logs (default: a new temp dir)
+    sandbox = true                      # every VMM thread under a seccomp filter (docs/sandbox.md)
 
-Relative paths (image, initrd, blk, ``file:`` and ``unix:`` serial paths, log_dir, a
-device's FILE.py) are resolved against the file's directory, so a file means the same
+Relative paths (image, initrd, bios, blk, ``file:`` and ``unix:`` serial paths, log_dir,
+a device's FILE.py) are resolved against the file's directory, so a file means the same
 from any working directory. A table from a JSON document has the same shape:
 partition_from_table reads either (the API's body of a new partition).
 
@@ -85,6 +90,7 @@ from corevisor.spec import (
     PartitionSpec,
     RestartPolicy,
     SystemSpec,
+    Transport,
     VirtioSpec,
     document_keys,
 )
@@ -103,7 +109,7 @@ __all__ = [
 ]
 
 TOP_LEVEL_KEYS = ("partitions", "channels", "system")
-SYSTEM_KEYS = ("log_dir",)
+SYSTEM_KEYS = ("log_dir", "sandbox")
 PARTITION_KEYS = document_keys(PartitionSpec)
 CHANNEL_KEYS = document_keys(ChannelSpec)
 # A system file is a few KiB; anything near this is not one.
@@ -197,8 +203,10 @@ def system_from_document(
         channel_from_table(name, table, f"{at}channels.{_shown_name(name)}")
         for name, table in channel_tables.items()
     )
-    log_dir = _system_table(doc.get("system", {}), f"{at}system", base)
-    return SystemSpec(tuple(partitions), source=source, channels=channels, log_dir=log_dir)
+    log_dir, sandbox = _system_table(doc.get("system", {}), f"{at}system", base)
+    return SystemSpec(
+        tuple(partitions), source=source, channels=channels, log_dir=log_dir, sandbox=sandbox
+    )
 
 
 def _shown_name(name: str) -> str:
@@ -240,7 +248,7 @@ def _bool(value: object, where: str) -> bool:
     return value
 
 
-_Choice = TypeVar("_Choice", ExitMode, RestartPolicy, Doorbell)
+_Choice = TypeVar("_Choice", ExitMode, RestartPolicy, Doorbell, Transport)
 
 
 def _choice(value: object, kind: type[_Choice], where: str) -> _Choice:
@@ -287,6 +295,7 @@ _READERS: dict[str, Callable[[object, str, Path | None], Any]] = {
     "restart": lambda v, w, b: _choice(v, RestartPolicy, w),
     "watchdog_ms": lambda v, w, b: _int(v, w),
     "gdb": lambda v, w, b: parse_gdb(_str(v, w), w),
+    "devices": lambda v, w, b: _devices(v, w, b),
 }
 
 
@@ -298,8 +307,10 @@ def partition_from_table(
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table, got {type_name(table)}")
     _check_keys(table, PARTITION_KEYS, where)
+    if "bios" in table:
+        return _bios_partition(name, table, where, base)
     if "image" not in table:
-        raise ConfigError(f'{where}: missing key "image" (the guest ELF to boot)')
+        raise ConfigError(f'{where}: missing key "image" (the guest ELF to boot, or a bios)')
     values = {
         key: reader(table[key], f"{where}.{key}", base)
         for key, reader in _READERS.items()
@@ -318,9 +329,31 @@ def partition_from_table(
         initrd=initrd_path,
         modules=module_specs,
         virtio=_virtio(table, where, base),
-        devices=_devices(table.get("devices"), f"{where}.devices", base),
         **values,
     )
+
+
+# Keys that mean nothing to a machine booting through its BIOS: there is no kernel.
+_NOT_WITH_BIOS = ("image", "initrd", "modules", "cmdline")
+
+
+def _bios_partition(name: str, table: dict[str, Any], where: str, base: Path | None
+                    ) -> PartitionSpec:
+    """A partition that boots its disk through a BIOS (the bios key instead of an image)."""
+    for key in _NOT_WITH_BIOS:
+        if key in table:
+            raise ConfigError(f"{where}.{key}: a partition with a bios boots from its disk, "
+                              f"so it has no {key}")
+    shown = _str(table["bios"], f"{where}.bios")
+    bios = parse_path(shown, f"{where}.bios", base)
+    files.check_bios(bios, f"{where}.bios", shown)
+    values = {
+        key: reader(table[key], f"{where}.{key}", base)
+        for key, reader in _READERS.items()
+        if key in table
+    }
+    virtio = _virtio(table, where, base, default=Transport.PCI)
+    return PartitionSpec(name=name, bios=bios, virtio=virtio, **values)
 
 
 def _devices(value: object, where: str, base: Path | None) -> tuple[DeviceSpec, ...]:
@@ -340,8 +373,9 @@ def _devices(value: object, where: str, base: Path | None) -> tuple[DeviceSpec, 
 # ---------------------------------------------------------------------- virtio keys
 
 
-def _virtio(table: dict[str, object], where: str, base: Path | None) -> VirtioSpec:
-    """The virtio keys of one partition table (blk, net, rng, virtio_console)."""
+def _virtio(table: dict[str, object], where: str, base: Path | None,
+            default: Transport = Transport.MMIO) -> VirtioSpec:
+    """The virtio keys of one partition table (blk, net, rng, virtio_console, transport)."""
     blks: list[BlkSpec] = []
     for i, item in enumerate(_array(table, "blk", where, '{path = "disk.img"}')):
         w = f"{where}.blk[{i}]"
@@ -363,7 +397,10 @@ def _virtio(table: dict[str, object], where: str, base: Path | None) -> VirtioSp
         nets.append(NetSpec(check_tap(item["tap"], f"{w}.tap")))
     rng = _bool(table.get("rng", False), f"{where}.rng")
     console = _bool(table.get("virtio_console", False), f"{where}.virtio_console")
-    return VirtioSpec(tuple(blks), tuple(nets), rng, console)
+    transport = default
+    if "transport" in table:
+        transport = _choice(table["transport"], Transport, f"{where}.transport")
+    return VirtioSpec(tuple(blks), tuple(nets), rng, console, transport)
 
 
 def _array(table: dict[str, object], key: str, where: str, example: str) -> list[object]:
@@ -412,13 +449,19 @@ def _direction(value: object, between: tuple[str, str], where: str) -> tuple[str
     return writer, reader
 
 
-def _system_table(table: object, where: str, base: Path | None) -> Path | None:
+def _system_table(
+    table: object, where: str, base: Path | None
+) -> tuple[Path | None, bool]:
+    """The [system] table: (log_dir, sandbox)."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table, got {type_name(table)}")
     _check_keys(table, SYSTEM_KEYS, where)
+    sandbox = table.get("sandbox", True)
+    if not isinstance(sandbox, bool):
+        raise ConfigError(f"{where}.sandbox: expected true or false, got {type_name(sandbox)}")
     if "log_dir" not in table:
-        return None
+        return None, sandbox
     text = _str(table["log_dir"], f"{where}.log_dir")
     path = parse_path(text, f"{where}.log_dir", base)
     files.check_log_dir(path, f"{where}.log_dir", text)
-    return path
+    return path, sandbox

@@ -54,6 +54,7 @@ from corevisor.spec import (
     ExitMode,
     PartitionSpec,
     SystemSpec,
+    Transport,
 )
 
 __all__ = ["Keys", "CLI_KEYS", "API_KEYS", "validate_partition",
@@ -75,6 +76,8 @@ _OPTIONS = {
     "net": "--net",
     "virtio": "--disk/--net/--rng",
     "devices": "--device",
+    "transport": "--transport",
+    "bios": "--bios",
 }
 
 
@@ -131,6 +134,10 @@ def validate_partition(
             f"{keys.of(p.name, 'gdb')}: {p.gdb.host} is not a loopback address and whoever "
             "reaches it controls the guest; pass --gdb-allow-remote to serve GDB on the network"
         )
+    if p.bios is not None and p.virtio.transport is not Transport.PCI:
+        # SeaBIOS boots from virtio-blk-pci
+        raise ConfigError(f'{keys.of(p.name, "transport")}: a partition with a bios has its '
+                          f'devices on PCI (transport = "pci"), not "{p.virtio.transport}"')
     if p.virtio.count > MAX_VIRTIO_DEVICES:
         raise ConfigError(
             f"{keys.of(p.name, 'virtio') if keys.options else keys.of(p.name)}: "
@@ -147,7 +154,7 @@ def _device_key(p: PartitionSpec, keys: Keys, index: int) -> str:
 
 def partition_map(p: PartitionSpec, keys: Keys = API_KEYS) -> Resources:
     """p's resource map with its user devices in it (what its channels must avoid)."""
-    res = machine_map(p.name, p.memory)
+    res = machine_map(p.name, p.memory, p.pci)
     for i, d in enumerate(p.devices):
         claim_device(res, d, _device_key(p, keys, i))
     return res
@@ -167,7 +174,9 @@ def _check_devices(p: PartitionSpec, keys: Keys) -> None:
         names[d.name] = i
     partition_map(p, keys)
     lines = {d.gsi for d in p.devices if d.gsi is not None}
-    if lines and p.virtio.count > len(VIRTIO_GSIS) - len(lines):
+    # (virtio-pci devices interrupt through MSI-X and PCI's own INTx lines, not these)
+    mmio = p.virtio.transport is Transport.MMIO
+    if lines and mmio and p.virtio.count > len(VIRTIO_GSIS) - len(lines):
         raise ConfigError(
             f"{keys.of(p.name, 'virtio') if keys.options else keys.of(p.name)}: "
             f"{p.virtio.count} virtio devices and {len(lines)} device lines, but only "

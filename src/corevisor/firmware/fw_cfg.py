@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 from corevisor import inputs
 from corevisor.arch.x86_64 import layout
-from corevisor.arch.x86_64.bootparams import e820_map
+from corevisor.arch.x86_64.bootparams import E820Entry, e820_map
 from corevisor.devices import fw_cfg as k
 from corevisor.devices.fw_cfg import Item
 from corevisor.errors import LoaderError, show
@@ -89,9 +90,12 @@ def _u32(v: int) -> bytes:
     return struct.pack("<I", v)
 
 
-def machine_items(cpus: int, mem: GuestMemory) -> dict[int, Item]:
-    """The fixed-key items describing the machine (see the module docstring)."""
-    entries = e820_map(mem)
+def machine_items(
+    cpus: int, mem: GuestMemory, e820: Sequence[E820Entry] | None = None
+) -> dict[int, Item]:
+    """The fixed-key items describing the machine (see the module docstring); e820: the
+    map to give (default: the one the boot protocols give, e820_map)."""
+    entries = e820_map(mem) if e820 is None else e820
     table = _u32(len(entries)) + b"".join(
         _E820_ENTRY.pack(e.addr, e.size, e.type) for e in entries
     )
@@ -108,10 +112,13 @@ def machine_items(cpus: int, mem: GuestMemory) -> dict[int, Item]:
     }
 
 
-def machine_files(mem: GuestMemory) -> dict[str, Item]:
+def machine_files(
+    mem: GuestMemory, e820: Sequence[E820Entry] | None = None, bootorder: bytes = b""
+) -> dict[str, Item]:
     """The named files describing the machine: etc/e820 and bootorder."""
-    e820 = b"".join(_E820_ENTRY.pack(e.addr, e.size, e.type) for e in e820_map(mem))
-    return {"etc/e820": e820, "bootorder": b""}
+    entries = e820_map(mem) if e820 is None else e820
+    table = b"".join(_E820_ENTRY.pack(e.addr, e.size, e.type) for e in entries)
+    return {"etc/e820": table, "bootorder": bootorder}
 
 
 def boot_items(

@@ -19,6 +19,7 @@ import threading
 import traceback
 from collections.abc import Callable
 
+from corevisor import sandbox
 from corevisor.errors import CorevisorError
 from corevisor.gdb import protocol as p
 from corevisor.gdb import x86_64
@@ -67,7 +68,7 @@ class GdbServer:
         """Start serving (the machine's start() calls this; a client connecting before
         waits in the listen backlog)."""
         if self._thread is None and not self._closing.is_set():
-            self._thread = start_thread(self._serve, "gdb-server")
+            self._thread = start_thread(self._serve, "gdb-server", sandbox.GDB)
 
     def close(self) -> None:
         """Stop serving; a connected client gets the machine's end (W or X) first."""

@@ -202,6 +202,57 @@ class kvm_ioeventfd(ctypes.Structure):
     ]
 
 
+class kvm_irq_routing_irqchip(ctypes.Structure):
+    _fields_ = [("irqchip", c_uint32), ("pin", c_uint32)]
+
+
+class kvm_irq_routing_msi(ctypes.Structure):
+    _fields_ = [
+        ("address_lo", c_uint32),
+        ("address_hi", c_uint32),
+        ("data", c_uint32),
+        ("devid", c_uint32),
+    ]
+
+
+class _kvm_irq_routing_u(ctypes.Union):
+    _fields_ = [
+        ("irqchip", kvm_irq_routing_irqchip),
+        ("msi", kvm_irq_routing_msi),
+        ("pad", c_uint32 * 8),
+    ]
+
+
+class kvm_irq_routing_entry(ctypes.Structure):
+    """One GSI's route (KVM_SET_GSI_ROUTING): an irqchip pin or an MSI message."""
+
+    _fields_ = [
+        ("gsi", c_uint32),
+        ("type", c_uint32),
+        ("flags", c_uint32),
+        ("pad", c_uint32),
+        ("u", _kvm_irq_routing_u),
+    ]
+
+
+class kvm_irq_routing(ctypes.Structure):
+    """The header of KVM_SET_GSI_ROUTING's argument; `entries` entries follow it
+    (irq_routing(n) builds the whole buffer)."""
+
+    _fields_ = [("nr", c_uint32), ("flags", c_uint32)]
+
+
+@functools.cache
+def irq_routing(n: int) -> type[ctypes.Structure]:
+    """kvm_irq_routing with room for n entries (cached per size)."""
+    return type(
+        f"kvm_irq_routing_{n}",
+        (ctypes.Structure,),
+        {"_fields_": [("nr", c_uint32), ("flags", c_uint32),
+                      ("entries", kvm_irq_routing_entry * n)]},
+    )
+
+
 class kvm_msi(ctypes.Structure):
     _fields_ = [
         ("address_lo", c_uint32),
@@ -341,6 +392,27 @@ class kvm_debug_exit_arch(ctypes.Structure):
     ]
 
 
+class kvm_dirty_log(ctypes.Structure):
+    """KVM_GET_DIRTY_LOG: one bit per page of the slot, at the user address dirty_bitmap."""
+
+    _fields_ = [
+        ("slot", c_uint32),
+        ("padding1", c_uint32),
+        ("dirty_bitmap", c_uint64),
+    ]
+
+
+class kvm_clear_dirty_log(ctypes.Structure):
+    """KVM_CLEAR_DIRTY_LOG: re-protect the pages set in dirty_bitmap, from first_page on
+    (num_pages of them; both multiples of 64 except at the slot's end)."""
+
+    _fields_ = [
+        ("slot", c_uint32),
+        ("num_pages", c_uint32),
+        ("first_page", c_uint64),
+        ("dirty_bitmap", c_uint64),
+    ]
+
 class kvm_stats_header(ctypes.Structure):
     """The start of a KVM_GET_STATS_FD file: where its id, descriptors and data are."""
 
@@ -368,6 +440,8 @@ class kvm_stats_desc(ctypes.Structure):
 
 for _cls, _size in (
     (kvm_userspace_memory_region, 32),
+    (kvm_dirty_log, 16),
+    (kvm_clear_dirty_log, 24),
     (kvm_regs, 144),
     (kvm_segment, 24),
     (kvm_dtable, 16),
@@ -380,6 +454,8 @@ for _cls, _size in (
     (kvm_irqfd, 32),
     (kvm_ioeventfd, 64),
     (kvm_msi, 32),
+    (kvm_irq_routing_entry, 48),
+    (kvm_irq_routing, 8),
     (kvm_mp_state, 4),
     (kvm_vcpu_events, 64),
     (kvm_enable_cap, 104),
@@ -408,6 +484,8 @@ KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 KVM_GET_SUPPORTED_CPUID = _iowr(0x05, 8)
 KVM_CREATE_VCPU = _io(0x41)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, 32)
+KVM_GET_DIRTY_LOG = _iow(0x42, 16)
+KVM_CLEAR_DIRTY_LOG = _iowr(0xC0, 24)
 KVM_SET_TSS_ADDR = _io(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, 8)
 KVM_CREATE_IRQCHIP = _io(0x60)
@@ -417,6 +495,7 @@ KVM_CREATE_PIT2 = _iow(0x77, 64)
 KVM_IOEVENTFD = _iow(0x79, 64)
 KVM_ENABLE_CAP = _iow(0xA3, 104)
 KVM_SIGNAL_MSI = _iow(0xA5, 32)
+KVM_SET_GSI_ROUTING = _iow(0x6A, 8)
 KVM_RUN = _io(0x80)
 KVM_GET_REGS = _ior(0x81, 144)
 KVM_SET_REGS = _iow(0x82, 144)
@@ -444,10 +523,15 @@ KERNEL_SIGSET_BYTES = 8  # the kernel's sigset_t on x86-64: 64 signals, one bit 
 KVM_API_VERSION = 12
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 KVM_IOEVENTFD_FLAG_PIO = 1 << 1
 KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
+KVM_IRQ_ROUTING_IRQCHIP = 1
+KVM_IRQ_ROUTING_MSI = 2
 KVM_PIT_SPEAKER_DUMMY = 1
 KVM_X86_DISABLE_EXITS_MWAIT = 1 << 0
 KVM_X86_DISABLE_EXITS_HLT = 1 << 1

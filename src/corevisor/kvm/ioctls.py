@@ -198,6 +198,20 @@ class VmFd:
         region = b.kvm_userspace_memory_region(slot, flags, gpa, size, host_addr)
         _ioctl(self.fd, b.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
 
+    def get_dirty_log(self, slot: int, bitmap: ctypes.Array[ctypes.c_uint64]) -> None:
+        """Fill bitmap (one bit per page of slot, 64 pages a word) with the pages written
+        since the last call (or, with manual protection, since they were cleared)."""
+        log = b.kvm_dirty_log(slot, 0, ctypes.addressof(bitmap))
+        _ioctl(self.fd, b.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
+
+    def clear_dirty_log(
+        self, slot: int, first_page: int, num_pages: int, bitmap: ctypes.Array[ctypes.c_uint64]
+    ) -> None:
+        """Write-protect again the pages set in bitmap (pages first_page on), so their
+        next write is logged (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)."""
+        log = b.kvm_clear_dirty_log(slot, num_pages, first_page, ctypes.addressof(bitmap))
+        _ioctl(self.fd, b.KVM_CLEAR_DIRTY_LOG, log, "KVM_CLEAR_DIRTY_LOG")
+
     def set_tss_addr(self, addr: int) -> None:
         _ioctl(self.fd, b.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")
 
@@ -214,9 +228,31 @@ class VmFd:
     def irq_line(self, irq: int, level: int) -> None:
         _ioctl(self.fd, b.KVM_IRQ_LINE, b.kvm_irq_level(irq, level), "KVM_IRQ_LINE")
 
-    def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
+    def irqfd(
+        self, fd: int, gsi: int, deassign: bool = False, resample_fd: int | None = None
+    ) -> None:
+        """Let a write to eventfd fd raise gsi in the kernel. With resample_fd the line
+        is level-triggered: the write asserts it, the guest's EOI de-asserts it and
+        signals resample_fd, so the device can assert it again if it is still pending."""
         flags = b.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
-        _ioctl(self.fd, b.KVM_IRQFD, b.kvm_irqfd(fd, gsi, flags, 0), "KVM_IRQFD")
+        if resample_fd is not None and not deassign:
+            flags |= b.KVM_IRQFD_FLAG_RESAMPLE
+        req = b.kvm_irqfd(fd, gsi, flags, resample_fd if resample_fd is not None else 0)
+        _ioctl(self.fd, b.KVM_IRQFD, req, "KVM_IRQFD")
+
+    def set_gsi_routing(self, routes: list[tuple[int, int, int, int, int]]) -> None:
+        """Replace the whole GSI routing table. Each route is (gsi, type, a, b, c):
+        KVM_IRQ_ROUTING_IRQCHIP with a = chip, b = pin; KVM_IRQ_ROUTING_MSI with
+        a = address low, b = address high, c = data."""
+        buf = b.irq_routing(len(routes))()
+        buf.nr = len(routes)
+        for e, (gsi, kind, x, y, z) in zip(buf.entries, routes, strict=True):
+            e.gsi, e.type = gsi, kind
+            if kind == b.KVM_IRQ_ROUTING_MSI:
+                e.u.msi.address_lo, e.u.msi.address_hi, e.u.msi.data = x, y, z
+            else:
+                e.u.irqchip.irqchip, e.u.irqchip.pin = x, y
+        _ioctl(self.fd, b.KVM_SET_GSI_ROUTING, buf, "KVM_SET_GSI_ROUTING")
 
     def ioeventfd(
         self,

@@ -72,6 +72,7 @@ __all__ = [
     "host_cpu",
     "check_host_cpu",
     "msr_restore_order",
+    "learn_msrs",
 ]
 
 _D = TypeVar("_D")
@@ -523,6 +524,19 @@ def _extra_candidates(fd: VcpuFd) -> list[int]:
 # MSRs exist can depend on it): finding it costs one ioctl per absent MSR (hundreds), so
 # it is done once per process and vCPU model.
 _EXTRA_READABLE: dict[tuple[tuple[int, ...], tuple[SupportedCpuid, ...]], tuple[int, ...]] = {}
+
+
+def learn_msrs(kvm: Kvm, fd: VcpuFd) -> tuple[int, ...]:
+    """Which unlisted MSRs this vCPU model has (cached; fd's thread out of KVM_RUN): a
+    migration learns it before its final pause, so the pause does not pay for it."""
+    listed_set = set(kvm.msr_index_list())
+    extra = [i for i in _extra_candidates(fd) if i not in listed_set]
+    key = (tuple(extra), tuple(fd.get_cpuid2()))
+    known = _EXTRA_READABLE.get(key)
+    if known is None:
+        known = tuple(sorted(_read_msrs(fd, extra)[0]))
+        _EXTRA_READABLE[key] = known
+    return known
 
 
 def _msr_values(

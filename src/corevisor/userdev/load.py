@@ -98,9 +98,17 @@ def _import(name: str, where: str, text: str) -> types.ModuleType:
 
 
 def _module_from_file(path: Path, where: str, shown: str) -> types.ModuleType:
-    """The module in path, loaded once per process (one file, one module object)."""
+    """The module in path, loaded once per process (one file, one module object). Once
+    loaded it is not looked for again: a jailed run (sandbox/jail.py) builds its
+    machines where the file is not, from the module the system file's reading loaded."""
     import stat
 
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    stem = re.sub(r"\W", "_", path.stem)
+    name = f"corevisor_userdev_{stem}_{digest}"
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        return loaded
     try:
         st = path.stat()
     except OSError as e:
@@ -109,12 +117,6 @@ def _module_from_file(path: Path, where: str, shown: str) -> types.ModuleType:
         raise ConfigError(f"{where}: cannot use {show(shown)}: {e.strerror or e}") from None
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"{where}: {show(shown)} is not a regular file")
-    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
-    stem = re.sub(r"\W", "_", path.stem)
-    name = f"corevisor_userdev_{stem}_{digest}"
-    loaded = sys.modules.get(name)
-    if loaded is not None:
-        return loaded
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"{where}: {show(shown)} is not a Python module")

@@ -191,6 +191,11 @@ class Blk(VirtioDevice):
         os.fsync(self.fd)
         return VIRTIO_BLK_S_OK
 
+    def sync(self) -> None:
+        """Every completed write on disk: a snapshot's RAM holds them as done."""
+        if not self.readonly:
+            os.fsync(self.fd)
+
     # --- save / restore ---------------------------------------------------------------
     def save(self) -> BlkState:
         return BlkState(self.size, self.readonly, self.serial, self.requests, self.errors)

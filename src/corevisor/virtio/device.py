@@ -1,18 +1,19 @@
 """The virtio device layer: what every device type shares, independent of the transport.
 
 A VirtioDevice declares its type, its queues and feature bits, serves its config space
-and handles queue notifications; the transport (mmio.py) owns the status register,
-feature negotiation and queue set-up, and calls the device's hooks. Devices are pure
-logic too: they never start threads or issue ioctls. Their host-side work runs on the
-transport's I/O thread (worker.py), which calls ``process_queue`` when the driver kicks
-a queue and ``process_fd`` when one of the device's own host fds (a TAP, an input
-pipe) is ready.
+and handles queue notifications; the transport (common.py, under the registers of
+mmio.py or pci.py) owns the status register, feature negotiation and queue set-up, and
+calls the device's hooks. Devices are pure logic too: they never start threads or issue
+ioctls. Their host-side work runs on the transport's I/O thread (worker.py), which
+calls ``process_queue`` when the driver kicks a queue and ``process_fd`` when one of the
+device's own host fds (a TAP, an input pipe) is ready.
 
 Interrupts leave through an Interrupt: the interrupt status bits the driver reads and
 acknowledges, plus an eventfd the builder hands to KVM as an irqfd, so raising an
 interrupt is one write(2) from the I/O thread and never involves a vCPU thread.
 
-What does not live here: ring parsing (queue.py), registers (mmio.py), device types.
+What does not live here: ring parsing (queue.py), the transport core (common.py),
+registers (mmio.py, pci.py), device types.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ class Interrupt:
     """The interrupt status register and the eventfd (irqfd) that raises the line.
 
     Set from the I/O thread, read and acknowledged from a vCPU thread: the lock keeps the
-    read-modify-write of the status bits whole.
+    read-modify-write of the status bits whole. ``used`` and ``config_changed`` are what
+    the device layer calls; a transport with more than one line (virtio-pci's MSI-X
+    vectors) overrides them to pick the queue's or the configuration's vector.
     """
 
     def __init__(self, fd: int | None = None) -> None:
@@ -66,6 +69,25 @@ class Interrupt:
             self.status |= bits
             self.count += 1
         os.eventfd_write(self.fd, 1)
+
+    def used(self, queue: int) -> None:
+        """Queue queue has new used buffers the driver wants to hear about."""
+        self.raise_irq(INT_USED_BUFFER)
+
+    def config_changed(self) -> None:
+        """The configuration (or the device status: NEEDS_RESET) changed."""
+        self.raise_irq(INT_CONFIG_CHANGE)
+
+    def set_status(self, bits: int) -> None:
+        """Set status bits without raising the line (the transport raises it)."""
+        with self._lock:
+            self.status |= bits
+
+    def take_status(self) -> int:
+        """Read and clear the status (virtio-pci's read-to-clear ISR)."""
+        with self._lock:
+            value, self.status = self.status, 0
+        return value
 
     def ack(self, bits: int) -> None:
         with self._lock:
@@ -94,7 +116,15 @@ class DeviceContext:
     def notify_used(self, queue: Queue) -> None:
         """Interrupt the driver for queue's new used entries, if it wants one now."""
         if queue.needs_notification():
-            self.interrupt.raise_irq(INT_USED_BUFFER)
+            self.interrupt.used(_index_of(self.queues, queue))
+
+
+def _index_of(queues: Sequence[Queue], queue: Queue) -> int:
+    """queue's index among queues (by identity: a handful of queues, no hashing)."""
+    for i, q in enumerate(queues):
+        if q is queue:
+            return i
+    return 0
 
 
 class VirtioDevice:
@@ -142,6 +172,9 @@ class VirtioDevice:
 
     def close(self) -> None:
         """Release host resources (files, TAP fds); the machine is going away."""
+
+    def sync(self) -> None:
+        """Make what the device completed durable (a snapshot is taken); OSError if not."""
 
     # --- work, on the I/O thread --------------------------------------------------------
     def process_queue(self, index: int) -> None:

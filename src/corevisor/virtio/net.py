@@ -21,6 +21,7 @@ tests make theirs in a private network namespace).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
@@ -96,7 +97,11 @@ def open_tap(name: str, where: str = "net") -> int:
         fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
     except OSError as e:
         os.close(fd)
-        raise ConfigError(f"{where}: cannot attach to TAP {name}: {e.strerror or e}") from None
+        why = e.strerror or str(e)
+        if e.errno == errno.EPERM:  # creating a TAP, or using one that is not ours
+            why += (" (needs root, or a TAP made for this user: "
+                    f"ip tuntap add {name} mode tap user {os.getuid()})")
+        raise ConfigError(f"{where}: cannot attach to TAP {name}: {why}") from None
     return fd
 
 

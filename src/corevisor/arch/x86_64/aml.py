@@ -2,11 +2,15 @@
 
 Only what the DSDT needs: \\_S5 (the sleep type that powers off, devices/pm1.py), and a
 Scope(\\_SB) holding the COM1 UART (PNP0501, its I/O ports and ISA IRQ), the fw_cfg
-device (QEMU0002, its I/O ports, as QEMU describes it) and one Device per virtio-mmio
+device (QEMU0002, its I/O ports, as QEMU describes it), pvpanic (QEMU0001, one port),
+one Device per virtio-mmio
 window with _HID "LNRO0005" (the ID Linux's virtio_mmio driver matches), _UID and a
-_CRS of one Memory32Fixed and one Extended Interrupt descriptor. Bytes are built by small
-functions, each named after the AML term it encodes, so a reader can check them
-against the specification; tests disassemble the result with `iasl -d`.
+_CRS of one Memory32Fixed and one Extended Interrupt descriptor, and on a machine with
+PCI the host bridge PCI0 (PNP0A08, compatible PNP0A03: its bus number, I/O and memory
+windows in _CRS, the INTx routing in _PRT) and a PNP0C02 device reserving the ECAM
+window (Linux accepts MCFG's window only if it is reserved there or in e820). Bytes are
+built by small functions, each named after the AML term it encodes, so a reader can
+check them against the specification; tests disassemble the result with `iasl -d`.
 
 What does not live here: the table headers and layout (acpi.py).
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 __all__ = [
     "pkg_length",
@@ -34,9 +39,15 @@ __all__ = [
     "irq_no_flags",
     "com_port",
     "fw_cfg_device",
+    "pvpanic_device",
     "package",
     "sleep_states",
     "system_bus",
+    "PciHost",
+    "pci_host_bridge",
+    "word_address",
+    "dword_memory",
+    "qword_memory",
 ]
 
 # Extended Interrupt descriptor flags (6.4.3.6)
@@ -174,17 +185,111 @@ def fw_cfg_device(port: int, length: int) -> bytes:
     )
 
 
+def pvpanic_device(port: int) -> bytes:
+    """Device(PEVT): QEMU's pvpanic, _HID "QEMU0001" (Linux's pvpanic-mmio binds it)."""
+    return device(
+        "PEVT",
+        name("_HID", string("QEMU0001")) + name("_CRS", resource_template(io_port(port, 1))),
+    )
+
+
 def system_bus(
     com1: tuple[int, int],
     windows: Sequence[tuple[int, int, int]],
     fw_cfg: tuple[int, int] | None = None,
+    pvpanic: int | None = None,
+    pci: PciHost | None = None,
 ) -> bytes:
-    """Scope(\\_SB): the COM1 UART (port, irq), fw_cfg (port, length), virtio-mmio."""
+    """Scope(\\_SB): the COM1 UART (port, irq), fw_cfg (port, length), pvpanic (port),
+    virtio-mmio, PCI."""
     fw_cfg_aml = fw_cfg_device(*fw_cfg) if fw_cfg is not None else b""
+    pvpanic_aml = pvpanic_device(pvpanic) if pvpanic is not None else b""
+    pci_aml = pci_host_bridge(pci) if pci is not None else b""
     return scope(
         b"\x5c" + name_seg("_SB"),
-        com_port("COM1", 1, *com1) + fw_cfg_aml + virtio_mmio_devices(windows),
+        com_port("COM1", 1, *com1) + fw_cfg_aml + pvpanic_aml + virtio_mmio_devices(windows)
+        + pci_aml,
     )
+
+
+# Address space descriptors (6.4.3.5): resource types and flags.
+_RES_MEMORY, _RES_IO, _RES_BUS = 0, 1, 2
+_PRODUCER_FIXED = 0x0C  # producer, positive decode, min and max fixed
+_IO_ENTIRE_RANGE = 3
+_MEM_RW, _MEM_CACHEABLE, _MEM_PREFETCHABLE = 1, 1 << 1, 3 << 1
+
+
+def word_address(kind: int, start: int, end: int, type_flags: int = 0) -> bytes:
+    """Large resource 0x88: a 16-bit bus-number or I/O range [start, end] produced."""
+    return struct.pack("<BHBBBHHHHH", 0x88, 13, kind, _PRODUCER_FIXED, type_flags, 0, start,
+                       end, 0, end - start + 1)
+
+
+def dword_memory(start: int, end: int, prefetchable: bool = False) -> bytes:
+    """Large resource 0x87: a 32-bit memory range [start, end] the bridge forwards."""
+    flags = _MEM_RW | (_MEM_PREFETCHABLE if prefetchable else 0)
+    return struct.pack("<BHBBBIIIII", 0x87, 23, _RES_MEMORY, _PRODUCER_FIXED, flags, 0, start,
+                       end, 0, end - start + 1)
+
+
+def qword_memory(start: int, end: int) -> bytes:
+    """Large resource 0x8A: a 64-bit memory range [start, end] the bridge forwards."""
+    return struct.pack("<BHBBBQQQQQ", 0x8A, 43, _RES_MEMORY, _PRODUCER_FIXED,
+                       _MEM_RW | _MEM_PREFETCHABLE, 0, start, end, 0, end - start + 1)
+
+
+def packages(*elements: bytes) -> bytes:
+    """PackageOp PkgLength NumElements, of already-encoded elements."""
+    inner = bytes([len(elements)]) + b"".join(elements)
+    return b"\x12" + pkg_length(len(inner)) + inner
+
+
+@dataclass(frozen=True)
+class PciHost:
+    """What the DSDT says about the PCI host bridge: its windows and INTx routing."""
+
+    config_port: int  # 0xCF8, 8 ports the bridge itself consumes
+    io: tuple[int, int]  # [start, end) of the port window for I/O BARs
+    mmio32: tuple[int, int]  # [start, end) below 4 GiB
+    mmio64: tuple[int, int]  # [start, end) above RAM
+    ecam: tuple[int, int]  # base, size
+    routes: tuple[tuple[int, int, int], ...]  # (slot, pin 0-3, GSI)
+
+
+def pci_host_bridge(pci: PciHost) -> bytes:
+    """Device(PCI0) with _HID/_CID/_ADR/_UID/_BBN/_CRS/_PRT, and Device(MRES) (PNP0C02)
+    holding the ECAM window (the ports below 0xCF8 and from 0xD00 up go to the bus too,
+    as on a PC: legacy devices are subtractively decoded behind it)."""
+    crs = resource_template(
+        word_address(_RES_BUS, 0, 0),
+        io_port(pci.config_port, 8),
+        word_address(_RES_IO, 0, pci.config_port - 1, _IO_ENTIRE_RANGE),
+        word_address(_RES_IO, 0x0D00, 0xFFFF, _IO_ENTIRE_RANGE),
+        dword_memory(0xA0000, 0xBFFFF),
+        dword_memory(pci.mmio32[0], pci.mmio32[1] - 1),
+        qword_memory(pci.mmio64[0], pci.mmio64[1] - 1),
+    )
+    prt = packages(*(
+        packages(integer(slot << 16 | 0xFFFF), integer(pin), integer(0), integer(gsi))
+        for slot, pin, gsi in pci.routes
+    ))
+    bridge = device(
+        "PCI0",
+        name("_HID", integer(eisa_id("PNP0A08")))
+        + name("_CID", integer(eisa_id("PNP0A03")))
+        + name("_ADR", integer(0))
+        + name("_UID", integer(0))
+        + name("_BBN", integer(0))
+        + name("_CRS", crs)
+        + name("_PRT", prt),
+    )
+    reserved = device(
+        "MRES",
+        name("_HID", integer(eisa_id("PNP0C02")))
+        + name("_UID", integer(1))
+        + name("_CRS", resource_template(memory32_fixed(*pci.ecam, writable=False))),
+    )
+    return bridge + reserved
 
 
 def virtio_mmio_devices(windows: Sequence[tuple[int, int, int]]) -> bytes:

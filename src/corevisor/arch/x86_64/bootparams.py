@@ -48,12 +48,13 @@ class E820Entry:
         return self.addr + self.size
 
 
-def e820_map(mem: GuestMemory) -> list[E820Entry]:
+def e820_map(mem: GuestMemory, reserved: Sequence[tuple[int, int]] = ()) -> list[E820Entry]:
     """Describe guest RAM to the guest, hiding the low area the VMM's tables live in.
 
     The EBDA (where the MP table lives) up to 1 MiB is reported reserved so the guest
     never reuses it as RAM; the MMIO hole between the low region and 4 GiB is simply
-    absent.
+    absent, but for the (address, size) ranges in reserved, which are listed reserved
+    (the PCI ECAM window: Linux uses MCFG's window only if something reserves it).
     """
     if not mem.regions or mem.regions[0].gpa != 0:
         raise ConfigError("memory: guest RAM must start at guest-physical address 0")
@@ -69,7 +70,8 @@ def e820_map(mem: GuestMemory) -> list[E820Entry]:
     for region in mem.regions[1:]:
         if region.gpa >= MMIO_HOLE_END:
             entries.append(E820Entry(region.gpa, region.size, E820_RAM))
-    return entries
+    entries += [E820Entry(addr, size, E820_RESERVED) for addr, size in reserved]
+    return sorted(entries, key=lambda e: e.addr)
 
 
 # --- command line -------------------------------------------------------------------------
@@ -124,6 +126,7 @@ def write_pvh_boot_info(
     cmdline: bytes,
     rsdp: int = 0,
     modules: Sequence[tuple[int, int, bytes]] = (),
+    reserved: Sequence[tuple[int, int]] = (),
 ) -> int:
     """Write hvm_start_info, its memory map and module list; return its address (for ebx).
 
@@ -136,7 +139,7 @@ def write_pvh_boot_info(
     addrs = _write_cstrings(mem, [cmdline, *(m[2] for m in modules if m[2])])
     cmdline_addr, module_cmdlines = addrs[0], iter(addrs[1:])
 
-    memmap = e820_map(mem)
+    memmap = e820_map(mem, reserved)
     memmap_addr = BOOT_INFO_ADDR + _START_INFO.size
     modlist_addr = memmap_addr + len(memmap) * _MEMMAP_ENTRY.size
     end = modlist_addr + len(modules) * _MODLIST_ENTRY.size
@@ -200,7 +203,10 @@ assert _MB_MMAP_ENTRY.size == 24 and _MB_MODULE.size == 16
 
 
 def write_multiboot_info(
-    mem: GuestMemory, cmdline: bytes, modules: Sequence[tuple[int, int, bytes]] = ()
+    mem: GuestMemory,
+    cmdline: bytes,
+    modules: Sequence[tuple[int, int, bytes]] = (),
+    reserved: Sequence[tuple[int, int]] = (),
 ) -> int:
     """Write a multiboot v1 info structure, memory map and module list; return its address.
 
@@ -215,7 +221,7 @@ def write_multiboot_info(
     addrs = _write_cstrings(mem, [cmdline, BOOT_LOADER_NAME, *(m[2] for m in modules)])
     cmdline_addr, name_addr, module_strings = addrs[0], addrs[1], addrs[2:]
 
-    memmap = e820_map(mem)
+    memmap = e820_map(mem, reserved)
     mmap_addr = BOOT_INFO_ADDR + MULTIBOOT_INFO_SIZE
     mmap_length = len(memmap) * _MB_MMAP_ENTRY.size
     mods_addr = mmap_addr + mmap_length
@@ -281,6 +287,7 @@ def write_zero_page(
     cmdline: bytes,
     rsdp: int = 0,
     initrd: tuple[int, int] | None = None,
+    reserved: Sequence[tuple[int, int]] = (),
 ) -> int:
     """Write a bzImage's boot_params; return its address (for rsi at the 64-bit entry).
 
@@ -304,7 +311,7 @@ def write_zero_page(
     _check_cmdline(cmdline)
     (cmdline_addr,) = _write_cstrings(mem, [cmdline])
 
-    memmap = e820_map(mem)
+    memmap = e820_map(mem, reserved)
     if len(memmap) > E820_MAX_ENTRIES_ZEROPAGE:  # pragma: no cover - the map has <= 4
         raise LoaderError(f"e820 map has {len(memmap)} entries; the zero page holds 128")
     page[_ZP_E820_ENTRIES] = len(memmap)

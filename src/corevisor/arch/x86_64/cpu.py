@@ -1,8 +1,9 @@
 """x86-64 vCPU boot state: segments, the boot GDT, page tables, CPUID and MSRs.
 
-Two entry conventions are supported, as real VMMs do:
-  * 32-bit protected mode, paging off (PVH and multiboot entry), and
-  * 64-bit long mode with identity-mapped page tables (Linux's 64-bit boot protocol).
+Three entry conventions are supported, as real VMMs do:
+  * 32-bit protected mode, paging off (PVH and multiboot entry),
+  * 64-bit long mode with identity-mapped page tables (Linux's 64-bit boot protocol), and
+  * the reset vector in real mode (a machine with a BIOS).
 Only the bootstrap processor gets a boot state; application processors wait in the
 in-kernel LAPIC for the guest's own INIT/SIPI. Addresses come from layout.py; nothing
 here touches KVM beyond filling the binding structures handed to a VcpuFd.
@@ -115,6 +116,31 @@ def setup_protected_mode(vcpu: VcpuFd, mem: GuestMemory, entry: int, eax: int, e
     sregs.efer = 0
     vcpu.set_sregs(sregs)
     vcpu.set_regs(b.kvm_regs(rax=eax, rbx=ebx, rip=entry, rflags=RFLAGS_RESERVED))
+
+
+# The reset state (Intel SDM vol. 3, 9.1.1): real mode, CS = F000 with base FFFF0000, so
+# the first instruction is fetched at FFFFFFF0 (the BIOS ROM's last 16 bytes).
+RESET_CR0 = 0x6000_0010  # CD, NW, ET
+RESET_CS = Segment(selector=0xF000, type=0xB, base=0xFFFF_0000, limit=0xFFFF, db=0, g=0)
+RESET_DATA = Segment(selector=0, type=0x3, limit=0xFFFF, db=0, g=0)
+RESET_RIP = 0xFFF0
+
+
+def setup_reset_vector(vcpu: VcpuFd) -> None:
+    """Put the vCPU in the state a CPU leaves reset in, at the reset vector (a machine with
+    a BIOS: firmware/bios.py). KVM creates vCPUs so; this says it, and holds after a
+    restore or a debugger's changes too."""
+    sregs = vcpu.get_sregs()
+    sregs.cs = RESET_CS.to_kvm()
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        setattr(sregs, name, RESET_DATA.to_kvm())
+    sregs.gdt.base, sregs.gdt.limit = 0, 0xFFFF
+    sregs.idt.base, sregs.idt.limit = 0, 0xFFFF
+    sregs.cr0 = RESET_CR0
+    sregs.cr2 = sregs.cr3 = sregs.cr4 = 0
+    sregs.efer = 0
+    vcpu.set_sregs(sregs)
+    vcpu.set_regs(b.kvm_regs(rip=RESET_RIP, rflags=RFLAGS_RESERVED))
 
 
 def write_identity_page_tables(mem: GuestMemory) -> int:

@@ -65,6 +65,9 @@ COM1_IRQ = 4
 # doorbells (channel.py).
 HYPERCALL_PORT = 0x500
 DOORBELL_PORT = 0x504
+# pvpanic (devices/pvpanic.py; "QEMU0001" in the DSDT, which says where it is): a guest
+# kernel reports its panic here. QEMU's 0x505 is inside the doorbell port.
+PVPANIC_PORT = 0x508
 
 # QEMU's fw_cfg on x86: selector 0x510, data 0x511, DMA address 0x514-0x51B (devices/fw_cfg.py).
 FW_CFG_PORT = 0x510
@@ -77,6 +80,15 @@ PM1A_CNT_PORT = 0x604
 PM_TMR_PORT = 0x608
 SCI_IRQ = 9
 
+# A BIOS ROM (firmware/bios.py) ends at 4 GiB, where the reset vector (0xFFFFFFF0) is,
+# and its last 128 KiB are also at 0xE0000-0xFFFFF; it must stay above the VT-x real-mode
+# TSS (VTX_TSS_ADDR, 3 pages), so at most 256 KiB (SeaBIOS's bios-256k.bin).
+VTX_TSS_ADDR = 0xFFFB_D000
+BIOS_MIN_SIZE = 64 << 10
+BIOS_MAX_SIZE = 256 << 10
+BIOS_LOW_SIZE = 128 << 10
+BIOS_LOW_START = 0x10_0000 - BIOS_LOW_SIZE
+SHADOW_START = 0xC0000  # the 440FX's PAM-controlled shadow RAM: 0xC0000-0xFFFFF
 IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
 
@@ -90,6 +102,38 @@ VIRTIO_MMIO_END = VIRTIO_MMIO_START + 9 * 0x1000
 # ranges stay free (tests/unit/test_userdev.py checks the map).
 USER_DEVICE_PORTS = (0x700, 0x800)
 USER_DEVICE_MMIO = (0xC100_0000, 0xD000_0000)  # above the virtio windows, below channels
+
+# PCI (pci/), on a machine with PCI devices or firmware (resources.machine_map claims these
+# only there): the ECAM window of bus 0 (ACPI MCFG; e820 reserves it), the 32-bit window
+# BARs are placed in, from just above ECAM up to the IOAPIC (SeaBIOS, too, places BARs
+# downwards from 0xFEC00000: fw/pciinit.c), a 64-bit window above RAM for the BARs that
+# do not fit below 4 GiB (pci64_window), and the I/O port window of I/O BARs (0xC000 up,
+# where SeaBIOS puts them). The ports 0xCF8-0xCFF are configuration mechanism #1.
+PCI_CONFIG_PORT = 0xCF8
+PCI_ECAM_START = 0xE000_0000
+PCI_ECAM_SIZE = 1 << 20  # bus 0 only
+PCI_MMIO32_START = PCI_ECAM_START + PCI_ECAM_SIZE
+PCI_MMIO32_END = IOAPIC_ADDR
+PCI_MMIO64_SIZE = 32 << 30
+PCI_IO_START = 0xC000
+PCI_IO_END = 0x10000
+# PCI INTx: the 440FX's swizzle, as SeaBIOS programs it (fw/pciinit.c pci_irqs): PIRQ
+# A-D on ISA IRQs 10, 10, 11, 11, slot s pin p (1 = INTA) on PIRQ (s - 1 + p - 1) & 3.
+# Level-triggered, active low (the MADT overrides say so).
+PCI_PIRQ_GSIS = (10, 10, 11, 11)
+
+
+def pci_intx_gsi(slot: int, pin: int) -> int:
+    """The GSI of INTx pin (1..4 = INTA..INTD) of the device in slot."""
+    return PCI_PIRQ_GSIS[(slot - 1 + pin - 1) & 3]
+
+
+def pci64_window(memory_size: int) -> tuple[int, int]:
+    """[start, end) of the 64-bit PCI window: from the first GiB boundary above RAM."""
+    top = max(MMIO_HOLE_END, MMIO_HOLE_END + memory_size - MMIO_HOLE_START)
+    start = -(-top // (1 << 30)) * (1 << 30)
+    return start, start + PCI_MMIO64_SIZE
+
 
 # Areas nothing else (a channel) may be mapped over: the virtio windows; from the IOAPIC
 # to 4 GiB, the IOAPIC, LAPIC, the VT-x real-mode TSS (builder.py) and the reset vector.

@@ -4,12 +4,15 @@ write_mptable places the MP floating pointer and the configuration table at
 MPTABLE_ADDR (the start of the EBDA, which e820 reports reserved) and points the BIOS
 data area's EBDA word at it, which is where guests (Linux, most small kernels) scan.
 The table lists the processors, one ISA bus, one IOAPIC, the ISA IRQ routing and the
-LAPIC LINT0/LINT1 wiring. ACPI tables are in acpi.py; nothing here touches KVM.
+LAPIC LINT0/LINT1 wiring; on a machine with PCI also bus 0 as a PCI bus (the ISA bus is
+then bus 1, as SeaBIOS numbers them) with each slot's INTx pins (level, active low),
+and no ISA entry for the IRQs those share. ACPI tables are in acpi.py; nothing here touches KVM.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from corevisor.arch.x86_64.layout import (
     BDA_EBDA_SEGMENT,
@@ -26,7 +29,8 @@ MAX_CPUS = 254  # APIC IDs 0..253; the IOAPIC takes ncpus, and 0xFF is the broad
 MP_SPEC_REV = 4  # version 1.4
 LAPIC_VERSION = 0x14
 IOAPIC_VERSION = 0x11
-ISA_BUS_ID = 0
+ISA_BUS_ID = 0  # on a machine without PCI; with PCI, bus 0 is PCI and ISA is bus 1
+PCI_BUS_ID = 0
 
 # Entry type codes (MP spec table 4-3).
 MP_PROCESSOR = 0
@@ -77,37 +81,48 @@ def _with_checksum(data: bytes, offset: int) -> bytes:
     return bytes(buf)
 
 
-def _irq_routes(irq0_pin: int) -> list[tuple[int, int]]:
-    """(ISA IRQ, IOAPIC pin) pairs for the 16 legacy IRQs.
+MP_PCI_LEVEL_LOW = 0x0F  # INTI flags: active low (11), level-triggered (11)
+
+
+def _irq_routes(irq0_pin: int, pci_irqs: frozenset[int] = frozenset()) -> list[tuple[int, int]]:
+    """(ISA IRQ, IOAPIC pin) pairs for the 16 legacy IRQs, less those PCI INTx uses.
 
     IRQ2 is the 8259 cascade and never a device interrupt; with IRQ0 on pin 2 it must
     not be listed, or two sources would claim one pin.
     """
     routes = [(0, irq0_pin)]
-    routes += [(irq, irq) for irq in range(1, 16) if irq != 2]
+    routes += [(irq, irq) for irq in range(1, 16) if irq != 2 and irq not in pci_irqs]
     return routes
 
 
-def mptable_size(ncpus: int) -> int:
-    """Bytes the floating pointer and configuration table take for ncpus processors."""
+def mptable_size(ncpus: int, pci_routes: int = 0) -> int:
+    """Bytes the floating pointer and configuration table take for ncpus processors
+    (and pci_routes PCI interrupt entries: a second bus, fewer ISA entries at most)."""
     return (
         _FLOATING.size
         + _HEADER.size
         + ncpus * _PROCESSOR.size
-        + _BUS.size
+        + (2 if pci_routes else 1) * _BUS.size
         + _IOAPIC.size
-        + len(_irq_routes(0)) * _INTSRC.size
+        + (len(_irq_routes(0)) + pci_routes) * _INTSRC.size
         + 2 * _INTSRC.size
     )
 
 
-def write_mptable(mem: GuestMemory, ncpus: int, *, irq0_pin: int = 2) -> None:
+def write_mptable(
+    mem: GuestMemory,
+    ncpus: int,
+    *,
+    irq0_pin: int = 2,
+    pci_routes: Sequence[tuple[int, int, int]] | None = None,
+) -> None:
     """Write the MP floating pointer and configuration table for ncpus vCPUs.
 
     irq0_pin is the IOAPIC input the timer (ISA IRQ 0) is wired to. It must agree with
     the machine's GSI routing: pin 2 is what PC firmware reports and what QEMU installs
     with KVM_SET_GSI_ROUTING; KVM's *default* routing sends GSI 0 to pin 0, so a machine
-    that keeps the default routing must pass irq0_pin=0.
+    that keeps the default routing must pass irq0_pin=0. pci_routes (slot, pin 0-3 for
+    INTA-INTD, IOAPIC pin), given on a machine with PCI, adds PCI bus 0.
     """
     if not 1 <= ncpus <= MAX_CPUS:
         raise ConfigError(f"vcpus: {ncpus} is out of range for the MP table (1-{MAX_CPUS})")
@@ -115,10 +130,12 @@ def write_mptable(mem: GuestMemory, ncpus: int, *, irq0_pin: int = 2) -> None:
         raise ConfigError(f"IRQ0 must be on IOAPIC pin 0 or 2, not {irq0_pin}")
     if MPTABLE_ADDR % 16:
         raise AssertionError("the MP floating pointer must be 16-byte aligned")
-    if MPTABLE_ADDR + mptable_size(ncpus) > BIOS_ROM_START:
+    routes = tuple(pci_routes) if pci_routes is not None else ()
+    if MPTABLE_ADDR + mptable_size(ncpus, len(routes)) > BIOS_ROM_START:
         raise AssertionError("the MP table would run into the BIOS ROM area")
 
     ioapic_id = ncpus
+    isa_bus = PCI_BUS_ID + 1 if pci_routes is not None else ISA_BUS_ID
     entries: list[bytes] = []
     for cpu in range(ncpus):
         flags = CPU_ENABLED | (CPU_BOOTPROCESSOR if cpu == 0 else 0)
@@ -127,14 +144,20 @@ def write_mptable(mem: GuestMemory, ncpus: int, *, irq0_pin: int = 2) -> None:
                 MP_PROCESSOR, cpu, LAPIC_VERSION, flags, CPU_SIGNATURE, CPU_FEATURES, bytes(8)
             )
         )
-    entries.append(_BUS.pack(MP_BUS, ISA_BUS_ID, b"ISA   "))
+    if pci_routes is not None:
+        entries.append(_BUS.pack(MP_BUS, PCI_BUS_ID, b"PCI   "))
+    entries.append(_BUS.pack(MP_BUS, isa_bus, b"ISA   "))
     entries.append(_IOAPIC.pack(MP_IOAPIC, ioapic_id, IOAPIC_VERSION, IOAPIC_ENABLED, IOAPIC_ADDR))
-    for irq, pin in _irq_routes(irq0_pin):
+    for slot, pin, gsi in routes:
+        # A PCI source IRQ is the device number and the pin (0 = INTA), MP spec D.3.
+        entries.append(_INTSRC.pack(MP_INTSRC, MP_INT, MP_PCI_LEVEL_LOW, PCI_BUS_ID,
+                                    slot << 2 | pin, ioapic_id, gsi))
+    for irq, pin in _irq_routes(irq0_pin, frozenset(gsi for _, _, gsi in routes)):
         # flags 0: polarity and trigger mode conform to the bus (ISA: edge, active high).
-        entries.append(_INTSRC.pack(MP_INTSRC, MP_INT, 0, ISA_BUS_ID, irq, ioapic_id, pin))
+        entries.append(_INTSRC.pack(MP_INTSRC, MP_INT, 0, isa_bus, irq, ioapic_id, pin))
     # The LAPIC local inputs: the 8259 (virtual-wire mode) on LINT0, NMI on LINT1.
-    entries.append(_INTSRC.pack(MP_LINTSRC, MP_EXTINT, 0, ISA_BUS_ID, 0, DEST_ALL_LAPICS, 0))
-    entries.append(_INTSRC.pack(MP_LINTSRC, MP_NMI, 0, ISA_BUS_ID, 0, DEST_ALL_LAPICS, 1))
+    entries.append(_INTSRC.pack(MP_LINTSRC, MP_EXTINT, 0, isa_bus, 0, DEST_ALL_LAPICS, 0))
+    entries.append(_INTSRC.pack(MP_LINTSRC, MP_NMI, 0, isa_bus, 0, DEST_ALL_LAPICS, 1))
 
     body = b"".join(entries)
     table_addr = MPTABLE_ADDR + _FLOATING.size
