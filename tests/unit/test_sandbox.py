@@ -52,9 +52,12 @@ def test_no_role_may_exec_fork_mount_or_change_identity(role: str) -> None:
 def test_vcpu_ioctls_are_its_own_vcpu_and_interrupts_only() -> None:
     vcpu = policy.ioctls(sandbox.VCPU)
     assert b.KVM_RUN in vcpu and b.KVM_IRQ_LINE in vcpu
-    for dangerous in (b.KVM_CREATE_VM, b.KVM_CREATE_VCPU, b.KVM_SET_USER_MEMORY_REGION,
-                      b.KVM_IOEVENTFD, b.KVM_IRQFD, b.KVM_SET_CPUID2, b.KVM_SET_SIGNAL_MASK):
+    for dangerous in (b.KVM_CREATE_VM, b.KVM_CREATE_VCPU, b.KVM_IRQFD, b.KVM_SET_CPUID2,
+                      b.KVM_SET_SIGNAL_MASK, b.KVM_SET_MSRS, b.KVM_SET_SREGS):
         assert dangerous not in vcpu
+    # what a guest reprograms from an exit on a PC: MSI routes, BARs, PAM shadow RAM
+    for platform in (b.KVM_SET_GSI_ROUTING, b.KVM_IOEVENTFD, b.KVM_SET_USER_MEMORY_REGION):
+        assert platform in vcpu
     rule = policy.rules(sandbox.VCPU)[NUMBERS["ioctl"]]
     assert isinstance(rule, ArgIn) and rule.index == 1 and rule.values == vcpu
 

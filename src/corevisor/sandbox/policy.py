@@ -117,6 +117,10 @@ _VCPU_IOCTLS = (
     b.KVM_SET_GUEST_DEBUG,
     # interrupts a device raises from an exit (the UART's IRQ 4, an MSI)
     b.KVM_IRQ_LINE, b.KVM_SIGNAL_MSI,
+    # the platform the guest reprograms from an exit: an MSI/MSI-X entry or enable bit
+    # (pci/routing.py rewrites the GSI routes), a BAR moved (pci/platform.py moves its
+    # queue-notify ioeventfds), the PAM registers (firmware/bios.py maps shadow RAM)
+    b.KVM_SET_GSI_ROUTING, b.KVM_IOEVENTFD, b.KVM_SET_USER_MEMORY_REGION,
 )
 _GDB_IOCTLS = (
     b.KVM_GET_REGS, b.KVM_SET_REGS, b.KVM_GET_SREGS, b.KVM_SET_SREGS, b.KVM_GET_FPU,
