@@ -28,6 +28,7 @@ from corevisor.snapshot import format as fmt
 from corevisor.snapshot import state as st
 from corevisor.spec import PartitionSpec, SerialSpec
 from corevisor.userdev.attach import UserDeviceState
+from corevisor.vcpu import StopReport
 from tests.kvm.conftest import corevisor
 from tests.kvm.test_snapshot import _PauseAt
 
@@ -249,17 +250,36 @@ def test_snapshots_refuse_a_device_without_state_and_a_failed_one(
     assert len([r for r in reports if "failed in read" in r]) == 1
 
 
-def test_a_sensor_restored_from_a_snapshot_goes_on(guests: dict[str, Path],
-                                                   tmp_path: Path) -> None:
-    body = f'class = "{USERDEVS}:LoggingSensor"'
-    config = _spec(tmp_path, guests, "count=4 log=1", body, log="a.log")
+LOGGING = f'class = "{USERDEVS}:LoggingSensor"'
+
+
+@contextmanager
+def _paused_at_alarm_2(guests: dict[str, Path], tmp_path: Path,
+                       reports: list[str]) -> Iterator[tuple[PartitionSpec, Machine]]:
+    """The sensor guest with a LoggingSensor (4 alarms, a log), paused just after it
+    printed its second alarm; serial output in a.log."""
+    config = _spec(tmp_path, guests, "count=4 log=1", LOGGING, log="a.log")
     serial = _PauseAt(tmp_path / "a.log", "sensor: alarm 2 at ")
-    reports: list[str] = []
     with _built(config, reports, serial) as m:
         serial.machine = m
         m.start()
         assert serial.paused.wait(120) and serial.error is None, serial.error
-        before = (tmp_path / "a.log").read_text()
+        yield config, m
+
+
+def _finished_all_four(report: StopReport, after: str, reports: list[str]) -> None:
+    """The restored guest finished the alarms the first one had left, and its log (in
+    the restored RAM, appended to by the restored device) holds all four."""
+    assert (report.kind, report.code) == ("exit", 0), (report, after)
+    assert "sensor: done, 4 alarms" in after, after
+    assert len(re.findall(r"^sensor: log \d+: \d+ C$", after, re.M)) == 4, after
+    assert not [r for r in reports if "failed" in r], reports
+
+
+def test_a_sensor_restored_from_a_snapshot_goes_on(guests: dict[str, Path],
+                                                   tmp_path: Path) -> None:
+    reports: list[str] = []
+    with _paused_at_alarm_2(guests, tmp_path, reports) as (config, m):
         saved = st.capture_machine(m)
         fmt.write(tmp_path / "snap", {"name": "sensor"}, saved, m.memory,
                   layout.ram_layout(config.memory))
@@ -274,14 +294,7 @@ def test_a_sensor_restored_from_a_snapshot_goes_on(guests: dict[str, Path],
         st.restore_machine(m, snap.machine)
         assert m.devices["device-loggingsensor"].device.entries == entries
         report = m.run(120)
-    after = (tmp_path / "b.log").read_text()
-    assert (report.kind, report.code) == ("exit", 0), (report, before, after)
-    # the restored guest finished the alarms the first one had left, and its log (in the
-    # restored RAM, appended to by the restored device) holds all four
-    assert "sensor: done, 4 alarms" in after, before + after
-    assert len(re.findall(r"^sensor: log \d+: \d+ C$", after, re.M)) == 4, after
-    assert not [r for r in reports if "failed" in r], reports
-
+    _finished_all_four(report, (tmp_path / "b.log").read_text(), reports)
 
 
 def test_a_sensor_snapshot_taken_running_restores_from_its_spec(
@@ -292,14 +305,8 @@ def test_a_sensor_snapshot_taken_running_restores_from_its_spec(
     rebuilt by builder.restore."""
     from corevisor.snapshot import partition
 
-    body = f'class = "{USERDEVS}:LoggingSensor"'
-    config = _spec(tmp_path, guests, "count=4 log=1", body, log="a.log")
-    serial = _PauseAt(tmp_path / "a.log", "sensor: alarm 2 at ")
     reports: list[str] = []
-    with _built(config, reports, serial) as m:
-        serial.machine = m
-        m.start()
-        assert serial.paused.wait(120) and serial.error is None, serial.error
+    with _paused_at_alarm_2(guests, tmp_path, reports) as (_, m):
         m.resume()  # take() freezes a running machine itself
         partition.take(m, tmp_path / "snap")
     snap = partition.read(tmp_path / "snap")
@@ -309,11 +316,7 @@ def test_a_sensor_snapshot_taken_running_restores_from_its_spec(
     overrides = partition.Overrides(serial=SerialSpec.file(tmp_path / "b.log"))
     with partition.restore(snap, overrides) as restored:
         report = restored.run(120)
-    after = (tmp_path / "b.log").read_text()
-    assert (report.kind, report.code) == ("exit", 0), (report, after)
-    assert "sensor: done, 4 alarms" in after, after
-    assert len(re.findall(r"^sensor: log \d+: \d+ C$", after, re.M)) == 4, after
-    assert not [r for r in reports if "failed" in r], reports
+    _finished_all_four(report, (tmp_path / "b.log").read_text(), reports)
 
 
 @pytest.mark.parametrize(("where", "thread"), [("read", "vcpu0"), ("timer", "devices-sensor")])
