@@ -245,6 +245,36 @@ def test_mmio_over_ram_or_the_virtio_windows_is_refused(tree: Path) -> None:
     )
 
 
+PCI = 'transport = "pci"\n'  # a machine with a PCI host bridge (its windows claimed)
+PCI_OVERLAPS = {
+    'class = "devs.py:Sensor"\nbase = 0xCF8': f"{KEY}: port 0xcf8+4 overlaps pci-config "
+    "(0xcf8-0xcff)",
+    'class = "devs.py:Sensor"\nbase = 0xC010': f"{KEY}: port 0xc010+4 overlaps the PCI I/O "
+    "port window (0xc000-0xffff)",
+    'class = "devs.py:Sensor"\ngsi = 10': f"{KEY}: GSI 10 overlaps PCI INTx (10)",
+    'class = "devs.py:Sensor"\ngsi = 11': f"{KEY}: GSI 11 overlaps PCI INTx (11)",
+    'class = "devs.py:Window"\nsize = 1\nbase = 0xE0000000': f"{KEY}: 0xe0000000+4K overlaps "
+    "the PCI ECAM window (0xe0000000-0xe0100000)",
+    'class = "devs.py:Window"\nsize = 1\nbase = 0xE0100000': f"{KEY}: 0xe0100000+4K overlaps "
+    "the PCI MMIO window below 4 GiB (0xe0100000-0xfec00000)",
+}
+
+
+@pytest.mark.parametrize("body", PCI_OVERLAPS, ids=range(len(PCI_OVERLAPS)))
+def test_on_a_pci_machine_a_device_stays_off_pci_s_ports_windows_and_lines(
+    tree: Path, body: str
+) -> None:
+    assert error(tree, device(body, PCI)) == PCI_OVERLAPS[body]
+    if "gsi" not in body and "0xCF8" not in body:  # those are only PCI's on a PCI machine
+        assert len(load(tree, device(body))) == 1
+
+
+def test_pvpanic_s_port_is_not_a_device_s(tree: Path) -> None:
+    assert error(tree, device('class = "devs.py:Sensor"\nbase = 0x508')) == (
+        f"{KEY}: port 0x508+4 overlaps pvpanic (0x508-0x508)"
+    )
+
+
 def test_two_devices_may_share_neither_range_nor_line_nor_name(tree: Path) -> None:
     a = '[[partitions.demo.devices]]\nclass = "devs.py:Sensor"\n'
     second = "partitions.demo.devices[1]"
@@ -266,6 +296,8 @@ def test_device_lines_leave_room_for_the_virtio_devices(tree: Path) -> None:
     assert error(tree, device('class = "devs.py:Sensor"', nine)) == (
         "partitions.demo: 9 virtio devices and 1 device lines, but only 9 free interrupt lines"
     )
+    # virtio-pci devices interrupt through MSI-X (and PCI's own INTx lines), not these
+    assert len(load(tree, device('class = "devs.py:Sensor"', nine + PCI))) == 1
 
 
 def test_a_channel_is_placed_around_a_device_s_mmio(tree: Path) -> None:
@@ -467,11 +499,12 @@ def test_a_timer_rejects_a_bad_period(clock: DeviceTimers) -> None:
             t.start(bad)  # type: ignore[arg-type]
 
 
-def test_the_user_device_areas_stay_free_in_every_machine() -> None:
+@pytest.mark.parametrize("pci", [False, True])
+def test_the_user_device_areas_stay_free_in_every_machine(pci: bool) -> None:
     from corevisor.arch.x86_64 import layout
     from corevisor.resources import Space, machine_map
 
-    res = machine_map("m", 4 << 30)  # RAM up to the hole and beyond 4 GiB
+    res = machine_map("m", 4 << 30, pci)  # RAM up to the hole and beyond 4 GiB
     low, high = layout.USER_DEVICE_PORTS
     assert res.conflict(Space.PIO, low, high - low) is None
     low, high = layout.USER_DEVICE_MMIO
