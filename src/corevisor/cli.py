@@ -48,6 +48,7 @@ PARTITION_OPTIONS = {
     "module": "modules",
     "transport": "transport",
     "bios": "bios",
+    "vfio": "vfio",
 }
 
 
@@ -124,6 +125,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="boot the first --disk through a BIOS instead of an IMAGE (default PATH: "
         "Debian's SeaBIOS, /usr/share/seabios/bios-256k.bin)",
+    )
+    run.add_argument(
+        "--vfio",
+        action="append",
+        metavar="DOMAIN:BUS:DEV.FN",
+        help="pass a host PCI device bound to vfio-pci through to the guest, its DMA "
+        "confined to the guest's RAM by the IOMMU (repeatable; e.g. 0000:00:04.0)",
     )
     run.add_argument(
         "--module",
@@ -235,6 +243,7 @@ def _resolve(args: argparse.Namespace) -> SystemSpec:
         rng=args.rng,
         modules=args.module,
         transport=args.transport,
+        vfio=args.vfio,
     )
     return SystemSpec(partitions=(part,))
 
@@ -264,6 +273,7 @@ def _bios_system(args: argparse.Namespace, target: str | None) -> SystemSpec:
         nets=args.net,
         rng=args.rng,
         transport=args.transport,
+        vfio=args.vfio,
     )
     return SystemSpec(partitions=(part,))
 
