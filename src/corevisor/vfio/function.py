@@ -9,7 +9,7 @@ filters), except for what belongs to the guest's machine and not to the host's:
 | COMMAND (0x04-0x05) | emulated (its I/O and memory bits decide what the BARs decode here) and written through (bus mastering, INTx disable reach the device) |
 | BARs (0x10-0x27), ROM BAR (0x30-0x33) | emulated: addresses in the guest's PCI windows, sizes and type bits the device's; no ROM |
 | INTERRUPT_LINE (0x3C) | emulated: the GSI the guest's INTx goes to |
-| the MSI capability | passed through (vfio-pci keeps the guest's values), and each write re-programs the vectors: eventfds (VFIO_DEVICE_SET_IRQS) whose irqfds KVM routes to the message the guest wrote |
+| the MSI capability | emulated: each write re-programs the vectors, eventfds (VFIO_DEVICE_SET_IRQS) whose irqfds KVM routes to the message the guest wrote; the host kernel programs the device's real message |
 | an MSI-X capability | hidden from the capability list (not implemented here yet: the device falls back to MSI or INTx) |
 | everything else | the device's |
 
@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from corevisor.errors import DeviceError, KvmError
 from corevisor.kvm import bindings as b
 from corevisor.kvm.ioctls import VmFd
+from corevisor.sandbox import CONTROL, current_role
 from corevisor.pci.config import (
     BAR0,
     CAP_ID_MSI,
@@ -130,6 +131,31 @@ def _capabilities(config: bytes) -> list[tuple[int, int]]:
     return out
 
 
+def _msi_shadow(config: bytes, at: int) -> tuple[bytearray, bytes]:
+    """The MSI capability's bytes as the guest will see them, and their write mask.
+
+    Emulated, not passed through: the host kernel programs the device's real message
+    when VFIO_DEVICE_SET_IRQS turns MSI on, so what the guest writes here is only ever
+    the message its own vectors are routed to (PCI 3.0, 6.8.1)."""
+    if not at:
+        return bytearray(), b""
+    control = int.from_bytes(config[at + 2:at + 4], "little")
+    wide, masking = bool(control & 1 << 7), bool(control & 1 << 8)
+    length = 10 + (4 if wide else 0) + (10 if masking else 0)
+    shadow = bytearray(config[at:at + length])
+    shadow[2:4] = (control & ~0x71).to_bytes(2, "little")  # MSI off, one vector enabled
+    wmask = bytearray(length)
+    wmask[2] = 0x71  # Enable, Multiple Message Enable
+    wmask[4:8] = (0xFFFFFFFC).to_bytes(4, "little")
+    data_at = 12 if wide else 8
+    if wide:
+        wmask[8:12] = b"\xff" * 4
+    wmask[data_at:data_at + 2] = b"\xff\xff"
+    if masking:
+        wmask[data_at + 4:data_at + 8] = b"\xff" * 4  # the mask bits
+    return shadow, bytes(wmask)
+
+
 def _bars(device: Device, config: bytes) -> tuple[list[Bar], dict[int, RegionInfo]]:
     """The BARs as the device declares them (sizes from VFIO, kinds from the registers)."""
     bars: list[Bar] = []
@@ -172,6 +198,7 @@ class VfioFunction(PciFunction):
         )
         caps = _capabilities(config)
         self.msi_cap = next((at for at, cap in caps if cap == CAP_ID_MSI), 0)
+        self._msi_bytes, self._msi_wmask = _msi_shadow(config, self.msi_cap)
         self._next_override = self._hide(caps, CAP_ID_MSIX)
         self._msi_lock = threading.Lock()
         self._msi = MsiMessage(False, 0, 0, 0)
@@ -183,6 +210,8 @@ class VfioFunction(PciFunction):
         self.intx_fds: tuple[int, int] | None = None  # (trigger, resample) once wired
         self._maps: dict[int, tuple[int, int]] = {}  # BAR -> (host address, KVM slot)
         self._mapped: dict[int, int] = {}  # BAR -> guest address it is mapped at
+        # slots a confined vCPU could not remove: (host, slot, guest address, BAR)
+        self._stale: list[tuple[int, int, int, int]] = []
 
     @staticmethod
     def _hide(caps: list[tuple[int, int]], cap_id: int) -> dict[int, int]:
@@ -216,6 +245,8 @@ class VfioFunction(PciFunction):
             at = offset + i
             if at in _EMULATED:
                 out[i] = own[i]
+            elif 0 <= at - self.msi_cap < len(self._msi_bytes):
+                out[i] = self._msi_bytes[at - self.msi_cap]
             elif at in self._next_override:
                 out[i] = self._next_override[at]
         return int.from_bytes(out, "little")
@@ -229,17 +260,23 @@ class VfioFunction(PciFunction):
         if any(at in _NOT_WRITTEN_THROUGH for at in touched):
             return
         data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        msi = [at - self.msi_cap for at in touched if 0 <= at - self.msi_cap < len(self._msi_bytes)]
+        if msi:
+            with self._msi_lock:
+                for at in msi:
+                    byte, mask = data[at + self.msi_cap - offset], self._msi_wmask[at]
+                    self._msi_bytes[at] = (self._msi_bytes[at] & ~mask) | (byte & mask)
+            self._msi_written()
+            return
         try:
             self.device.pwrite(self.config_region.offset + offset, data)
         except OSError:
             return
-        if self.msi_cap and offset < self.msi_cap + 24 and self.msi_cap < offset + size:
-            self._msi_written()
 
     # --- MSI ------------------------------------------------------------------------------
     def msi_message(self) -> MsiMessage:
-        """The MSI capability as the guest left it (vfio-pci keeps the guest's values)."""
-        cap = self._device_bytes(self.msi_cap, 16)
+        """The MSI capability as the guest left it."""
+        cap = bytes(self._msi_bytes) + bytes(16)
         control = int.from_bytes(cap[2:4], "little")
         wide = bool(control & (1 << 7))
         address = int.from_bytes(cap[4:8], "little")
@@ -320,6 +357,16 @@ class VfioFunction(PciFunction):
         """The guest moved, enabled or disabled BAR index: move its memory slot along."""
         if index not in self._maps:
             return
+        if current_role() not in (None, CONTROL):
+            # a confined vCPU may not change memory slots (sandbox/policy.py): from now
+            # on this BAR is reached through the trapped path, at its new address too
+            host, slot = self._maps.pop(index)
+            self.report(f"{self.name} BAR{index} moved by the guest: forwarded from now on")
+            if index not in self._mapped:
+                _libc.munmap(host, self.regions[index].size)
+            else:
+                self._stale.append((host, slot, self._mapped.pop(index), index))
+            return
         host, slot = self._maps[index]
         try:
             if index in self._mapped:
@@ -346,6 +393,13 @@ class VfioFunction(PciFunction):
                     pass
             _libc.munmap(host, self.regions[index].size)
         self._maps.clear()
+        for host, slot, gpa, index in self._stale:
+            try:
+                self.vm.set_user_memory_region(slot, gpa, 0, 0)
+            except KvmError:
+                pass
+            _libc.munmap(host, self.regions[index].size)
+        self._stale.clear()
         for fd in [*self.msi_fds, *(self.intx_fds or ())]:
             os.close(fd)
         self.msi_fds = []
