@@ -10,8 +10,9 @@ decompressing it, and the page cache holds it anyway.
 Which modules: what the init script needs before the host's root is mounted (virtio-pci
 and 9p), the hypervisor (kvm_amd, its dependencies from modules.dep), and tun for the
 TAP devices the network tests create, and VFIO (vfio, vfio_iommu_type1, vfio_pci: --iommu
-binds the edu device to vfio-pci; without an IOMMU they load and stay idle). Anything else the command needs it can modprobe
-from the host's /lib/modules, which is the same tree (kernel.py).
+binds the edu device to vfio-pci; without an IOMMU they load and stay idle). Anything
+else the command needs it can modprobe from the host's /lib/modules, which is the same
+tree (kernel.py).
 
 What does not live here: finding the kernel and resolving dependencies (kernel.py),
 booting it (vm.py).

@@ -4,14 +4,17 @@
 own bytes (read through the VFIO config region, which the host kernel itself already
 filters), except for what belongs to the guest's machine and not to the host's:
 
-| bytes | what the guest gets |
-| --- | --- |
-| COMMAND (0x04-0x05) | emulated (its I/O and memory bits decide what the BARs decode here) and written through (bus mastering, INTx disable reach the device) |
-| BARs (0x10-0x27), ROM BAR (0x30-0x33) | emulated: addresses in the guest's PCI windows, sizes and type bits the device's; no ROM |
-| INTERRUPT_LINE (0x3C) | emulated: the GSI the guest's INTx goes to |
-| the MSI capability | emulated: each write re-programs the vectors, eventfds (VFIO_DEVICE_SET_IRQS) whose irqfds KVM routes to the message the guest wrote; the host kernel programs the device's real message |
-| an MSI-X capability | hidden from the capability list (not implemented here yet: the device falls back to MSI or INTx) |
-| everything else | the device's |
+- COMMAND (0x04-0x05): emulated (its I/O and memory bits decide what the BARs decode
+  here) and written through (bus mastering and INTx disable reach the device);
+- the BARs (0x10-0x27) and the ROM BAR (0x30-0x33): emulated, addresses in the guest's
+  PCI windows, sizes and type bits the device's; no ROM;
+- INTERRUPT_LINE (0x3C): emulated, the GSI the guest's INTx goes to;
+- the MSI capability: emulated; each write re-programs the vectors, eventfds
+  (VFIO_DEVICE_SET_IRQS) whose irqfds KVM routes to the message the guest wrote (the host
+  kernel programs the device's real message);
+- an MSI-X capability: hidden from the capability list (not implemented yet: a driver
+  falls back to MSI or INTx);
+- everything else: the device's.
 
 **BARs** are mapped into the guest as KVM memory slots over the device's own mmap of
 them (VFIO_REGION_INFO_FLAG_MMAP; accesses never leave the guest) and move when the
@@ -42,7 +45,6 @@ from dataclasses import dataclass
 from corevisor.errors import DeviceError, KvmError
 from corevisor.kvm import bindings as b
 from corevisor.kvm.ioctls import VmFd
-from corevisor.sandbox import CONTROL, current_role
 from corevisor.pci.config import (
     BAR0,
     CAP_ID_MSI,
@@ -65,6 +67,7 @@ from corevisor.pci.config import (
     BarWindow,
     PciFunction,
 )
+from corevisor.sandbox import CONTROL, current_role
 from corevisor.vfio.container import Device, RegionInfo
 
 __all__ = ["VfioFunction", "VfioBar", "MsiMessage"]
