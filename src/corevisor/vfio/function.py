@@ -248,10 +248,10 @@ class VfioFunction(PciFunction):
             at = offset + i
             if at in _EMULATED:
                 out[i] = own[i]
+            elif at in self._next_override:  # before MSI's bytes: its next pointer too
+                out[i] = self._next_override[at]
             elif 0 <= at - self.msi_cap < len(self._msi_bytes):
                 out[i] = self._msi_bytes[at - self.msi_cap]
-            elif at in self._next_override:
-                out[i] = self._next_override[at]
         return int.from_bytes(out, "little")
 
     def write(self, offset: int, size: int, value: int) -> None:

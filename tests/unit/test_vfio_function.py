@@ -1,0 +1,119 @@
+"""A passed-through function's configuration space as the guest sees it (vfio/function.py).
+
+The real device needs an IOMMU, which only the lab has (tests/lab/test_vfio.py drives
+QEMU's edu device end to end); here the one justified driver-side fake stands in for
+the VFIO device fd: 256 bytes of configuration space with a BAR and a capability list,
+region and interrupt info, and a record of what reached it (config writes, SET_IRQS).
+The assertions are on what a guest reads back and on what the device was told.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, cast
+
+from corevisor.kvm import bindings as b
+from corevisor.pci.config import BAR0, CAPABILITIES, COMMAND, INTERRUPT_LINE
+from corevisor.vfio.container import Device, IrqInfo, RegionInfo
+from corevisor.vfio.function import VfioFunction
+
+CONFIG_OFFSET = 7 << 40  # where VFIO puts a PCI device's config region in its fd
+MSI, MSIX, PM = 0x50, 0x60, 0x70
+
+
+class FakeDevice:
+    """A VFIO device fd's answers: edu's IDs, a 1 MiB BAR0, caps MSI -> MSI-X -> PM."""
+
+    def __init__(self) -> None:
+        cfg = bytearray(256)
+        struct.pack_into("<HHHH", cfg, 0, 0x1234, 0x11E8, 0, 0x10)  # COMMAND 0, STATUS caps
+        cfg[0x08:0x0C] = bytes([0x10, 0, 0, 0xFF])
+        struct.pack_into("<I", cfg, BAR0, 0xFEB00000)  # the host's address: never shown
+        cfg[CAPABILITIES] = MSI
+        cfg[MSI:MSI + 2] = bytes([0x05, MSIX])
+        struct.pack_into("<H", cfg, MSI + 2, 0x80)  # 64-bit, one vector
+        cfg[MSIX:MSIX + 2] = bytes([0x11, PM])
+        cfg[PM:PM + 2] = bytes([0x01, 0])
+        cfg[0x3D] = 1  # INTA
+        self.config = cfg
+        self.writes: list[tuple[int, bytes]] = []
+        self.irqs: list[tuple[int, int, int]] = []  # (index, action, count)
+        self.fd = -1
+
+    def region(self, index: int) -> RegionInfo:
+        sizes = {0: 1 << 20, b.VFIO_PCI_CONFIG_REGION_INDEX: 256}
+        offset = CONFIG_OFFSET if index == b.VFIO_PCI_CONFIG_REGION_INDEX else index << 40
+        return RegionInfo(index, sizes.get(index, 0), offset, b.VFIO_REGION_INFO_FLAG_READ)
+
+    def irq(self, index: int) -> IrqInfo:
+        return IrqInfo(index, 1 if index in (0, 1) else 0, b.VFIO_IRQ_INFO_EVENTFD)
+
+    def pread(self, offset: int, size: int) -> bytes:
+        at = offset - CONFIG_OFFSET
+        return bytes(self.config[at:at + size])
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        at = offset - CONFIG_OFFSET
+        self.writes.append((at, data))
+        if at == COMMAND:
+            self.config[at:at + len(data)] = data
+
+    def set_irqs(self, index: int, action: int, fds: list[int], start: int = 0) -> None:
+        self.irqs.append((index, action, len(fds)))
+
+    def close(self) -> None:
+        pass
+
+
+def _function() -> tuple[VfioFunction, FakeDevice, list[tuple[int, int, int]]]:
+    device = FakeDevice()
+    fn = VfioFunction(cast(Device, device), cast(Any, None), "vfio 0000:00:04.0", print)
+    routes: list[tuple[int, int, int]] = []
+    fn.msi_gsis = [40]
+    fn.set_msi_route = lambda gsi, addr, data: routes.append((gsi, addr, data))
+    return fn, device, routes
+
+
+def test_ids_and_pin_are_the_devices_bars_are_the_guests() -> None:
+    fn, device, _ = _function()
+    assert fn.read(0, 4) == 0x11E81234 and fn.read(0x3D, 1) == 1
+    assert fn.read(BAR0, 4) == 0  # not the host's 0xFEB00000: unassigned until placed
+    fn.write(BAR0, 4, 0xFFFFFFFF)
+    assert fn.read(BAR0, 4) == 0xFFF00000  # sizing: 1 MiB, 32-bit memory
+    fn.write(BAR0, 4, 0xC0000000)
+    fn.write(INTERRUPT_LINE, 1, 11)
+    assert (fn.read(BAR0, 4), fn.read(INTERRUPT_LINE, 1)) == (0xC0000000, 11)
+    assert all(at not in (BAR0, INTERRUPT_LINE) for at, _ in device.writes)
+    fn.write(COMMAND, 2, 0x6)  # memory decoding and bus mastering reach the device too
+    assert (COMMAND, b"\x06\x00") in device.writes and fn.read(COMMAND, 2) == 0x6
+    assert fn.windows()[0].base == 0xC0000000
+
+
+def test_the_msix_capability_is_taken_out_of_the_list() -> None:
+    fn, _, _ = _function()
+    assert fn.read(CAPABILITIES, 1) == MSI
+    assert fn.read(MSI, 2) == 0x7005  # MSI, next: PM (MSI-X skipped)
+    assert fn.read(PM, 2) == 0x0001
+
+
+def test_msi_programmed_by_the_guest_routes_its_vector_and_turns_vfio_msi_on() -> None:
+    fn, device, routes = _function()
+    fn.write(MSI + 4, 4, 0xFEE01000)
+    fn.write(MSI + 8, 4, 0)
+    fn.write(MSI + 12, 2, 0x41)
+    assert device.irqs == [] and routes == []
+    fn.write(MSI + 2, 2, 0x81)  # enable (the 64-bit bit is read-only and stays)
+    assert fn.read(MSI + 2, 2) == 0x81 and fn.read(MSI + 4, 4) == 0xFEE01000
+    assert routes == [(40, 0xFEE01000, 0x41)]
+    assert device.irqs == [(b.VFIO_PCI_MSI_IRQ_INDEX, b.VFIO_IRQ_SET_ACTION_TRIGGER, 1)]
+    assert all(not MSI <= at < MSI + 14 for at, _ in device.writes)  # emulated, not written
+    fn.write(MSI + 2, 2, 0x80)  # off again: VFIO's MSI off (no eventfds)
+    assert device.irqs[-1] == (b.VFIO_PCI_MSI_IRQ_INDEX, b.VFIO_IRQ_SET_ACTION_TRIGGER, 0)
+
+
+def test_hostile_accesses_read_all_ones_and_change_nothing() -> None:
+    fn, device, _ = _function()
+    assert fn.read(1, 2) == 0xFFFF and fn.read(0, 3) == 0xFFFFFF
+    fn.write(3, 2, 0xFFFF)
+    fn.write(0x100, 4, 0xFFFFFFFF)
+    assert device.writes == [] and fn.read(0x100, 4) == 0
