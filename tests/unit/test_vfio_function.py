@@ -15,7 +15,7 @@ from typing import Any, cast
 from corevisor.kvm import bindings as b
 from corevisor.pci.config import BAR0, CAPABILITIES, COMMAND, INTERRUPT_LINE
 from corevisor.vfio.container import Device, IrqInfo, RegionInfo
-from corevisor.vfio.function import VfioFunction
+from corevisor.vfio.function import VfioBar, VfioFunction
 
 CONFIG_OFFSET = 7 << 40  # where VFIO puts a PCI device's config region in its fd
 MSI, MSIX, PM = 0x50, 0x60, 0x70
@@ -24,7 +24,7 @@ MSI, MSIX, PM = 0x50, 0x60, 0x70
 class FakeDevice:
     """A VFIO device fd's answers: edu's IDs, a 1 MiB BAR0, caps MSI -> MSI-X -> PM."""
 
-    def __init__(self) -> None:
+    def __init__(self, msix_bar: int = 0) -> None:
         cfg = bytearray(256)
         struct.pack_into("<HHHH", cfg, 0, 0x1234, 0x11E8, 0, 0x10)  # COMMAND 0, STATUS caps
         cfg[0x08:0x0C] = bytes([0x10, 0, 0, 0xFF])
@@ -33,6 +33,8 @@ class FakeDevice:
         cfg[MSI:MSI + 2] = bytes([0x05, MSIX])
         struct.pack_into("<H", cfg, MSI + 2, 0x80)  # 64-bit, one vector
         cfg[MSIX:MSIX + 2] = bytes([0x11, PM])
+        # 4 vectors, the table at msix_bar + 0x800, the PBA at msix_bar + 0xC00
+        struct.pack_into("<HII", cfg, MSIX + 2, 3, 0x800 | msix_bar, 0xC00 | msix_bar)
         cfg[PM:PM + 2] = bytes([0x01, 0])
         cfg[0x3D] = 1  # INTA
         self.config = cfg
@@ -46,13 +48,16 @@ class FakeDevice:
         return RegionInfo(index, sizes.get(index, 0), offset, b.VFIO_REGION_INFO_FLAG_READ)
 
     def irq(self, index: int) -> IrqInfo:
-        return IrqInfo(index, 1 if index in (0, 1) else 0, b.VFIO_IRQ_INFO_EVENTFD)
+        return IrqInfo(index, {0: 1, 1: 1, 2: 4}.get(index, 0), b.VFIO_IRQ_INFO_EVENTFD)
 
     def pread(self, offset: int, size: int) -> bytes:
         at = offset - CONFIG_OFFSET
         return bytes(self.config[at:at + size])
 
     def pwrite(self, offset: int, data: bytes) -> None:
+        if offset < CONFIG_OFFSET:  # a BAR
+            self.writes.append((-1, data))
+            return
         at = offset - CONFIG_OFFSET
         self.writes.append((at, data))
         if at == COMMAND:
@@ -65,8 +70,8 @@ class FakeDevice:
         pass
 
 
-def _function() -> tuple[VfioFunction, FakeDevice, list[tuple[int, int, int]]]:
-    device = FakeDevice()
+def _function(msix_bar: int = 0) -> tuple[VfioFunction, FakeDevice, list[tuple[int, int, int]]]:
+    device = FakeDevice(msix_bar)
     fn = VfioFunction(cast(Device, device), cast(Any, None), "vfio 0000:00:04.0", print)
     routes: list[tuple[int, int, int]] = []
     fn.msi_gsis = [40]
@@ -89,11 +94,36 @@ def test_ids_and_pin_are_the_devices_bars_are_the_guests() -> None:
     assert fn.windows()[0].base == 0xC0000000
 
 
-def test_the_msix_capability_is_taken_out_of_the_list() -> None:
-    fn, _, _ = _function()
+def test_an_msix_table_outside_the_bars_takes_the_capability_out_of_the_list() -> None:
+    fn, _, _ = _function(msix_bar=3)  # BAR3 does not exist
+    assert fn.msix is None
     assert fn.read(CAPABILITIES, 1) == MSI
     assert fn.read(MSI, 2) == 0x7005  # MSI, next: PM (MSI-X skipped)
     assert fn.read(PM, 2) == 0x0001
+
+
+def test_msix_enabled_and_a_vector_programmed_in_the_table_routes_it() -> None:
+    fn, device, _ = _function()
+    assert fn.msix is not None and fn.read(MSI, 2) == 0x6005  # listed: MSI -> MSI-X
+    assert fn.read(MSIX, 4) == 0x00037011 and fn.read(MSIX + 4, 4) == 0x800
+    routes: list[tuple[int, int, int]] = []
+    fn.msix.gsis = [50, 51, 52, 53]
+    fn.msix.set_route = lambda gsi, addr, data: routes.append((gsi, addr, data))
+    fn.write(MSIX + 2, 2, 0x8000)  # enable
+    assert device.irqs[-1] == (b.VFIO_PCI_MSIX_IRQ_INDEX, b.VFIO_IRQ_SET_ACTION_TRIGGER, 4)
+    assert fn.read(MSIX + 2, 2) == 0x8003
+    bar = VfioBar(cast(Device, device), device.region(0), fn.msix)
+    entry = 0x800 + 16 * 2  # vector 2: address, data, then unmask
+    bar.write(entry, struct.pack("<I", 0xFEE00000))
+    bar.write(entry + 8, struct.pack("<I", 0x45))
+    assert routes == []  # still masked (the reset state)
+    bar.write(entry + 12, struct.pack("<I", 0))
+    assert routes == [(52, 0xFEE00000, 0x45)]
+    assert bar.read(entry + 8, 4) == struct.pack("<I", 0x45)
+    assert bar.read(0xC00, 8) == bytes(8)  # the PBA: nothing pending
+    assert all(at != -1 for at, _ in device.writes)  # the table never reached the device
+    bar.write(0x10, b"\x01\x00\x00\x00")  # outside the table: the device's register
+    assert device.writes[-1] == (-1, b"\x01\x00\x00\x00")
 
 
 def test_msi_programmed_by_the_guest_routes_its_vector_and_turns_vfio_msi_on() -> None:

@@ -96,7 +96,7 @@ def _add(platform: PciPlatform, group: Group, device: vfio_host.HostDevice, owne
         return number
 
     function.mmap_bars(slot)
-    bars = {i: VfioBar(fd, region) for i, region in function.regions.items()}
+    bars = {i: VfioBar(fd, region, function.msix) for i, region in function.regions.items()}
     index = platform.add(function, dict(bars))
     moved = function.on_window
 
@@ -113,6 +113,13 @@ def _add(platform: PciPlatform, group: Group, device: vfio_host.HostDevice, owne
     for fd_, gsi in zip(function.msi_fds, function.msi_gsis, strict=True):
         platform.vm.irqfd(fd_, gsi)
     function.set_msi_route = platform.routing.set_msi
+    if function.msix is not None:
+        msix = function.msix
+        msix.gsis = [platform.routing.allocate(f"{function.name} MSI-X vector {v}")
+                     for v in range(len(msix.fds))]
+        for fd_, gsi in zip(msix.fds, msix.gsis, strict=True):
+            platform.vm.irqfd(fd_, gsi)
+        msix.set_route = platform.routing.set_msi
     if place:
         platform.place(function)
     return function

@@ -12,8 +12,8 @@ filters), except for what belongs to the guest's machine and not to the host's:
 - the MSI capability: emulated; each write re-programs the vectors, eventfds
   (VFIO_DEVICE_SET_IRQS) whose irqfds KVM routes to the message the guest wrote (the host
   kernel programs the device's real message);
-- an MSI-X capability: hidden from the capability list (not implemented yet: a driver
-  falls back to MSI or INTx);
+- an MSI-X capability: its control word emulated, and its table and PBA in their
+  (trapped) BAR, by msix.py; hidden from the list if they are not in a BAR;
 - everything else: the device's.
 
 **BARs** are mapped into the guest as KVM memory slots over the device's own mmap of
@@ -69,6 +69,7 @@ from corevisor.pci.config import (
 )
 from corevisor.sandbox import CONTROL, current_role
 from corevisor.vfio.container import Device, RegionInfo
+from corevisor.vfio.msix import PassthroughMsix
 
 __all__ = ["VfioFunction", "VfioBar", "MsiMessage"]
 
@@ -100,15 +101,23 @@ class MsiMessage:
 
 
 class VfioBar:
-    """A trapped BAR: every access forwarded to the device's region (Device protocol)."""
+    """A trapped BAR: every access forwarded to the device's region (Device protocol),
+    except those the emulated MSI-X table or PBA covers."""
 
-    def __init__(self, device: Device, region: RegionInfo) -> None:
+    def __init__(self, device: Device, region: RegionInfo,
+                 msix: PassthroughMsix | None = None) -> None:
         self.device = device
         self.region = region
+        self.index = region.index - b.VFIO_PCI_BAR0_REGION_INDEX
+        self.msix = msix if msix is not None and self.index in msix.bars else None
 
     def read(self, offset: int, size: int) -> bytes:
         if not 0 < size <= 8 or offset + size > self.region.size:
             return b"\xff" * max(size, 0)
+        if self.msix is not None:
+            answer = self.msix.bar_read(self.index, offset, size)
+            if answer is not None:
+                return answer
         try:
             data = self.device.pread(self.region.offset + offset, size)
         except OSError:
@@ -117,6 +126,8 @@ class VfioBar:
 
     def write(self, offset: int, data: bytes) -> None:
         if not 0 < len(data) <= 8 or offset + len(data) > self.region.size:
+            return
+        if self.msix is not None and self.msix.bar_write(self.index, offset, data):
             return
         try:
             self.device.pwrite(self.region.offset + offset, data)
@@ -202,8 +213,9 @@ class VfioFunction(PciFunction):
         caps = _capabilities(config)
         self.msi_cap = next((at for at, cap in caps if cap == CAP_ID_MSI), 0)
         self._msi_bytes, self._msi_wmask = _msi_shadow(config, self.msi_cap)
-        self._next_override = self._hide(caps, CAP_ID_MSIX)
         self._msi_lock = threading.Lock()
+        self.msix = self._msix(config, caps, name)
+        self._next_override = self._hide(caps, CAP_ID_MSIX) if self.msix is None else {}
         self._msi = MsiMessage(False, 0, 0, 0)
         self.msi_count = min(device.irq(b.VFIO_PCI_MSI_IRQ_INDEX).count, _MAX_MSI)
         self.msi_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -215,6 +227,19 @@ class VfioFunction(PciFunction):
         self._mapped: dict[int, int] = {}  # BAR -> guest address it is mapped at
         # slots a confined vCPU could not remove: (host, slot, guest address, BAR)
         self._stale: list[tuple[int, int, int, int]] = []
+
+    def _msix(self, config: bytes, caps: list[tuple[int, int]],
+              name: str) -> PassthroughMsix | None:
+        """The emulated MSI-X, if the device has one whose table and PBA are in BARs."""
+        at = next((at for at, cap in caps if cap == CAP_ID_MSIX), 0)
+        if not at:
+            return None
+        msix = PassthroughMsix(self.device, config, at, f"{name} MSI-X", self._intx,
+                               self.report)
+        if not msix.bars <= set(self.regions):
+            msix.close()
+            return None  # hidden instead
+        return msix
 
     @staticmethod
     def _hide(caps: list[tuple[int, int]], cap_id: int) -> dict[int, int]:
@@ -250,6 +275,8 @@ class VfioFunction(PciFunction):
                 out[i] = own[i]
             elif at in self._next_override:  # before MSI's bytes: its next pointer too
                 out[i] = self._next_override[at]
+            elif self.msix is not None and self.msix.owns(at):
+                out[i] = self.msix.cap_byte(at)
             elif 0 <= at - self.msi_cap < len(self._msi_bytes):
                 out[i] = self._msi_bytes[at - self.msi_cap]
         return int.from_bytes(out, "little")
@@ -263,6 +290,9 @@ class VfioFunction(PciFunction):
         if any(at in _NOT_WRITTEN_THROUGH for at in touched):
             return
         data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        if self.msix is not None and any(self.msix.owns(at) for at in touched):
+            self.msix.cap_write(offset, data)
+            return
         msi = [at - self.msi_cap for at in touched if 0 <= at - self.msi_cap < len(self._msi_bytes)]
         if msi:
             with self._msi_lock:
@@ -348,7 +378,8 @@ class VfioFunction(PciFunction):
         """mmap every BAR VFIO allows (whole pages), each with a KVM slot from slot(owner)."""
         for index, region in self.regions.items():
             bar = self.bars[index]
-            if bar.io or not region.mmappable or region.size % _PAGE:
+            trapped = self.msix is not None and index in self.msix.bars
+            if bar.io or trapped or not region.mmappable or region.size % _PAGE:
                 continue
             addr = _libc.mmap(None, region.size, mmap.PROT_READ | mmap.PROT_WRITE,
                               mmap.MAP_SHARED, self.device.fd, region.offset)
@@ -407,4 +438,6 @@ class VfioFunction(PciFunction):
             os.close(fd)
         self.msi_fds = []
         self.intx_fds = None
+        if self.msix is not None:
+            self.msix.close()
         self.device.close()
