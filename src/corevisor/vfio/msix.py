@@ -41,9 +41,9 @@ class PassthroughMsix:
                  intx: Callable[[bool], None], report: Callable[[str], None]) -> None:
         control, table, pba = struct.unpack_from("<HII", config, at + 2)
         self.at = at
-        self.vectors = (control & 0x7FF) + 1
-        self.table = (table & 7, table & ~7)
-        self.pba = (pba & 7, pba & ~7)
+        self.vectors: int = (control & 0x7FF) + 1
+        self.table: tuple[int, int] = (table & 7, table & ~7)
+        self.pba: tuple[int, int] = (pba & 7, pba & ~7)
         self.device = device
         self._intx = intx
         self._report = report
