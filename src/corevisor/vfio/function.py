@@ -100,6 +100,16 @@ class MsiMessage:
     data: int
 
 
+def _pread(device: Device, offset: int, size: int) -> bytes:
+    """size bytes of the device fd at offset; all ones if the device does not answer
+    (a guest's access never raises)."""
+    try:
+        data = device.pread(offset, size)
+    except OSError:
+        return b"\xff" * size
+    return data if len(data) == size else b"\xff" * size
+
+
 class VfioBar:
     """A trapped BAR: every access forwarded to the device's region (Device protocol),
     except those the emulated MSI-X table or PBA covers."""
@@ -118,11 +128,7 @@ class VfioBar:
             answer = self.msix.bar_read(self.index, offset, size)
             if answer is not None:
                 return answer
-        try:
-            data = self.device.pread(self.region.offset + offset, size)
-        except OSError:
-            return b"\xff" * size
-        return data if len(data) == size else b"\xff" * size
+        return _pread(self.device, self.region.offset + offset, size)
 
     def write(self, offset: int, data: bytes) -> None:
         if not 0 < len(data) <= 8 or offset + len(data) > self.region.size:
@@ -255,11 +261,7 @@ class VfioFunction(PciFunction):
 
     # --- configuration space ------------------------------------------------------------
     def _device_bytes(self, offset: int, size: int) -> bytes:
-        try:
-            data = self.device.pread(self.config_region.offset + offset, size)
-        except OSError:
-            return b"\xff" * size
-        return data if len(data) == size else b"\xff" * size
+        return _pread(self.device, self.config_region.offset + offset, size)
 
     def read(self, offset: int, size: int) -> int:
         if size not in (1, 2, 4) or offset % size or not 0 <= offset <= EXT_CONFIG_SIZE - size:
