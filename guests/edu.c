@@ -122,7 +122,7 @@ int main(void)
     wr(R_LIVE, 0x12345678);
     u32 live = rd(R_LIVE);
     u8 line = pci_read8(fn, 0x3C);
-    printf("edu: 00:%02x.0 id %#x bar0 %#lx line %u live %s\n", bdf >> 3, id, bar0, line,
+    printf("edu: 00:%02x.0 id 0x%x bar0 0x%lx line %u live %s\n", bdf >> 3, id, bar0, line,
            live == ~0x12345678u ? "ok" : "wrong");
     if ((id & 0xFF) != 0xED || live != ~0x12345678u)
         fail("not an edu device (ID or liveness register)");
@@ -132,7 +132,7 @@ int main(void)
     memset(dst, 0, sizeof(dst));
     dma((u64)src, EDU_BUF, len, 0);
     dma(EDU_BUF, (u64)dst, len, DMA_TO_RAM);
-    printf("edu: dma into RAM at %#lx: \"%s\"\n", (u64)dst, dst);
+    printf("edu: dma into RAM at 0x%lx: \"%s\"\n", (u64)dst, dst);
     if (memcmp(src, dst, len))
         fail("the DMA did not bring the message back");
 
@@ -147,7 +147,7 @@ int main(void)
         wr(R_IRQ_RAISE, 0x1);
         if (wait_for(&intx_count, 1))
             fail("no INTx interrupt in 5 s");
-        printf("edu: intx on line %u: status %#x\n", line, last_status);
+        printf("edu: intx on line %u: status 0x%x\n", line, last_status);
     }
 
     /* 4. MSI: the interrupt the device raises when a DMA completes */
@@ -165,7 +165,7 @@ int main(void)
     dma(EDU_BUF, (u64)dst, len, DMA_TO_RAM | DMA_IRQ);
     if (wait_for(&msi_count, 1))
         fail("no MSI in 5 s");
-    printf("edu: msi vector %#x: status %#x\n", MSI_VECTOR, last_status);
+    printf("edu: msi vector 0x%x: status 0x%x\n", MSI_VECTOR, last_status);
 
     /* 5. DMA outside the guest's RAM: the IOMMU has no mapping there */
     u64 outside = rt_cmdline_uint("outside", 0xC000000);
@@ -177,7 +177,7 @@ int main(void)
     u32 before = checksum(free_ram, ram_end);
     dma(EDU_BUF, outside, len, DMA_TO_RAM);
     u32 after = checksum(free_ram, ram_end);
-    printf("edu: dma to %#lx (outside RAM): RAM %#lx-%#lx %s (fnv %#x)\n", outside,
+    printf("edu: dma to 0x%lx (outside RAM): RAM 0x%lx-0x%lx %s (fnv 0x%x)\n", outside,
            free_ram, ram_end, before == after ? "unchanged" : "CHANGED", after);
     if (before != after)
         fail("guest RAM changed");

@@ -128,6 +128,7 @@ def test_msix_enabled_and_a_vector_programmed_in_the_table_routes_it() -> None:
 
 def test_msi_programmed_by_the_guest_routes_its_vector_and_turns_vfio_msi_on() -> None:
     fn, device, routes = _function()
+    fn.intx_fds, fn._intx_on = (-1, -2), True  # INTx wired (wire_intx, without a VM)
     fn.write(MSI + 4, 4, 0xFEE01000)
     fn.write(MSI + 8, 4, 0)
     fn.write(MSI + 12, 2, 0x41)
@@ -135,10 +136,14 @@ def test_msi_programmed_by_the_guest_routes_its_vector_and_turns_vfio_msi_on() -
     fn.write(MSI + 2, 2, 0x81)  # enable (the 64-bit bit is read-only and stays)
     assert fn.read(MSI + 2, 2) == 0x81 and fn.read(MSI + 4, 4) == 0xFEE01000
     assert routes == [(40, 0xFEE01000, 0x41)]
-    assert device.irqs == [(b.VFIO_PCI_MSI_IRQ_INDEX, b.VFIO_IRQ_SET_ACTION_TRIGGER, 1)]
+    trigger, unmask = b.VFIO_IRQ_SET_ACTION_TRIGGER, b.VFIO_IRQ_SET_ACTION_UNMASK
+    intx, msi = b.VFIO_PCI_INTX_IRQ_INDEX, b.VFIO_PCI_MSI_IRQ_INDEX
+    assert device.irqs == [(intx, trigger, 0), (msi, trigger, 1)]  # INTx off, then MSI on
     assert all(not MSI <= at < MSI + 14 for at, _ in device.writes)  # emulated, not written
-    fn.write(MSI + 2, 2, 0x80)  # off again: VFIO's MSI off (no eventfds)
-    assert device.irqs[-1] == (b.VFIO_PCI_MSI_IRQ_INDEX, b.VFIO_IRQ_SET_ACTION_TRIGGER, 0)
+    fn.write(MSI + 12, 2, 0x42)  # a new message while on: a new route, VFIO untouched
+    assert routes[-1] == (40, 0xFEE01000, 0x42) and len(device.irqs) == 2
+    fn.write(MSI + 2, 2, 0x80)  # off again: MSI off, INTx back (trigger, then its unmask fd)
+    assert device.irqs[2:] == [(msi, trigger, 0), (intx, trigger, 1), (intx, unmask, 1)]
 
 
 def test_hostile_accesses_read_all_ones_and_change_nothing() -> None:

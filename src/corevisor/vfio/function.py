@@ -222,13 +222,14 @@ class VfioFunction(PciFunction):
         self._msi_lock = threading.Lock()
         self.msix = self._msix(config, caps, name)
         self._next_override = self._hide(caps, CAP_ID_MSIX) if self.msix is None else {}
-        self._msi = MsiMessage(False, 0, 0, 0)
         self.msi_count = min(device.irq(b.VFIO_PCI_MSI_IRQ_INDEX).count, _MAX_MSI)
         self.msi_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                         for _ in range(self.msi_count if self.msi_cap else 0)]
         self.msi_gsis: list[int] = []
         self.set_msi_route: Callable[[int, int, int], None] = lambda gsi, addr, data: None
         self.intx_fds: tuple[int, int] | None = None  # (trigger, resample) once wired
+        self._intx_on = False
+        self._msi = self.msi_message()
         self._maps: dict[int, tuple[int, int]] = {}  # BAR -> (host address, KVM slot)
         self._mapped: dict[int, int] = {}  # BAR -> guest address it is mapped at
         # slots a confined vCPU could not remove: (host, slot, guest address, BAR)
@@ -333,7 +334,7 @@ class VfioFunction(PciFunction):
                     for v in range(new.vectors):
                         data = (new.data & ~(new.vectors - 1)) | v
                         self.set_msi_route(self.msi_gsis[v], new.address, data)
-                if new.enabled != old.enabled or new.vectors != old.vectors:
+                if new.enabled != old.enabled or (new.enabled and new.vectors != old.vectors):
                     self._switch_msi(old, new)
             except (KvmError, DeviceError, OSError) as e:
                 self.report(f"{self.name}: MSI not delivered: {e}")
@@ -355,10 +356,13 @@ class VfioFunction(PciFunction):
             self.report(str(e))
 
     def _intx(self, on: bool) -> None:
-        if self.intx_fds is None:
+        """INTx on (its trigger eventfd, the resample fd as unmask) or off, once each:
+        VFIO refuses a second unmask eventfd (EBUSY)."""
+        if self.intx_fds is None or on == self._intx_on:
             return
         trigger, resample = self.intx_fds
         index = b.VFIO_PCI_INTX_IRQ_INDEX
+        self._intx_on = on
         if not on:
             self.device.set_irqs(index, b.VFIO_IRQ_SET_ACTION_TRIGGER, [])
             return
