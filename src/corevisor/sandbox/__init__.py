@@ -43,7 +43,6 @@ jail (jail.py).
 from __future__ import annotations
 
 import ctypes
-import threading
 
 from corevisor.errors import CorevisorError
 
@@ -61,7 +60,6 @@ __all__ = [
     "confine",
     "enable",
     "enabled",
-    "current_role",
     "SandboxError",
 ]
 
@@ -78,7 +76,6 @@ EXIT_STATUS = 128 + 31  # 159: the status of a run stopped by a forbidden call (
 _PR_SET_NAME = 15
 _libc = ctypes.CDLL(None, use_errno=True)
 _enabled = False
-_thread = threading.local()  # .role: the role the calling thread was confined to
 
 
 class SandboxError(CorevisorError):
@@ -95,18 +92,10 @@ def enabled() -> bool:
     return _enabled
 
 
-def current_role() -> str | None:
-    """The role the calling thread is confined to; None when it is not (sandbox off, or
-    a thread that is control's): code that may run on any thread asks before a call
-    only control may make."""
-    return getattr(_thread, "role", None)
-
-
 def confine(role: str, name: str = "") -> None:
     """Confine the calling thread to role when the sandbox is on (else do nothing)."""
     if not _enabled:
         return
-    _thread.role = role
     from corevisor.sandbox import enforce
 
     enforce.confine(role, name)

@@ -13,12 +13,13 @@ taken over through a bug cannot load new code. Only control may, for the extensi
 modules an import loads.
 
 ioctls are allowed by request number. vCPU and GDB threads get the KVM requests on a
-vCPU they use, and the two a guest's PCI configuration writes lead to (GSI routing for
-an MSI/MSI-X message, VFIO_DEVICE_SET_IRQS for a passed-through device's MSI); virtio,
-console and socket threads only KVM_IRQ_LINE (an interrupt into the guest); control
-gets every KVM and VFIO request corevisor defines (kvm/bindings.py: it builds, restores
-and inspects machines, opens passthrough containers, groups and devices), the TAP
-requests (virtio/net.py) and the terminal ones.
+vCPU they use, and vCPUs those a guest reprograms its platform with from an exit (GSI
+routes, ioeventfds and memory slots of moved BARs and shadow RAM, VFIO_DEVICE_SET_IRQS
+for a passed-through device's MSI/MSI-X); virtio, console and socket threads only
+KVM_IRQ_LINE (an interrupt into the guest); control gets every KVM and VFIO request
+corevisor defines (kvm/bindings.py: it builds, restores and inspects machines, opens
+passthrough containers, groups and devices), the TAP requests (virtio/net.py) and the
+terminal ones.
 
 What does not live here: the BPF encoding (bpf.py), installing (enforce.py).
 """

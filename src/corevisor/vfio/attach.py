@@ -102,6 +102,9 @@ def _add(platform: PciPlatform, group: Group, device: vfio_host.HostDevice, owne
 
     def on_window(i: int, old: BarWindow | None, new: BarWindow | None) -> None:
         moved(i, old, new)
+        if new is not None and not new.io:  # only where the platform mapped it
+            found = platform.mmio.find(new.base)
+            new = new if found is not None and found[0] is bars[i] else None
         function.window_moved(i, old, new)
 
     function.on_window = on_window

@@ -67,7 +67,6 @@ from corevisor.pci.config import (
     BarWindow,
     PciFunction,
 )
-from corevisor.sandbox import CONTROL, current_role
 from corevisor.vfio.container import Device, RegionInfo
 from corevisor.vfio.msix import PassthroughMsix
 
@@ -232,8 +231,6 @@ class VfioFunction(PciFunction):
         self._msi = self.msi_message()
         self._maps: dict[int, tuple[int, int]] = {}  # BAR -> (host address, KVM slot)
         self._mapped: dict[int, int] = {}  # BAR -> guest address it is mapped at
-        # slots a confined vCPU could not remove: (host, slot, guest address, BAR)
-        self._stale: list[tuple[int, int, int, int]] = []
 
     def _msix(self, config: bytes, caps: list[tuple[int, int]],
               name: str) -> PassthroughMsix | None:
@@ -397,16 +394,6 @@ class VfioFunction(PciFunction):
         """The guest moved, enabled or disabled BAR index: move its memory slot along."""
         if index not in self._maps:
             return
-        if current_role() not in (None, CONTROL):
-            # a confined vCPU may not change memory slots (sandbox/policy.py): from now
-            # on this BAR is reached through the trapped path, at its new address too
-            host, slot = self._maps.pop(index)
-            self.report(f"{self.name} BAR{index} moved by the guest: forwarded from now on")
-            if index not in self._mapped:
-                _libc.munmap(host, self.regions[index].size)
-            else:
-                self._stale.append((host, slot, self._mapped.pop(index), index))
-            return
         host, slot = self._maps[index]
         try:
             if index in self._mapped:
@@ -433,13 +420,6 @@ class VfioFunction(PciFunction):
                     pass
             _libc.munmap(host, self.regions[index].size)
         self._maps.clear()
-        for host, slot, gpa, index in self._stale:
-            try:
-                self.vm.set_user_memory_region(slot, gpa, 0, 0)
-            except KvmError:
-                pass
-            _libc.munmap(host, self.regions[index].size)
-        self._stale.clear()
         for fd in [*self.msi_fds, *(self.intx_fds or ())]:
             os.close(fd)
         self.msi_fds = []
