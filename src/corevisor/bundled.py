@@ -27,6 +27,8 @@ GUESTS = {
     "smp": "starts every CPU with INIT/SIPI; each checks in",
     "timer": "LAPIC timer ticks interrupting a user-mode loop; UART interrupt check",
     "fault": "triple-faults on purpose",
+    "sensor": "drives the example user device (examples/sensor.py): reads it, takes its "
+    "alarm interrupt count=N times",
     "pio": "count=N port writes from user mode (benchmark guest)",
     "ptstress": "benchmark: page-table stress, map/touch/unmap and CR3 switches "
     "(pages=N spaces=N iters=N pattern=seq|rand|shared)",

@@ -46,6 +46,7 @@ PARTITION_OPTIONS = {
     "net": "net",
     "rng": "rng",
     "module": "modules",
+    "device": "devices",
     "transport": "transport",
     "bios": "bios",
     "vfio": "vfio",
@@ -138,6 +139,13 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         metavar="FILE[,STRING]",
         help="a multiboot module, with its string (default FILE); repeatable",
+    )
+    run.add_argument(
+        "--device",
+        action="append",
+        metavar="CLASS[,KEY=VALUE...]",
+        help="a device model written in Python, 'package.module:Class' or 'FILE.py:Class', "
+        "with its parameters (docs/devices.md); repeatable",
     )
     run.add_argument(
         "--sandbox",
@@ -242,6 +250,7 @@ def _resolve(args: argparse.Namespace) -> SystemSpec:
         nets=args.net,
         rng=args.rng,
         modules=args.module,
+        devices=args.device,
         transport=args.transport,
         vfio=args.vfio,
     )
@@ -274,6 +283,7 @@ def _bios_system(args: argparse.Namespace, target: str | None) -> SystemSpec:
         rng=args.rng,
         transport=args.transport,
         vfio=args.vfio,
+        devices=args.device,
     )
     return SystemSpec(partitions=(part,))
 

@@ -31,6 +31,7 @@ from corevisor.errors import ConfigError, quote, show
 from corevisor.spec import (
     NAME_PATTERN,
     BlkSpec,
+    DeviceSpec,
     NetSpec,
     PartitionSpec,
     PciAddress,
@@ -40,7 +41,7 @@ from corevisor.spec import (
 from corevisor.virtio.config import check_image, check_tap
 
 __all__ = ["partition_from_args", "bios_partition_from_args", "name_from_image",
-           "virtio_from_args"]
+           "virtio_from_args", "devices_from_args"]
 
 
 def name_from_image(image: str) -> str:
@@ -104,6 +105,7 @@ def bios_partition_from_args(
     nets: list[str] | None = None,
     rng: bool = False,
     transport: str | None = None,
+    devices: list[str] | None = None,
     vfio: list[str] | None = None,
     host: HostFacts | None = None,
 ) -> PartitionSpec:
@@ -124,12 +126,22 @@ def bios_partition_from_args(
         gdb=parse_gdb(gdb, "--gdb") if gdb is not None else None,
         gdb_attach=gdb_attach,
         virtio=virtio,
+        devices=devices_from_args(devices),
         vfio=vfio_from_args(vfio),
     )
     validate_partition(
         part, CLI_KEYS, host if host is not None else gather(), gdb_allow_remote=gdb_allow_remote
     )
     return part
+
+
+def devices_from_args(options: list[str] | None) -> tuple[DeviceSpec, ...]:
+    """The user devices of `corevisor run --device CLASS[,KEY=VALUE...]` (userdev/load.py)."""
+    if not options:
+        return ()
+    from corevisor.userdev.load import device_from_option  # only runs that name devices
+
+    return tuple(device_from_option(text) for text in options)
 
 
 def partition_from_args(
@@ -150,6 +162,7 @@ def partition_from_args(
     rng: bool = False,
     modules: list[str] | None = None,
     transport: str | None = None,
+    devices: list[str] | None = None,
     vfio: list[str] | None = None,
     host: HostFacts | None = None,
 ) -> PartitionSpec:
@@ -175,6 +188,7 @@ def partition_from_args(
         gdb=parse_gdb(gdb, "--gdb") if gdb is not None else None,
         gdb_attach=gdb_attach,
         virtio=virtio_from_args(disks, nets, rng, transport),
+        devices=devices_from_args(devices),
         vfio=vfio_from_args(vfio),
     )
     validate_partition(
