@@ -26,7 +26,7 @@ setup: sysdeps $(STAMP) guests
 # (seconds to import there). The expression is tests/conftest.py's LAB_SELECTION.
 LAB_PYTEST := -m "lab or portable" -p no:cacheprovider -p no:hypothesispytest -q -rA --durations=0
 lab-test: setup
-	lab/run --timeout 1500 -- $(PY) -m pytest $(LAB_PYTEST) tests
+	lab/run --iommu --timeout 1500 -- $(PY) -m pytest $(LAB_PYTEST) tests
 
 # System packages, installed only when missing: a compiler and binutils for the guests
 # (all the demo needs); for the tests and benchmarks also QEMU, gdb, ACPICA, cpio,

@@ -696,6 +696,12 @@ void ioapic_route_level(int pin, u8 vector, u8 dest_apic)
     ioapic_write(0x10 + 2 * pin, vector | 1u << 13 | 1u << 15);   /* active low, level */
 }
 
+void ioapic_route_level_high(int pin, u8 vector, u8 dest_apic)
+{
+    ioapic_write(0x10 + 2 * pin + 1, (u32)dest_apic << 24);
+    ioapic_write(0x10 + 2 * pin, vector | 1u << 15);   /* active high, level */
+}
+
 /* ------------------------------------------------------------------------------------- */
 /* CPU discovery                                                                         */
 

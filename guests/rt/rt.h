@@ -137,6 +137,9 @@ void lapic_enable(void);
 void ioapic_route(int pin, u8 vector, u8 dest_apic);
 /* The same for a shared, level-triggered, active-low line (PCI INTx). */
 void ioapic_route_level(int pin, u8 vector, u8 dest_apic);
+/* The same for a level-triggered, active-high line (an ISA line a device raises and holds
+ * until the handler quiets it, before its EOI). */
+void ioapic_route_level_high(int pin, u8 vector, u8 dest_apic);
 
 /* ---- SMP ---- */
 /* Start AP (index into rt_apic_ids) with INIT-SIPI-SIPI; it runs fn(index) on its own

@@ -2,10 +2,11 @@
 into a ready, unstarted Machine, booting or continuing a saved guest.
 
 Read it top to bottom: create VM -> memory -> irqchip -> exit policy -> vCPUs ->
-devices -> ACPI PM devices -> hypercalls -> PCI host bridge (if the machine has PCI) ->
-virtio devices -> then either load the image (and its initrd or multiboot modules) ->
-boot tables -> boot registers -> fw_cfg, or, for a machine with a BIOS, the firmware
-(its ROM, shadow RAM, the reset vector, fw_cfg with the ACPI tables for it) -> channels.
+devices -> ACPI PM devices -> hypercalls -> user devices -> PCI host bridge (if the
+machine has PCI) -> virtio devices -> then either load the image (and its initrd or
+multiboot modules) -> boot tables -> boot registers -> fw_cfg, or, for a machine with a
+BIOS, the firmware (its ROM, shadow RAM, the reset vector, fw_cfg with the ACPI tables
+for it) -> channels.
 Each step is an attach_* function, so restore (and a system restarting a partition)
 reuses the same steps: restore takes RAM that already holds the guest (a snapshot's
 memory file mapped copy-on-write, or pages received by a migration), skips what would
@@ -266,8 +267,12 @@ def attach_platform(
     serial = attach_legacy_devices(m, config, links.serial, res, links.report)
     attach_acpi_pm(m, res)
     attach_hypercalls(m, config, links, serial, res)
+    attach_user_devices(m, config, res, links.report)
     pci = attach_pci(m, links, res) if config.pci else None
     virtio = attach_virtio_devices(m, config, links, serial, res, pci)
+    if config.vfio:
+        assert pci is not None, "a machine with --vfio has a host bridge (spec.pci)"
+        attach_passthrough(m, config, links, pci)
     m.devices.update(links.parts)
     return serial, virtio
 
@@ -532,6 +537,24 @@ def attach_hypercalls(
     _attach_ports(m, paravirt, res)
 
 
+def attach_user_devices(
+    m: Machine,
+    config: PartitionSpec,
+    res: Resources,
+    report: Callable[[str, str], None] = report_to_stderr,
+) -> None:
+    """Device models written in Python (userdev/, docs/devices.md) at the ranges and lines
+    their specs name. Before the virtio devices: a user device's line is fixed (its
+    guest driver knows it), so virtio's allocation steps around it. Their timers run on
+    one thread the machine starts with the vCPUs; a device that fails is reported
+    through report and answers as absent, the machine runs on."""
+    if not config.devices:
+        return
+    from corevisor.userdev import attach as userdev  # only partitions with user devices
+
+    userdev.attach(m, config.devices, res, lambda msg: report(m.name, msg))
+
+
 def attach_pci(m: Machine, links: PartitionLinks, res: Resources) -> PciPlatform:
     """The PCI host bridge (pci/): bus 0 with the host bridge in slot 0, configuration
     mechanism #1 at 0xCF8 and ECAM at layout.PCI_ECAM_START; the machine's GSI routing
@@ -547,6 +570,21 @@ def attach_pci(m: Machine, links: PartitionLinks, res: Resources) -> PciPlatform
     m.devices["pci-config"] = ports
     m.devices["host-bridge"] = bridge
     return PciPlatform(root, m.vm, res, m.pio, m.mmio, lambda msg: links.report(m.name, msg))
+
+
+def attach_passthrough(m: Machine, config: PartitionSpec, links: PartitionLinks,
+                       pci: PciPlatform) -> None:
+    """Host PCI devices through VFIO (vfio/attach.py): all of the guest's RAM mapped in
+    the IOMMU at iova = guest-physical, so the devices' DMA reaches that RAM and nothing
+    else; each device a function on bus 0 after the virtio ones."""
+    from corevisor.vfio.attach import attach_vfio
+
+    functions = attach_vfio(pci, m.memory, config.vfio, m,
+                            lambda msg: links.report(m.name, msg),
+                            where=f"partition {config.name}: vfio device",
+                            place=config.bios is None)
+    for function in functions:
+        m.devices[function.name.replace(" ", "-")] = function
 
 
 def attach_bios(m: Machine, config: PartitionSpec, res: Resources,

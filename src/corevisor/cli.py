@@ -46,8 +46,10 @@ PARTITION_OPTIONS = {
     "net": "net",
     "rng": "rng",
     "module": "modules",
+    "device": "devices",
     "transport": "transport",
     "bios": "bios",
+    "vfio": "vfio",
 }
 
 
@@ -126,10 +128,24 @@ def _parser() -> argparse.ArgumentParser:
         "Debian's SeaBIOS, /usr/share/seabios/bios-256k.bin)",
     )
     run.add_argument(
+        "--vfio",
+        action="append",
+        metavar="DOMAIN:BUS:DEV.FN",
+        help="pass a host PCI device bound to vfio-pci through to the guest, its DMA "
+        "confined to the guest's RAM by the IOMMU (repeatable; e.g. 0000:00:04.0)",
+    )
+    run.add_argument(
         "--module",
         action="append",
         metavar="FILE[,STRING]",
         help="a multiboot module, with its string (default FILE); repeatable",
+    )
+    run.add_argument(
+        "--device",
+        action="append",
+        metavar="CLASS[,KEY=VALUE...]",
+        help="a device model written in Python, 'package.module:Class' or 'FILE.py:Class', "
+        "with its parameters (docs/devices.md); repeatable",
     )
     run.add_argument(
         "--sandbox",
@@ -234,7 +250,9 @@ def _resolve(args: argparse.Namespace) -> SystemSpec:
         nets=args.net,
         rng=args.rng,
         modules=args.module,
+        devices=args.device,
         transport=args.transport,
+        vfio=args.vfio,
     )
     return SystemSpec(partitions=(part,))
 
@@ -264,6 +282,8 @@ def _bios_system(args: argparse.Namespace, target: str | None) -> SystemSpec:
         nets=args.net,
         rng=args.rng,
         transport=args.transport,
+        vfio=args.vfio,
+        devices=args.device,
     )
     return SystemSpec(partitions=(part,))
 

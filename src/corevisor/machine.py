@@ -109,6 +109,8 @@ class Machine:
         self.report: StopReport | None = None
         self._owned = owned if owned is not None else ExitStack()
         self._starters: list[Callable[[], None]] = []
+        self._stalls: list[Callable[[], str | None]] = []
+        self._abandoned: list[Vcpu] = []  # vCPU threads that did not end when told to
         self._quiescers: list[tuple[Callable[[], None], Callable[[], None]]] = []
         self.spec: Any = None  # the PartitionSpec it was built from (builder.py sets it)
         self.restore_notes: Any = None  # what a restore did not write (snapshot/state.py)
@@ -140,6 +142,11 @@ class Machine:
     def at_start(self, start: Callable[[], None]) -> None:
         """Call start in start(), in registration order, before the vCPUs start."""
         self._starters.append(start)
+
+    def at_stall(self, describe: Callable[[], str | None]) -> None:
+        """describe() names what may be keeping a vCPU thread outside KVM_RUN right now (a
+        user device's call in progress, userdev/attach.py); a pause that times out says it."""
+        self._stalls.append(describe)
 
     def at_quiesce(self, park: Callable[[], None], unpark: Callable[[], None]) -> None:
         """In frozen(): park() once the vCPUs are paused (it returns when nothing it
@@ -268,7 +275,9 @@ class Machine:
         except CorevisorError as e:
             for v in self.vcpus:
                 v.release(reason, wait=False)
-            raise CorevisorError(f"machine {self.name}: {e}") from None
+            stalls = [s for s in (describe() for describe in self._stalls) if s]
+            why = "".join(f"; {s}" for s in stalls)
+            raise CorevisorError(f"machine {self.name}: {e}{why}") from None
 
     def _release_all(self, reason: str) -> None:
         for v in self.vcpus:
@@ -277,8 +286,13 @@ class Machine:
             v.release(reason)
 
     def _join_vcpus(self) -> None:
+        """Wait for each vCPU thread to end; one that did not within JOIN_TIMEOUT (stuck
+        outside KVM_RUN, e.g. in a user device's call) is not waited for again."""
         for v in self.vcpus:
-            v.join(JOIN_TIMEOUT)
+            if v not in self._abandoned:
+                v.join(JOIN_TIMEOUT)
+                if v.alive:
+                    self._abandoned.append(v)
 
     # --- waiting --------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> StopReport | None:

@@ -7,13 +7,14 @@ is refused with both named (``channels.d.gpa: 0xe0001000+4K overlaps channel c
 (0xe0000000-0xe0002000)``).
 
 ``machine_map(name, memory, pci=...)`` is a corevisor machine before any device exists:
-its RAM, the fixed areas of the address map (arch/x86_64/layout.py), the legacy ports and
-the GSIs the in-kernel devices use; with PCI also the configuration ports, the ECAM
-window, the BAR windows (pools: 32-bit, 64-bit, I/O) and the INTx GSIs. Validation
-(config/validate.py) places channels in two partitions' maps at once; the builder
+its RAM, the fixed areas of the address map (arch/x86_64/layout.py), the legacy ports (and
+those the in-kernel irqchip and PIT answer) and the GSIs the in-kernel devices use; with PCI
+also the configuration ports, the ECAM window, the BAR windows (pools: 32-bit, 64-bit, I/O)
+and the INTx GSIs. Validation (config/validate.py) places channels in two partitions' maps
+at once; user devices claim the ranges and lines they name (claim_device); the builder
 allocates virtio windows and GSIs, PCI BARs and MSI GSIs, memory slots and channel slots
-from the machine's map. A pool (the virtio-mmio windows, the PCI windows) is a claim
-that only allocations made *from* it may overlap.
+from the machine's map. A pool (the virtio-mmio windows, the PCI windows) is a claim that
+only allocations made *from* it may overlap.
 
 What does not live here: the address constants themselves (layout.py; the ABI's ports
 in hypercall.py and channel.py), the KVM calls that use the numbers (builder.py).
@@ -29,7 +30,7 @@ from corevisor.arch.x86_64 import layout
 from corevisor.config.parse import format_size
 from corevisor.devices.pm1 import PM1_SIZE
 from corevisor.errors import ConfigError
-from corevisor.spec import MAX_CHANNELS, MAX_VIRTIO_DEVICES
+from corevisor.spec import MAX_CHANNELS, MAX_VIRTIO_DEVICES, DeviceSpace, DeviceSpec
 
 __all__ = [
     "Space",
@@ -43,6 +44,9 @@ __all__ = [
     "CHANNEL_SLOTS",
     "VIRTIO_WINDOWS",
     "VIRTIO_WINDOW_SIZE",
+    "IN_KERNEL_PORTS",
+    "DEVICE_GSIS",
+    "claim_device",
     "MSI_GSIS",
     "FIRMWARE_SLOTS",
     "PCI_MMIO32",
@@ -75,6 +79,15 @@ LEGACY_PORTS: dict[str, tuple[int, int]] = {
     "pm1": (layout.PM1A_EVT_PORT, PM1_SIZE),
     "pm-timer": (layout.PM_TMR_PORT, 4),
 }
+# Ports the in-kernel irqchip and PIT answer (builder.attach_irqchip): an access there
+# never leaves the kernel, so no device of ours may claim them. (Port 0x61, the PIT's
+# speaker port, sits inside the i8042's claim.)
+IN_KERNEL_PORTS: dict[str, tuple[int, int]] = {
+    "the in-kernel PIC (master)": (0x20, 2),
+    "the in-kernel PIT": (0x40, 4),
+    "the in-kernel PIC (slave)": (0xA0, 2),
+    "the in-kernel PIC's ELCR": (0x4D0, 2),
+}
 # GSIs of the in-kernel PIT (KVM's default routing puts IRQ0 on IOAPIC pin 0), COM1 and
 # the ACPI SCI (level-triggered, its MADT override says so: no edge device may share it).
 FIXED_GSIS: dict[str, int] = {
@@ -85,6 +98,10 @@ FIXED_GSIS: dict[str, int] = {
 # The ISA lines no legacy device of ours uses, one per virtio device, in order (IRQ 3,
 # COM2's line on a PC, comes last so the first devices keep the lines they always had).
 VIRTIO_GSIS = (5, 6, 7, 10, 11, 12, 14, 15, 3)
+# The lines a user device (userdev/) may name: the same free ISA lines. Its line is
+# fixed (the guest's driver knows it, as it knows real hardware's), so it is claimed
+# first and virtio devices take the next free ones.
+DEVICE_GSIS = tuple(sorted(VIRTIO_GSIS))
 # IOAPIC pins 16..23, above the ISA interrupts: one per channel, by the partition's index.
 CHANNEL_GSIS = range(16, 24)
 # KVM memory slots of channel mappings (RAM takes the lowest ones).
@@ -259,7 +276,7 @@ def machine_map(name: str, memory: int, pci: bool = False) -> Resources:
         res.claim(Space.GPA, gpa, size, f"partition {name}'s RAM")
     for start, end, what in layout.FIXED_MMIO:
         res.claim(Space.GPA, start, end - start, what, reserve=what == VIRTIO_WINDOWS)
-    for device, (port, size) in LEGACY_PORTS.items():
+    for device, (port, size) in (*LEGACY_PORTS.items(), *IN_KERNEL_PORTS.items()):
         res.claim(Space.PIO, port, size, device)
     for device, gsi in FIXED_GSIS.items():
         res.claim(Space.GSI, gsi, 1, device)
@@ -280,3 +297,19 @@ def _claim_pci(res: Resources, memory: int) -> None:
     res.claim(Space.GPA, start, end - start, PCI_MMIO64, reserve=True)
     for gsi in sorted(set(layout.PCI_PIRQ_GSIS)):
         res.claim(Space.GSI, gsi, 1, "PCI INTx")
+
+
+def claim_device(res: Resources, device: DeviceSpec, where: str) -> None:
+    """A user device's ports or MMIO range and its line, or a ConfigError naming where and
+    what it overlaps (validation and the builder both claim through here)."""
+    space = Space.PIO if device.space is DeviceSpace.PORT else Space.GPA
+    owner = f"device {device.name}"
+    res.claim(space, device.base, device.size, owner, where=where)
+    if device.gsi is None:
+        return
+    res.claim(Space.GSI, device.gsi, 1, owner, where=where)  # a fixed line's owner named
+    if device.gsi not in DEVICE_GSIS:
+        raise ConfigError(
+            f"{where}: GSI {device.gsi} is not a line a device may use (the free ISA lines: "
+            f"{', '.join(map(str, DEVICE_GSIS))})"
+        )

@@ -39,6 +39,8 @@ __all__ = [
     "Transport",
     "BlkSpec",
     "NetSpec",
+    "DeviceSpec",
+    "DeviceSpace",
     "doc",
     "DocField",
     "document_fields",
@@ -315,6 +317,83 @@ class VirtioSpec:
         return len(self.blk) + len(self.net) + int(self.rng) + int(self.console)
 
 
+class DeviceSpace(enum.StrEnum):
+    """Where a user device's registers sit (userdev/): the port-I/O or the MMIO bus."""
+
+    PORT = "port"
+    MMIO = "mmio"
+
+
+# A user device's table: its class, optional name, base and gsi, and its constructor's
+# parameters as further keys (userdev/load.py reads it; docs/devices.md).
+_PARAM_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": ["string", "integer", "number", "boolean"]},
+        {"type": "array", "items": {"type": ["string", "integer", "number", "boolean"]}},
+    ],
+}
+_DEVICE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "a device model written in Python (docs/devices.md); keys other than "
+    "these are its constructor's parameters",
+    "properties": {
+        "class": {
+            "type": "string",
+            "pattern": "^[^:\\x00]+:[A-Za-z_][A-Za-z0-9_.]*$",
+            "description": '"package.module:Class", or "FILE.py:Class" relative to the '
+            "system file's directory",
+            "examples": ["sensor.py:TempSensor", "mydevices.gpio:Gpio"],
+        },
+        "name": {"type": "string", "pattern": f"^{NAME_PATTERN}$",
+                 "description": "default: the class's name in lower case"},
+        "base": {"type": "integer", "minimum": 0,
+                 "description": "first port or MMIO address (default: the class's REGION)"},
+        "gsi": {"type": "integer", "minimum": 0,
+                "description": "its interrupt line (default: the class's IRQ)"},
+    },
+    "required": ["class"],
+    "additionalProperties": _PARAM_SCHEMA,
+}
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A user-written device model (docs/devices.md): its class, where it sits, its
+    interrupt line, and the keyword arguments its constructor gets.
+
+    Read from the class when the document is read (userdev/load.py): space and size from
+    its REGION, trigger from its IRQ; base and gsi are the class's unless the document
+    moves them. cls is "package.module:Class", or "/absolute/FILE.py:Class".
+    """
+
+    cls: str = field(metadata=doc(key="class"))
+    name: str
+    space: DeviceSpace = field(metadata=doc(omit=True))
+    base: int
+    size: int = field(metadata=doc(omit=True))
+    gsi: int | None = None
+    level: bool = field(default=False, metadata=doc(omit=True))  # a level-triggered line
+    # The constructor's keyword arguments: the table's other keys (document_schema).
+    params: tuple[tuple[str, Any], ...] = field(default=(), metadata=doc(omit=True))
+
+    @property
+    def end(self) -> int:
+        """One past its last port or address."""
+        return self.base + self.size
+
+    @property
+    def where(self) -> str:
+        """Its range as messages show it: "ports 0x700-0x703", "MMIO 0xc1000000+0x1000"."""
+        if self.space is DeviceSpace.PORT:
+            return f"ports {self.base:#x}-{self.end - 1:#x}"
+        return f"MMIO {self.base:#x}+{self.size:#x}"
+
+    @staticmethod
+    def document_schema() -> dict[str, Any]:
+        """A device's table: four keys of its own, then its constructor's parameters."""
+        return dict(_DEVICE_SCHEMA)
+
+
 @dataclass(frozen=True)
 class ModuleSpec:
     """A multiboot module as configured: its file and the string the guest sees with it
@@ -323,6 +402,30 @@ class ModuleSpec:
     path: Path
     string: str
 
+
+PCI_ADDRESS_PATTERN = "[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[01][0-9a-fA-F]\\.[0-7]"
+
+
+@dataclass(frozen=True)
+class PciAddress:
+    """A host PCI function, DOMAIN:BUS:DEVICE.FUNCTION (what lspci -D and sysfs call it):
+    the device a partition is given through VFIO (vfio/)."""
+
+    domain: int
+    bus: int
+    device: int
+    function: int
+
+    def __str__(self) -> str:
+        return f"{self.domain:04x}:{self.bus:02x}:{self.device:02x}.{self.function:x}"
+
+
+_VFIO_SCHEMA: dict[str, Any] = {
+    "type": "array",
+    "items": {"type": "string", "pattern": f"^{PCI_ADDRESS_PATTERN}$"},
+    "description": 'host PCI devices bound to vfio-pci, passed through under the IOMMU '
+                   '("0000:00:04.0" each)',
+}
 
 _MODULES_SCHEMA: dict[str, Any] = {
     "type": "array",
@@ -364,10 +467,14 @@ class PartitionSpec:
     # Run at once and stop when GDB connects (else halted at start): a run-time option.
     gdb_attach: bool = field(default=False, metadata=doc(omit=True))
     virtio: VirtioSpec = field(default=VirtioSpec(), metadata=doc(flatten=True))
+    # User-written device models ([[partitions.NAME.devices]]; userdev/, docs/devices.md).
+    devices: tuple[DeviceSpec, ...] = ()
     # Firmware the machine starts in (firmware/bios.py: SeaBIOS), booting from its disk.
     bios: Path | None = field(default=None, metadata=doc(
         schema=_PATH_SCHEMA, description="a BIOS image (SeaBIOS's bios.bin) to boot the disk "
         "through, instead of an image"))
+    # Host PCI devices given to the guest through VFIO (vfio/), DMA confined by the IOMMU.
+    vfio: tuple[PciAddress, ...] = field(default=(), metadata=doc(schema=_VFIO_SCHEMA))
 
     def __post_init__(self) -> None:
         if (self.image is None) == (self.bios is None):
@@ -376,7 +483,7 @@ class PartitionSpec:
     @property
     def pci(self) -> bool:
         """Whether the machine has a PCI host bridge (PCI devices or firmware)."""
-        return self.bios is not None or self.virtio.transport is Transport.PCI
+        return self.bios is not None or self.virtio.transport is Transport.PCI or bool(self.vfio)
 
     def vcpu_cores(self) -> tuple[int, ...]:
         """The host core of each vCPU, in vCPU order (empty if the partition is not pinned)."""

@@ -551,9 +551,9 @@ def test_lab_snapshot_restore_and_migration_on_hardware_virtualization(
     r = corevisor("run", "--restore", str(tmp_path / "snap"))
     assert r.returncode == 0, r.stderr
     assert before + r.stdout == _uninterrupted(guests, "peer", COUNTER)
-    # enough passes to outlive a pre-copy at the lab's speed (12 ended first: the
-    # migration then found the guest stopped)
-    cmdline = "mode=dirty passes=200 mib=16 period=20"
+    # Long enough to outlive the migration in the lab, where the VMM's Python runs ~30x
+    # slower (12 passes of 20 ms ended before the final stop: "it is stopped").
+    cmdline = "mode=dirty passes=300 mib=16 period=50"
     a, b, result = _migration(guests, tmp_path / "m", f"unix:{tmp_path / 'm.sock'}", cmdline,
                               "peer: dirty pass 2 ok\n", memory=64 << 20)
     assert a + b == _uninterrupted(guests, "peer", cmdline)

@@ -87,20 +87,29 @@ def test_demo_exchange_with_a_restartable_rtos(tmp_path: Path, guests: dict[str,
 def test_doorbells_relayed_by_a_python_thread_still_deliver(
     tmp_path: Path, guests: dict[str, Path]
 ) -> None:
-    """doorbell = "thread": the benchmark's baseline path must work like the kernel one."""
+    """doorbell = "thread": the benchmark's baseline path must work like the kernel one.
+
+    A doorbell is an edge, like any interrupt: rings the relay copies while the last one
+    is still pending arrive as one, and the RTOS also polls its ring on every tick (the
+    fallback for a lost doorbell), so on a loaded host some messages are seen before
+    their interrupt. What must hold is that interrupts arrive at all: ten messages at
+    20 Hz ticks leave the relay ~50 ms to win each race, and it must win some.
+    """
     toml = system(
         tmp_path,
         guests,
-        'cmdline = "msgs=3"',
-        'cmdline = "mode=pong msgs=3"',
+        'cmdline = "msgs=10 hz=20 wdms=2000 wdkick=4"',
+        'cmdline = "mode=pong msgs=10"',
         '[channels.link]\nbetween = ["rtos", "peer"]\ndoorbell = "thread"\n',
     )
     r = corevisor("run", str(toml), timeout=120)
     assert r.returncode == 0, r.stderr
     out = r.stdout.splitlines()
-    assert 'peer | peer: received "ping 3"' in out
-    assert 'rtos | rtos: received "pong 3"' in out
-    assert "rtos | rtos: channel 0: 3 doorbell interrupts" in out
+    assert 'peer | peer: received "ping 10"' in out
+    assert 'rtos | rtos: received "pong 10"' in out
+    counts = [int(x.split()[5]) for x in out if x.startswith("rtos | rtos: channel 0: ")
+              and x.endswith(" doorbell interrupts")]
+    assert len(counts) == 1 and 1 <= counts[0] <= 10, out
 
 
 def test_watchdog_expiry_applies_the_policy(tmp_path: Path, guests: dict[str, Path]) -> None:

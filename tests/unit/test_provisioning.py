@@ -20,6 +20,8 @@ from corevisor.snapshot import migrate
 from corevisor.snapshot.partition import Overrides, apply, spec_from_json, spec_to_json
 from corevisor.spec import (
     BlkSpec,
+    DeviceSpace,
+    DeviceSpec,
     ExitMode,
     HostPort,
     NetSpec,
@@ -40,6 +42,9 @@ FULL = PartitionSpec(
     watchdog_ms=500, initrd=Path("/img/initrd"), gdb=HostPort("127.0.0.1", 1234),
     virtio=VirtioSpec(blk=(BlkSpec(Path("/d/a.img"), True),), net=(NetSpec("tap0"),),
                       rng=True, console=True),
+    devices=(DeviceSpec("/d/sensor.py:TempSensor", "tempsensor", DeviceSpace.PORT, 0x700, 4,
+                        5, True, (("celsius", 30), ("gain", 1.5), ("taps", (1, (2, 3))),
+                                  ("label", "x"), ("on", True), ("off", None))),),
 )
 
 
@@ -62,6 +67,8 @@ def test_spec_json_gives_back_every_field() -> None:
     (lambda d: d["partition"]["serial"].update(path=None), r"partition.serial: serial file"),
     (lambda d: d["partition"]["virtio"].update(blk=[{"readonly": 1}]), r"blk\[0\].readonly"),
     (lambda d: d["partition"].pop("image"), r"partition: .*image"),
+    (lambda d: d["partition"]["devices"][0]["params"][0].__setitem__(1, {"a": 1}),
+     r"partition.devices\[0\].params\[0\]\[1\]: expected a plain value, got dict"),
 ])
 def test_a_crafted_spec_json_is_one_error_naming_the_key(change: object, message: str) -> None:
     doc = json.loads(json.dumps(spec_to_json(FULL)))

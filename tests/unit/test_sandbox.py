@@ -52,9 +52,12 @@ def test_no_role_may_exec_fork_mount_or_change_identity(role: str) -> None:
 def test_vcpu_ioctls_are_its_own_vcpu_and_interrupts_only() -> None:
     vcpu = policy.ioctls(sandbox.VCPU)
     assert b.KVM_RUN in vcpu and b.KVM_IRQ_LINE in vcpu
-    for dangerous in (b.KVM_CREATE_VM, b.KVM_CREATE_VCPU, b.KVM_SET_USER_MEMORY_REGION,
-                      b.KVM_IOEVENTFD, b.KVM_IRQFD, b.KVM_SET_CPUID2, b.KVM_SET_SIGNAL_MASK):
+    for dangerous in (b.KVM_CREATE_VM, b.KVM_CREATE_VCPU, b.KVM_IRQFD, b.KVM_SET_CPUID2,
+                      b.KVM_SET_SIGNAL_MASK, b.KVM_SET_MSRS, b.KVM_SET_SREGS):
         assert dangerous not in vcpu
+    # what a guest reprograms from an exit on a PC: MSI routes, BARs, PAM shadow RAM
+    for platform in (b.KVM_SET_GSI_ROUTING, b.KVM_IOEVENTFD, b.KVM_SET_USER_MEMORY_REGION):
+        assert platform in vcpu
     rule = policy.rules(sandbox.VCPU)[NUMBERS["ioctl"]]
     assert isinstance(rule, ArgIn) and rule.index == 1 and rule.values == vcpu
 
@@ -274,3 +277,13 @@ def test_the_jail_holds_what_the_spec_names_and_limits_follow_its_size(tmp_path:
     assert spec.nofile == 256 + 2 * 64
     threads = 4 + (2 + 3 + 2) + (1 + 0 + 2)
     assert spec.address_space == (80 << 20) + (1 << 30) + threads * (80 << 20)
+
+
+def test_the_jail_refuses_a_passthrough_device_in_one_line(tmp_path: Path) -> None:
+    from corevisor.sandbox import jail
+    from corevisor.spec import PartitionSpec, PciAddress, SystemSpec
+
+    part = PartitionSpec(name="a", image=tmp_path / "g.elf", vfio=(PciAddress(0, 0, 4, 0),))
+    with pytest.raises(jail.JailError, match=r"^jail: partition a passes 0000:00:04.0 through "
+                                             r"\(vfio\), which the jail cannot hold yet"):
+        jail.plan(SystemSpec(partitions=(part,)), tmp_path / "root", 1000, 1000)

@@ -18,7 +18,7 @@ from tests.kvm.images import pvh_elf
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMS = sorted((ROOT / "guests" / "systems").glob("*.toml"))
-REAL_FILES = [ROOT / "examples" / "demo.toml", *SYSTEMS]
+REAL_FILES = [*sorted((ROOT / "examples").glob("*.toml")), *SYSTEMS]
 
 FULL = """
 [partitions.rtos]

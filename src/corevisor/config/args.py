@@ -22,16 +22,26 @@ from corevisor.config.parse import (
     parse_cpu_list,
     parse_gdb,
     parse_path,
+    parse_pci_address,
     parse_serial,
     parse_size,
 )
 from corevisor.config.validate import CLI_KEYS, validate_partition
 from corevisor.errors import ConfigError, quote, show
-from corevisor.spec import NAME_PATTERN, BlkSpec, NetSpec, PartitionSpec, Transport, VirtioSpec
+from corevisor.spec import (
+    NAME_PATTERN,
+    BlkSpec,
+    DeviceSpec,
+    NetSpec,
+    PartitionSpec,
+    PciAddress,
+    Transport,
+    VirtioSpec,
+)
 from corevisor.virtio.config import check_image, check_tap
 
 __all__ = ["partition_from_args", "bios_partition_from_args", "name_from_image",
-           "virtio_from_args"]
+           "virtio_from_args", "devices_from_args"]
 
 
 def name_from_image(image: str) -> str:
@@ -69,6 +79,17 @@ def virtio_from_args(
     return VirtioSpec(tuple(blks), taps, rng, False, chosen)
 
 
+def vfio_from_args(addresses: list[str] | None) -> tuple[PciAddress, ...]:
+    """`--vfio DOMAIN:BUS:DEV.FN` (repeatable): the host PCI devices to pass through."""
+    out: list[PciAddress] = []
+    for text in addresses or []:
+        address = parse_pci_address(text, "--vfio")
+        if address in out:
+            raise ConfigError(f"--vfio: {address} is given twice")
+        out.append(address)
+    return tuple(out)
+
+
 def bios_partition_from_args(
     bios: str,
     *,
@@ -84,6 +105,8 @@ def bios_partition_from_args(
     nets: list[str] | None = None,
     rng: bool = False,
     transport: str | None = None,
+    devices: list[str] | None = None,
+    vfio: list[str] | None = None,
     host: HostFacts | None = None,
 ) -> PartitionSpec:
     """`corevisor run --bios [PATH] --disk IMG`: a machine that boots its disk through
@@ -103,11 +126,22 @@ def bios_partition_from_args(
         gdb=parse_gdb(gdb, "--gdb") if gdb is not None else None,
         gdb_attach=gdb_attach,
         virtio=virtio,
+        devices=devices_from_args(devices),
+        vfio=vfio_from_args(vfio),
     )
     validate_partition(
         part, CLI_KEYS, host if host is not None else gather(), gdb_allow_remote=gdb_allow_remote
     )
     return part
+
+
+def devices_from_args(options: list[str] | None) -> tuple[DeviceSpec, ...]:
+    """The user devices of `corevisor run --device CLASS[,KEY=VALUE...]` (userdev/load.py)."""
+    if not options:
+        return ()
+    from corevisor.userdev.load import device_from_option  # only runs that name devices
+
+    return tuple(device_from_option(text) for text in options)
 
 
 def partition_from_args(
@@ -128,6 +162,8 @@ def partition_from_args(
     rng: bool = False,
     modules: list[str] | None = None,
     transport: str | None = None,
+    devices: list[str] | None = None,
+    vfio: list[str] | None = None,
     host: HostFacts | None = None,
 ) -> PartitionSpec:
     """Build and validate one partition from `corevisor run` options; errors name the
@@ -152,6 +188,8 @@ def partition_from_args(
         gdb=parse_gdb(gdb, "--gdb") if gdb is not None else None,
         gdb_attach=gdb_attach,
         virtio=virtio_from_args(disks, nets, rng, transport),
+        devices=devices_from_args(devices),
+        vfio=vfio_from_args(vfio),
     )
     validate_partition(
         part, CLI_KEYS, host if host is not None else gather(), gdb_allow_remote=gdb_allow_remote

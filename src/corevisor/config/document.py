@@ -21,10 +21,12 @@ from typing import Any
 from corevisor.spec import (
     BlkSpec,
     ChannelSpec,
+    DeviceSpec,
     HostPort,
     ModuleSpec,
     NetSpec,
     PartitionSpec,
+    PciAddress,
     SerialSpec,
     SystemSpec,
     document_fields,
@@ -35,7 +37,7 @@ __all__ = ["partition_document", "channel_document", "system_document"]
 
 def _value(value: object) -> Any:
     """One spec value in its written form."""
-    if isinstance(value, SerialSpec | HostPort | Path):
+    if isinstance(value, SerialSpec | HostPort | Path | PciAddress):
         return str(value)
     if isinstance(value, enum.Enum):
         return value.value
@@ -45,6 +47,10 @@ def _value(value: object) -> Any:
         return {"tap": value.tap}
     if isinstance(value, ModuleSpec):
         return f"{value.path},{value.string}"
+    if isinstance(value, DeviceSpec):  # its own keys, then its parameters (userdev/load.py)
+        own = {"class": value.cls, "name": value.name, "base": value.base, "gsi": value.gsi}
+        params = {k: _value(v) for k, v in value.params}
+        return {**{k: v for k, v in own.items() if v is not None}, **params}
     if isinstance(value, tuple):
         return [_value(v) for v in value]
     return value

@@ -31,6 +31,14 @@ JSON schema)::
     # bios = "/usr/share/seabios/bios-256k.bin"   instead of image: boot the first disk
     #                                     through SeaBIOS (transport "pci"; no initrd,
     #                                     modules or cmdline)
+    vfio = ["0000:00:04.0"]             # host PCI devices bound to vfio-pci, passed through
+                                        # under the IOMMU (vfio/, docs/pc-platform.md)
+
+    [[partitions.demo.devices]]         # a device model written in Python (docs/devices.md)
+    class = "sensor.py:TempSensor"      # or "package.module:Class"
+    base = 0x700                        # optional: its ports or MMIO address (default: its REGION)
+    gsi = 5                             # optional: its interrupt line (default: its IRQ)
+    celsius = 21                        # anything else: its constructor's keyword arguments
 
     [channels.NAME]                     # shared memory between two partitions (channel.py)
     between = ["a", "b"]
@@ -43,10 +51,10 @@ JSON schema)::
     log_dir = "logs"                    # per-partition serial logs (default: a new temp dir)
     sandbox = true                      # every VMM thread under a seccomp filter (docs/sandbox.md)
 
-Relative paths (image, initrd, bios, blk, ``file:`` and ``unix:`` serial paths, log_dir) are
-resolved against the file's directory, so a file means the same from any working
-directory. A table from a JSON document has the same shape: partition_from_table reads
-either (the API's body of a new partition).
+Relative paths (image, initrd, bios, blk, ``file:`` and ``unix:`` serial paths, log_dir,
+a device's FILE.py) are resolved against the file's directory, so a file means the same
+from any working directory. A table from a JSON document has the same shape:
+partition_from_table reads either (the API's body of a new partition).
 
 What does not live here: the checks of values against each other and the host
 (validate.py), the `run` options (args.py), opening anything (console.py, builder.py).
@@ -67,6 +75,7 @@ from corevisor.config.parse import (
     parse_cpu_list,
     parse_gdb,
     parse_path,
+    parse_pci_address,
     parse_serial,
     parse_size,
     type_name,
@@ -77,10 +86,12 @@ from corevisor.spec import (
     NAME_PATTERN,
     BlkSpec,
     ChannelSpec,
+    DeviceSpec,
     Doorbell,
     ExitMode,
     NetSpec,
     PartitionSpec,
+    PciAddress,
     RestartPolicy,
     SystemSpec,
     Transport,
@@ -288,7 +299,21 @@ _READERS: dict[str, Callable[[object, str, Path | None], Any]] = {
     "restart": lambda v, w, b: _choice(v, RestartPolicy, w),
     "watchdog_ms": lambda v, w, b: _int(v, w),
     "gdb": lambda v, w, b: parse_gdb(_str(v, w), w),
+    "devices": lambda v, w, b: _devices(v, w, b),
+    "vfio": lambda v, w, b: _pci_addresses(v, w),
 }
+
+
+def _pci_addresses(value: object, where: str) -> tuple[PciAddress, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f'{where}: expected an array of PCI addresses like ["0000:00:04.0"]')
+    out: list[PciAddress] = []
+    for i, item in enumerate(value):
+        address = parse_pci_address(_str(item, f"{where}[{i}]"), f"{where}[{i}]")
+        if address in out:
+            raise ConfigError(f"{where}[{i}]: {address} is given twice")
+        out.append(address)
+    return tuple(out)
 
 
 def partition_from_table(
@@ -346,6 +371,20 @@ def _bios_partition(name: str, table: dict[str, Any], where: str, base: Path | N
     }
     virtio = _virtio(table, where, base, default=Transport.PCI)
     return PartitionSpec(name=name, bios=bios, virtio=virtio, **values)
+
+
+def _devices(value: object, where: str, base: Path | None) -> tuple[DeviceSpec, ...]:
+    """[[partitions.NAME.devices]]: user-written device models (userdev/load.py)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(
+            f"{where}: expected an array of tables ([[partitions.NAME.devices]]), "
+            f"got {type_name(value)}"
+        )
+    from corevisor.userdev.load import device_from_table  # only partitions with devices
+
+    return tuple(device_from_table(t, f"{where}[{i}]", base) for i, t in enumerate(value))
 
 
 # ---------------------------------------------------------------------- virtio keys

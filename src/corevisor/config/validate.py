@@ -29,7 +29,14 @@ from corevisor.arch.x86_64 import layout
 from corevisor.config.host import HostFacts
 from corevisor.config.parse import format_cpu_list, format_size
 from corevisor.errors import ConfigError, quote, show
-from corevisor.resources import CHANNEL_GSIS, Space, machine_map
+from corevisor.resources import (
+    CHANNEL_GSIS,
+    VIRTIO_GSIS,
+    Resources,
+    Space,
+    claim_device,
+    machine_map,
+)
 from corevisor.spec import (
     MAX_CHANNEL_SIZE,
     MAX_CHANNELS,
@@ -63,11 +70,13 @@ _OPTIONS = {
     "cmdline": "--cmdline",
     "serial": "--serial",
     "initrd": "--initrd",
+    "vfio": "--vfio",
     "modules": "--module",
     "gdb": "--gdb",
     "blk": "--disk",
     "net": "--net",
     "virtio": "--disk/--net/--rng",
+    "devices": "--device",
     "transport": "--transport",
     "bios": "--bios",
 }
@@ -135,6 +144,44 @@ def validate_partition(
             f"{keys.of(p.name, 'virtio') if keys.options else keys.of(p.name)}: "
             f"{p.virtio.count} virtio devices, at most {MAX_VIRTIO_DEVICES} "
             "(one interrupt line each)"
+        )
+    _check_devices(p, keys)
+
+
+def _device_key(p: PartitionSpec, keys: Keys, index: int) -> str:
+    """How messages name a partition's device: its table, or --device."""
+    return keys.of(p.name, "devices") if keys.options else keys.of(p.name, f"devices[{index}]")
+
+
+def partition_map(p: PartitionSpec, keys: Keys = API_KEYS) -> Resources:
+    """p's resource map with its user devices in it (what its channels must avoid)."""
+    res = machine_map(p.name, p.memory, p.pci)
+    for i, d in enumerate(p.devices):
+        claim_device(res, d, _device_key(p, keys, i))
+    return res
+
+
+def _check_devices(p: PartitionSpec, keys: Keys) -> None:
+    """User devices: unique names, ranges and lines clear of the machine's fixed devices
+    and of each other, and lines left for the virtio devices."""
+    names: dict[str, int] = {}
+    for i, d in enumerate(p.devices):
+        if d.name in names:
+            first = "another --device" if keys.options else f"devices[{names[d.name]}]"
+            raise ConfigError(
+                f"{_device_key(p, keys, i)}: a device named {d.name} already exists "
+                f"({first}): give one a name"
+            )
+        names[d.name] = i
+    partition_map(p, keys)
+    lines = {d.gsi for d in p.devices if d.gsi is not None}
+    # (virtio-pci devices interrupt through MSI-X and PCI's own INTx lines, not these)
+    mmio = p.virtio.transport is Transport.MMIO
+    if lines and mmio and p.virtio.count > len(VIRTIO_GSIS) - len(lines):
+        raise ConfigError(
+            f"{keys.of(p.name, 'virtio') if keys.options else keys.of(p.name)}: "
+            f"{p.virtio.count} virtio devices and {len(lines)} device lines, but only "
+            f"{len(VIRTIO_GSIS)} free interrupt lines"
         )
 
 
@@ -355,7 +402,7 @@ def _place_channels(
     """Check each channel, then place those without a gpa, in order, in the resource maps
     of both its partitions (RAM, fixed MMIO, the channels each already has)."""
     by_name = {p.name: p for p in partitions}
-    maps = {name: machine_map(name, p.memory, p.pci) for name, p in by_name.items()}
+    maps = {name: partition_map(p, keys) for name, p in by_name.items()}
     count = dict.fromkeys(by_name, 0)
     for c in running:
         for end in c.between:

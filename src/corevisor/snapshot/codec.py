@@ -96,6 +96,7 @@ STATE_TYPES: tuple[tuple[str, str], ...] = (
     ("corevisor.channel", "ReadOnlyGuardState"),
     ("corevisor.channel", "DoorbellPortState"),
     ("corevisor.system", "WatchdogState"),
+    ("corevisor.userdev.attach", "UserDeviceState"),
 )
 
 _TYPES: dict[str, type] | None = None

@@ -132,7 +132,19 @@ def _from_json(hint: Any, value: object, where: str) -> Any:
         if type(value) is not hint:
             raise SnapshotError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
         return value
+    if hint is Any:  # a user device's parameter (DeviceSpec.params): plain values
+        return _plain(value, where)
     raise SnapshotError(f"{where}: cannot read a {hint!r}")  # pragma: no cover - spec.py grew
+
+
+def _plain(value: object, where: str) -> Any:
+    """A JSON scalar as it is, an array as a tuple of them: what a device's parameters
+    are (userdev/load.py), so a restored spec equals the saved one."""
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, list):
+        return tuple(_plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+    raise SnapshotError(f"{where}: expected a plain value, got {type(value).__name__}")
 
 
 def _record(cls: type, value: object, where: str) -> Any:

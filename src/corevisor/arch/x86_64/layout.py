@@ -97,6 +97,12 @@ LAPIC_ADDR = 0xFEE0_0000
 VIRTIO_MMIO_START = MMIO_HOLE_START
 VIRTIO_MMIO_END = VIRTIO_MMIO_START + 9 * 0x1000
 
+# Kept free of corevisor's own devices, for device models users write (userdev/,
+# docs/devices.md): a user device may sit anywhere the machine's map is free, and these
+# ranges stay free (tests/unit/test_userdev.py checks the map).
+USER_DEVICE_PORTS = (0x700, 0x800)
+USER_DEVICE_MMIO = (0xC100_0000, 0xD000_0000)  # above the virtio windows, below channels
+
 # PCI (pci/), on a machine with PCI devices or firmware (resources.machine_map claims these
 # only there): the ECAM window of bus 0 (ACPI MCFG; e820 reserves it), the 32-bit window
 # BARs are placed in, from just above ECAM up to the IOAPIC (SeaBIOS, too, places BARs
