@@ -1,18 +1,18 @@
 """Unmodified Linux over PCI, and a BIOS boot through a real boot loader, in the lab.
 
 On the project's hosts (PVM) Debian's kernel stops at an instruction PVM's emulator
-lacks long before it enumerates PCI, and SYSLINUX at one too (``iret`` in its
-protected-mode core: QEMU stops at the same instruction there); these tests need a
-hardware-assisted /dev/kvm, which the lab's L1 guest has (make lab-test).
+lacks long before it enumerates PCI, and SYSLINUX stops even before the kernel: an
+emulation failure at an ``iret`` (cf) in its protected-mode core, right after its banner;
+these tests need a hardware-assisted /dev/kvm, which the lab's L1 guest has
+(make lab-test).
+Two boots, each asserted on by what the guest prints and corevisor's exit status:
 
-| boot | what | the guest (L2) does | and ends by |
-| --- | --- | --- | --- |
-| pci | Debian's vmlinux, --transport pci, blk + net + rng | lists the PCI bus and the virtio interrupts, reads and writes its disk, pings the other end of its TAP | poweroff |
-| bios | SeaBIOS -> SYSLINUX (a disk made by scripts/make-bios-disk) -> Debian's bzImage | runs a shell command | poweroff (ACPI S5, the tables SeaBIOS installed from fw_cfg) |
-
-Both assert on what the guest prints and on corevisor's exit status. The lab's fixtures
-and helpers (tests/lab/conftest.py, tests/lab/linux.py, lab/) are imported inside the
-tests, so collecting this file needs none of them.
+* pci: Debian's vmlinux with ``--transport pci`` and blk + net + rng, only PCI drivers
+  in its initramfs (guest/pci-init): it lists the PCI bus and the virtio interrupts,
+  reads and writes its disk, pings the other end of its TAP, and powers off.
+* bios: SeaBIOS -> SYSLINUX (a disk made by scripts/make-bios-disk) -> Debian's
+  bzImage with the lab's L2 initramfs (guest/init): a shell command, then a power-off
+  through ACPI S5, from the tables SeaBIOS installed from fw_cfg.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
-if TYPE_CHECKING:
-    from lab.kernel import Kernel
+from lab.initramfs import busybox_initramfs
+from lab.kernel import Kernel
+from tests.kvm.conftest import tap_in_netns
+from tests.kvm.test_bios import lines
+from tests.lab import linux
 
 pytestmark = pytest.mark.lab
 
@@ -38,8 +40,6 @@ NS, TAP, L1_IP = "cvlabpci", "cvlabpcitap", "192.0.2.1"
 
 
 def _cmdline() -> str:
-    from tests.lab import linux
-
     return linux.CMDLINE.replace(" pci=off", "")  # this machine has a PCI bus
 
 
@@ -50,10 +50,8 @@ def _fail(r: subprocess.CompletedProcess[str]) -> str:
 @pytest.fixture(scope="module")
 def pci_boot(kernel: Kernel, vmlinux: Path, tmp_path_factory: pytest.TempPathFactory
              ) -> tuple[subprocess.CompletedProcess[str], Path]:
-    from lab.initramfs import busybox_initramfs
-    from tests.kvm.conftest import tap_in_netns
-    from tests.lab import linux
-
+    """The one virtio-pci boot the first four tests share (a lab boot costs ~30-70 s),
+    with its disk, which the guest wrote to."""
     work = tmp_path_factory.mktemp("pci")
     initrd = work / "initrd.cpio"
     initrd.write_bytes(busybox_initramfs((GUEST / "pci-init").read_bytes(),
@@ -116,8 +114,6 @@ def test_bios_boots_syslinux_which_boots_linux_to_a_shell_command(
     kernel: Kernel, bzimage: Path, tmp_path: Path
 ) -> None:
     """BIOS -> boot loader -> Linux -> user space, from one disk image."""
-    from tests.kvm.test_bios import lines
-    from tests.lab import linux
 
     initrd = tmp_path / "initrd.cpio"
     initrd.write_bytes(linux.initramfs(kernel))
