@@ -5,6 +5,7 @@
  * for the conventions; virtio 1.x spec sections in the comments.
  */
 #include "virtio.h"
+#include "pci.h"
 
 /* virtio-mmio registers (4.2.2) */
 #define R_MAGIC 0x000
@@ -186,45 +187,13 @@ static void add_window(const char *v)
 #define VCAP_ISR 3
 #define VCAP_DEVICE 4
 
-static u64 ecam_base;
-static int pci_ports;           /* 1: configuration mechanism #1 */
-
-static u32 cfg_read32(u16 bdf, u32 off)
-{
-    if (!pci_ports)
-        return mmio_read32(ecam_base + ((u64)bdf << 12) + (off & 0xFFC));
-    outl(0xCF8, 0x80000000u | (u32)bdf << 8 | (off & 0xFC));
-    return inl(0xCFC);
-}
-
-static void cfg_write16(u16 bdf, u32 off, u16 v)
-{
-    if (!pci_ports) {
-        wr16(ecam_base + ((u64)bdf << 12) + (off & 0xFFE), v);
-        return;
-    }
-    outl(0xCF8, 0x80000000u | (u32)bdf << 8 | (off & 0xFC));
-    outw((u16)(0xCFC + (off & 2)), v);
-}
-
-static u8 cfg_read8(u16 bdf, u32 off) { return (u8)(cfg_read32(bdf, off) >> (8 * (off & 3))); }
+static u32 cfg_read32(u16 bdf, u32 off) { return pci_read32(bdf, off); }
+static void cfg_write16(u16 bdf, u32 off, u16 v) { pci_write16(bdf, off, v); }
+static u8 cfg_read8(u16 bdf, u32 off) { return pci_read8(bdf, off); }
+static u64 bar_address(u16 bdf, u32 bar) { return pci_bar_address(bdf, bar); }
 
 u32 vio_pci_read32(struct vio_dev *d, u32 off) { return cfg_read32(d->bdf, off); }
 void vio_pci_write16(struct vio_dev *d, u32 off, u16 v) { cfg_write16(d->bdf, off, v); }
-
-/* The address a memory BAR decodes (0 for an I/O BAR or one not assigned). */
-static u64 bar_address(u16 bdf, u32 bar)
-{
-    if (bar > 5)
-        return 0;
-    u32 lo = cfg_read32(bdf, 0x10 + 4 * bar);
-    if (lo & 1)
-        return 0;
-    u64 a = lo & ~0xFu;
-    if (((lo >> 1) & 3) == 2 && bar < 5)
-        a |= (u64)cfg_read32(bdf, 0x14 + 4 * bar) << 32;
-    return a;
-}
 
 /* One modern virtio-pci function: its capabilities, its BARs enabled. */
 static void add_pci(u16 bdf, u32 id)
@@ -272,19 +241,8 @@ static void add_pci(u16 bdf, u32 id)
 
 static void scan_pci(void)
 {
-    char mode[8] = "";
-    rt_cmdline_str("pci", mode, sizeof(mode));
-    if (!memcmp(mode, "off", 4))
+    if (pci_init() < 0)
         return;
-    const u8 *mcfg = memcmp(mode, "cf8", 4) ? rt_acpi_table("MCFG") : NULL;
-    if (mcfg && *(const u32 *)(mcfg + 4) >= 44 + 16) {
-        ecam_base = *(const u64 *)(mcfg + 44);  /* segment 0, starting at bus 0 */
-        pci_ports = 0;
-    } else {
-        pci_ports = 1;
-        if ((cfg_read32(0, 0) & 0xFFFF) == 0xFFFF)
-            return;                             /* no host bridge at 00:00.0 */
-    }
     for (u32 dev = 0; dev < 32; dev++) {
         u32 id = cfg_read32((u16)(dev << 3), 0);
         u32 device = id >> 16;
@@ -329,7 +287,7 @@ const char *vio_where(struct vio_dev *d)
         fmt(buf, sizeof(buf), "virtio-mmio at %lx", d->base);
     else
         fmt(buf, sizeof(buf), "virtio-pci %02x:%02x.%x (%s)", d->bdf >> 8, (d->bdf >> 3) & 31,
-            d->bdf & 7, pci_ports ? "0xCF8" : "ECAM");
+            d->bdf & 7, pci_how());
     return buf;
 }
 

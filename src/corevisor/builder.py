@@ -267,8 +267,8 @@ def attach_platform(
     serial = attach_legacy_devices(m, config, links.serial, res, links.report)
     attach_acpi_pm(m, res)
     attach_hypercalls(m, config, links, serial, res)
-    attach_user_devices(m, config, res, links.report)
     pci = attach_pci(m, links, res) if config.pci else None
+    attach_user_devices(m, config, res, links.report, pci)
     virtio = attach_virtio_devices(m, config, links, serial, res, pci)
     m.devices.update(links.parts)
     return serial, virtio
@@ -539,17 +539,20 @@ def attach_user_devices(
     config: PartitionSpec,
     res: Resources,
     report: Callable[[str, str], None] = report_to_stderr,
+    pci: PciPlatform | None = None,
 ) -> None:
     """Device models written in Python (userdev/, docs/devices.md) at the ranges and lines
-    their specs name. Before the virtio devices: a user device's line is fixed (its
-    guest driver knows it), so virtio's allocation steps around it. Their timers run on
-    one thread the machine starts with the vCPUs; a device that fails is reported
-    through report and answers as absent, the machine runs on."""
+    their specs name, PCI functions on pci's bus (before the virtio functions: slot
+    order is device order). Before the virtio devices: a user device's line is fixed
+    (its guest driver knows it), so virtio's allocation steps around it. Their timers
+    run on one thread the machine starts with the vCPUs; a device that fails is
+    reported through report and answers as absent, the machine runs on."""
     if not config.devices:
         return
     from corevisor.userdev import attach as userdev  # only partitions with user devices
 
-    userdev.attach(m, config.devices, res, lambda msg: report(m.name, msg))
+    userdev.attach(m, config.devices, res, lambda msg: report(m.name, msg), pci,
+                   place=config.bios is None)
 
 
 def attach_pci(m: Machine, links: PartitionLinks, res: Resources) -> PciPlatform:
