@@ -29,11 +29,13 @@ static volatile int guard_fired;
 static volatile int spurious;
 
 /* Level-triggered INTx: quiet the device before the EOI. An interrupt with no alarm set
- * is spurious, as a driver of a shared line must expect. */
+ * is spurious, as a driver of a shared line must expect; so is one from a device that
+ * reads all ones (failed or unplugged). */
 static void sensor_irq(struct trap_frame *tf)
 {
     (void)tf;
-    if (!(mmio_read32(regs + STATUS) & 1)) {
+    u32 st = mmio_read32(regs + STATUS);
+    if (st == 0xFFFFFFFFu || !(st & 1)) {       /* all ones: the device is gone */
         spurious++;
         lapic_eoi();
         return;
@@ -162,6 +164,8 @@ int main(void)
     printf("pcisensor: done, %d alarms, now %u C\n", seen, mmio_read32(regs + TEMP));
     if (spurious)
         printf("pcisensor: %d spurious interrupts\n", spurious);
+    if (mmio_read32(regs + STATUS) == 0xFFFFFFFFu)
+        printf("pcisensor: the device is gone (it reads all ones)\n");
     if (!msi)
         printf("pcisensor: STATUS interrupt bit set in %u of %d handlers\n", status_seen, seen);
     return seen == count ? 0 : 1;

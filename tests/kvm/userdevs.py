@@ -172,3 +172,28 @@ class ForbiddenSensor(TempSensor):  # type: ignore[misc, valid-type]
         if self.regs[3] & 1 and self.where == "timer":
             open("/dev/null").close()  # noqa: SIM115
         super().sample()
+
+
+_PCI_EXAMPLE = _EXAMPLE.with_name("pcisensor.py")
+_pci_spec = importlib.util.spec_from_file_location("corevisor_example_pcisensor", _PCI_EXAMPLE)
+assert _pci_spec is not None and _pci_spec.loader is not None
+pci_example = importlib.util.module_from_spec(_pci_spec)
+sys.modules[_pci_spec.name] = pci_example
+_pci_spec.loader.exec_module(pci_example)
+PciSensor = pci_example.PciSensor
+
+
+class FailingPciSensor(PciSensor):  # type: ignore[misc, valid-type]
+    """The PCI example, failing on the `after`-th write to its status register (BAR0 +8:
+    the guest's interrupt handler clearing an alarm)."""
+
+    def __init__(self, host: Host, after: int = 2, **kw: int) -> None:
+        super().__init__(host, **kw)
+        self.left = after
+
+    def write(self, bar: int, offset: int, data: bytes) -> None:
+        if (bar, offset) == (0, 8):
+            self.left -= 1
+            if self.left <= 0:
+                raise RuntimeError("status write refused")
+        super().write(bar, offset, data)

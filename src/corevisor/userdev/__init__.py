@@ -9,12 +9,12 @@ as corevisor's own devices do (devices/__init__.py): ``read(offset, size) -> byt
 on the machine's PCI bus: its BARs are placed by the PCI platform (or the guest's
 firmware), its configuration space is corevisor's, its accesses arrive as
 ``read(bar, offset, size)`` and ``write(bar, offset, data)`` with the BAR's index, and
-its line is its slot's INTx (level-triggered, shared, masked by INTX_DISABLE) or MSI. corevisor constructs it as
-``Class(host, **parameters)``: the parameters come from the system file, and ``host``
-(a ``Host``) is everything the device may use of the machine — its interrupt line
-(``IrqLine``: KVM_IRQ_LINE into the in-kernel irqchip), the guest's RAM through
-bounds-checked reads and writes (``GuestRam``: guest-physical addresses, never a host
-pointer), timers that run on a thread the machine owns (``Timer``), and a log line.
+its line is its slot's INTx (level-triggered, shared, masked by INTX_DISABLE) or MSI.
+corevisor constructs it as ``Class(host, **parameters)``: the parameters come from the
+system file, and ``host`` (a ``Host``) is everything the device may use of the machine —
+its interrupt line (``IrqLine``: KVM_IRQ_LINE into the in-kernel irqchip), the guest's
+RAM through bounds-checked reads and writes (``GuestRam``: guest-physical addresses,
+never a host pointer), timers that run on a thread the machine owns (``Timer``), and a log line.
 Optional ``save()``/``restore(state)`` make the device part of snapshots.
 
     class Blinker:
