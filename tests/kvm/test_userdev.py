@@ -431,9 +431,10 @@ def test_a_pci_sensor_over_0xcf8_by_msi_beside_a_virtio_pci_device(
     assert r.returncode == 0, r.stderr
 
 
-def test_two_pci_sensors_share_an_intx_line(guests: dict[str, Path]) -> None:
-    # slots 1 and 2 both route to GSI 10; the guest drives the first, the second keeps
-    # raising its own request, masked by nothing: the line stays the OR of both
+def test_two_pci_sensors_on_one_intx_line(guests: dict[str, Path]) -> None:
+    # slots 1 and 2 both route to GSI 10; the guest drives the first, the second (its
+    # interrupt never enabled) must not disturb it (the OR of two requests on a line is
+    # tests/unit/test_userdev_pci.py's)
     r = corevisor(
         "run", str(guests["pcisensor"]), "--transport", "pci",
         "--device", f"{PCI_EXAMPLE}:PciSensor",
