@@ -16,7 +16,6 @@
 #define PCI_STATUS_INTERRUPT (1u << 19)     /* in the dword at 0x04 */
 #define PCI_CAP_MSI 0x05
 #define SENSOR_VECTOR 0x26
-#define GUARD_VECTOR 0x41
 #define MAX_ALARMS 16
 
 static u64 regs;
@@ -25,7 +24,6 @@ static u8 rise;
 static volatile int alarms;
 static volatile u32 alarm_temp[MAX_ALARMS];
 static volatile u32 status_seen;    /* PCI STATUS's interrupt bit in the handler (INTx) */
-static volatile int guard_fired;
 static volatile int spurious;
 
 /* Level-triggered INTx: quiet the device before the EOI. An interrupt with no alarm set
@@ -49,32 +47,6 @@ static void sensor_irq(struct trap_frame *tf)
     mmio_write32(regs + THRESHOLD, t + rise);
     mmio_write32(regs + STATUS, 1);
     lapic_eoi();
-}
-
-static void guard_irq(struct trap_frame *tf)
-{
-    (void)tf;
-    guard_fired = 1;
-    lapic_eoi();
-}
-
-/* Halt until the next alarm or until ms have passed (a one-shot LAPIC timer). */
-static int wait_alarm(int seen, u32 ms)
-{
-    u64 per_10ms = rt_lapic_ticks_10ms ? rt_lapic_ticks_10ms : 625000;
-    u64 ticks = per_10ms * ms / 10;
-    guard_fired = 0;
-    lapic_write(LAPIC_TIMER_DIV, 0x3);
-    lapic_write(LAPIC_LVT_TIMER, GUARD_VECTOR);
-    lapic_write(LAPIC_TIMER_INIT, ticks > 0xFFFFFFFFu ? 0xFFFFFFFFu : (u32)ticks);
-    for (;;) {
-        cli();
-        if (alarms > seen || guard_fired)
-            break;
-        __asm__ volatile("sti; hlt" ::: "memory");
-    }
-    lapic_write(LAPIC_TIMER_INIT, 0);
-    return alarms > seen;
 }
 
 /* The MSI capability's offset, or 0. */
@@ -135,7 +107,6 @@ int main(void)
 
     u8 apic = (u8)lapic_id();
     rt_set_handler(SENSOR_VECTOR, sensor_irq);
-    rt_set_handler(GUARD_VECTOR, guard_irq);
     if (msi) {
         if (enable_msi(bdf, apic) < 0) {
             printf("pcisensor: no MSI capability\n");
@@ -153,7 +124,7 @@ int main(void)
 
     int seen = 0;
     while (seen < count) {
-        if (!wait_alarm(seen, timeout_ms)) {
+        if (!rt_wait_count(&alarms, seen, timeout_ms)) {
             printf("pcisensor: no alarm within %u ms\n", timeout_ms);
             break;
         }

@@ -1,6 +1,6 @@
 """User devices for the tests (named in system files as "tests/kvm/userdevs.py:Class"):
 the example sensor gone wrong in each way the containment promises to survive, a sensor
-that keeps a log in guest memory, and one whose calls block.
+that keeps a log in guest memory, one whose calls block, and the PCI example failing.
 
 Each is the example (examples/sensor.py, loaded from its file as a system file would)
 with one thing changed, driven by the bundled `sensor` guest.
@@ -11,16 +11,26 @@ from __future__ import annotations
 import importlib.util
 import sys
 import threading
+import types
 from pathlib import Path
 
 from corevisor.userdev import GuestMemoryError, Host, Ports
 
-_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sensor.py"
-_spec = importlib.util.spec_from_file_location("corevisor_example_sensor", _EXAMPLE)
-assert _spec is not None and _spec.loader is not None
-example = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = example
-_spec.loader.exec_module(example)
+_EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _example(name: str) -> types.ModuleType:
+    """examples/NAME.py, loaded from its file as a system file would load it."""
+    spec = importlib.util.spec_from_file_location(f"corevisor_example_{name}",
+                                                  _EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+example = _example("sensor")
 TempSensor = example.TempSensor
 
 
@@ -174,13 +184,7 @@ class ForbiddenSensor(TempSensor):  # type: ignore[misc, valid-type]
         super().sample()
 
 
-_PCI_EXAMPLE = _EXAMPLE.with_name("pcisensor.py")
-_pci_spec = importlib.util.spec_from_file_location("corevisor_example_pcisensor", _PCI_EXAMPLE)
-assert _pci_spec is not None and _pci_spec.loader is not None
-pci_example = importlib.util.module_from_spec(_pci_spec)
-sys.modules[_pci_spec.name] = pci_example
-_pci_spec.loader.exec_module(pci_example)
-PciSensor = pci_example.PciSensor
+PciSensor = _example("pcisensor").PciSensor
 
 
 class FailingPciSensor(PciSensor):  # type: ignore[misc, valid-type]

@@ -178,10 +178,10 @@ def _what(call: _Call | None) -> str:
     if call is None:
         return "?"
     kind, a, b = call[:3]
-    at = f"{a[0]}, {a[1]:#x}" if isinstance(a, tuple) else f"{a:#x}"  # (bar, offset)
-    if kind == "read":
-        return f"read({at}, {b})"
-    if kind == "write":
+    if kind in ("read", "write"):
+        at = f"{a[0]}, {a[1]:#x}" if isinstance(a, tuple) else f"{a:#x}"  # (bar, offset)
+        if kind == "read":
+            return f"read({at}, {b})"
         data = b if isinstance(b, bytes) else b""
         return f"write({at}, {data[:8].hex()})"
     if isinstance(a, Timer):
