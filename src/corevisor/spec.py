@@ -349,9 +349,11 @@ _DEVICE_SCHEMA: dict[str, Any] = {
         "name": {"type": "string", "pattern": f"^{NAME_PATTERN}$",
                  "description": "default: the class's name in lower case"},
         "base": {"type": "integer", "minimum": 0,
-                 "description": "first port or MMIO address (default: the class's REGION)"},
+                 "description": "first port or MMIO address (default: the class's REGION; "
+                 "not for a PCI function, whose BARs are placed)"},
         "gsi": {"type": "integer", "minimum": 0,
-                "description": "its interrupt line (default: the class's IRQ)"},
+                "description": "its interrupt line (default: the class's IRQ; not for a "
+                "PCI function, whose line is its slot's INTx)"},
     },
     "required": ["class"],
     "additionalProperties": _PARAM_SCHEMA,
