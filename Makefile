@@ -24,7 +24,7 @@ setup: sysdeps $(STAMP) guests
 # (the root is read-only there) and no hypothesis plugin (seconds to import there).
 LAB_PYTEST := -m lab -p no:cacheprovider -p no:hypothesispytest -q -rA --durations=0
 lab-test: setup
-	lab/run --timeout 1500 -- $(PY) -m pytest $(LAB_PYTEST) tests
+	lab/run --iommu --timeout 1500 -- $(PY) -m pytest $(LAB_PYTEST) tests
 
 # System packages, installed only when missing: a compiler and binutils for the guests
 # (all the demo needs); for the tests and benchmarks also QEMU, gdb, ACPICA, cpio,

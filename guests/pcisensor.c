@@ -14,7 +14,6 @@
 #define CONTROL 0xC
 #define PCI_COMMAND 0x04
 #define PCI_STATUS_INTERRUPT (1u << 19)     /* in the dword at 0x04 */
-#define PCI_CAP_MSI 0x05
 #define SENSOR_VECTOR 0x26
 #define MAX_ALARMS 16
 
@@ -49,20 +48,10 @@ static void sensor_irq(struct trap_frame *tf)
     lapic_eoi();
 }
 
-/* The MSI capability's offset, or 0. */
-static u32 find_msi(u16 bdf)
-{
-    for (u32 cap = pci_read8(bdf, 0x34) & 0xFC, n = 0; cap && n < 48;
-         cap = pci_read8(bdf, cap + 1) & 0xFC, n++)
-        if (pci_read8(bdf, cap) == PCI_CAP_MSI)
-            return cap;
-    return 0;
-}
-
 /* Program MSI: this LAPIC, the vector, fixed delivery, edge; 64-bit capability. */
 static int enable_msi(u16 bdf, u8 apic)
 {
-    u32 cap = find_msi(bdf);
+    u32 cap = pci_find_cap(bdf, PCI_CAP_MSI);
     if (!cap)
         return -1;
     u16 ctrl = (u16)(pci_read32(bdf, cap) >> 16);
@@ -88,14 +77,14 @@ int main(void)
 
     lapic_enable();
     (void)rt_tsc_khz();                                     /* calibrates the LAPIC timer */
-    int found = pci_find(VENDOR, DEVICE);
+    int found = pci_find(VENDOR, DEVICE, 0);
     if (found < 0) {
         printf("pcisensor: no %04x:%04x on PCI bus 0\n", VENDOR, DEVICE);
         return 2;
     }
     bdf = (u16)found;
     printf("pcisensor: %04x:%04x at 00:%02x.%x (%s), class %06x\n", VENDOR, DEVICE,
-           bdf >> 3, bdf & 7, pci_how(), pci_read32(bdf, 0x08) >> 8);
+           bdf >> 3, bdf & 7, pci_uses_ports() ? "0xCF8" : "ECAM", pci_read32(bdf, 0x08) >> 8);
     regs = pci_bar_address(bdf, 0);
     u16 port = pci_bar_port(bdf, 1);
     printf("pcisensor: BAR0 memory at 0x%lx, BAR1 ports at 0x%x\n", regs, port);

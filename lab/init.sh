@@ -6,7 +6,8 @@
 # kvm_amd.npt=, kvm_amd.nested=1), mounts the host's root read-only over 9p at /host with the guest's own
 # /proc, /sys, /dev and tmpfs wherever the command may write, mounts the per-run share
 # (tag "lab": the command script, its output, its status) and any writable host
-# directories it lists, checks /dev/kvm (and an IOMMU group with lab.iommu=1), runs the
+# directories it lists, checks /dev/kvm (and with lab.iommu=1 an IOMMU group, /dev/vfio/vfio,
+# and binds the edu device to vfio-pci), runs the
 # command chrooted into /host, writes its status, and powers off.
 #
 # Each failure prints one "lab-init: error KIND: DETAIL" line on the console (the per-run
@@ -69,6 +70,15 @@ hostname lab
 [ -c /dev/kvm ] || fail kvm "/dev/kvm is missing after loading kvm_amd ($(dmesg | grep -i -m1 -E 'kvm|svm'))"
 if [ "$(param iommu 0)" = 1 ]; then
     [ -n "$(ls /sys/kernel/iommu_groups)" ] || fail iommu "no IOMMU group in /sys/kernel/iommu_groups"
+    [ -c /dev/vfio/vfio ] || fail iommu "no /dev/vfio/vfio after loading vfio"
+    # QEMU's edu device (1234:11e8) goes to vfio-pci, for the passthrough tests: no other
+    # driver claims it, so driver_override and a probe are enough.
+    for dev in /sys/bus/pci/devices/*; do
+        [ "$(cat "$dev/vendor"):$(cat "$dev/device")" = 0x1234:0x11e8 ] || continue
+        echo vfio-pci > "$dev/driver_override"
+        echo "${dev##*/}" > /sys/bus/pci/drivers_probe
+        [ -e "$dev/driver" ] || fail iommu "${dev##*/} (edu) did not bind to vfio-pci"
+    done
 fi
 
 mkdir -p /host/run/lab

@@ -9,8 +9,10 @@ decompressing it, and the page cache holds it anyway.
 
 Which modules: what the init script needs before the host's root is mounted (virtio-pci
 and 9p), the hypervisor (kvm_amd, its dependencies from modules.dep), and tun for the
-TAP devices the network tests create. Anything else the command needs it can modprobe
-from the host's /lib/modules, which is the same tree (kernel.py).
+TAP devices the network tests create, and VFIO (vfio, vfio_iommu_type1, vfio_pci: --iommu
+binds the edu device to vfio-pci; without an IOMMU they load and stay idle). Anything
+else the command needs it can modprobe from the host's /lib/modules, which is the same
+tree (kernel.py).
 
 What does not live here: finding the kernel and resolving dependencies (kernel.py),
 booting it (vm.py).
@@ -37,7 +39,8 @@ __all__ = [
     "pack",
 ]
 
-L1_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "kvm_amd", "tun")
+L1_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "kvm_amd", "tun",
+              "vfio", "vfio_iommu_type1", "vfio_pci")
 INIT = Path(__file__).with_name("init.sh")
 PT_INTERP = 3
 # Archives of other inputs (another worktree's init script, an older kernel) are kept

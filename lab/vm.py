@@ -39,7 +39,7 @@ from lab import pycache
 from lab.initramfs import BusyboxNotFound, l1_initramfs
 from lab.kernel import KernelNotFound, ModuleNotFound, find_kernel
 
-__all__ = ["Exit", "LabError", "LabResult", "run", "cache_dir"]
+__all__ = ["Exit", "LabError", "LabResult", "run", "cache_dir", "EDU_BDF"]
 
 class Exit(enum.IntEnum):
     """lab/run's own exit statuses, one per kind of failure (a command's status passes through)."""
@@ -59,6 +59,8 @@ QEMU = "qemu-system-x86_64"
 # fails; panic=-1 with -no-reboot: a panic ends QEMU at once instead of hanging the run.
 L1_CMDLINE = "console=ttyS0 quiet panic=-1 rdinit=/init"
 NINEP_ROOT_TAG = "hostroot"
+EDU_SLOT = 4
+EDU_BDF = f"0000:00:{EDU_SLOT:02x}.0"  # where --iommu puts QEMU's edu device (bound to vfio-pci)
 # Where the guest mounts its own tmpfs over the host's root (lab/init.sh mounts these).
 TMPFS_DIRS = ("/tmp", "/run", "/var/tmp", "/dev/shm")
 _INIT_ERROR = re.compile(rb"lab-init: error (\w+): (.*)")
@@ -160,7 +162,9 @@ def _qemu_argv(
     devices += _virtfs(NINEP_ROOT_TAG, Path("/"), readonly=True)
     devices += shares
     if iommu:
-        devices += ["-device", "edu"]  # 1234:11e8, does DMA on command: for VFIO work
+        # 1234:11e8, does DMA on command: for VFIO work. A fixed slot, so its address
+        # (EDU_BDF) does not move with the number of 9p shares before it.
+        devices += ["-device", f"edu,addr={EDU_SLOT:#x}"]
     return [
         QEMU, "-accel", "tcg,thread=multi", "-M", "q35", "-cpu", cpu,
         "-smp", str(cpus), "-m", memory,

@@ -1,13 +1,33 @@
-/* PCI bus 0 configuration space, by ECAM or 0xCF8 (see pci.h). */
+/* PCI bus 0 configuration access for the bundled guests: see pci.h. */
 #include "pci.h"
 
 static u64 ecam_base;
-static int use_ports;           /* 1: configuration mechanism #1 */
-static int state;               /* 0: not looked yet, 1: found, -1: none */
+static int ports;               /* 1: configuration mechanism #1 */
+static int state = -2;          /* -2: not probed; then pci_init's answer */
+
+int pci_init(void)
+{
+    if (state != -2)
+        return state;
+    char mode[8] = "";
+    rt_cmdline_str("pci", mode, sizeof(mode));
+    if (!memcmp(mode, "off", 4))
+        return state = -1;
+    const u8 *mcfg = memcmp(mode, "cf8", 4) ? rt_acpi_table("MCFG") : NULL;
+    if (mcfg && *(const u32 *)(mcfg + 4) >= 44 + 16) {
+        ecam_base = *(const u64 *)(mcfg + 44);  /* segment 0, starting at bus 0 */
+        ports = 0;
+        return state = 0;
+    }
+    ports = 1;
+    return state = (pci_read32(0, 0) & 0xFFFF) == 0xFFFF ? -1 : 0;  /* a host bridge? */
+}
+
+int pci_uses_ports(void) { return ports; }
 
 u32 pci_read32(u16 bdf, u32 off)
 {
-    if (!use_ports)
+    if (!ports)
         return mmio_read32(ecam_base + ((u64)bdf << 12) + (off & 0xFFC));
     outl(0xCF8, 0x80000000u | (u32)bdf << 8 | (off & 0xFC));
     return inl(0xCFC);
@@ -15,7 +35,7 @@ u32 pci_read32(u16 bdf, u32 off)
 
 void pci_write16(u16 bdf, u32 off, u16 v)
 {
-    if (!use_ports) {
+    if (!ports) {
         *(volatile u16 *)(ecam_base + ((u64)bdf << 12) + (off & 0xFFE)) = v;
         return;
     }
@@ -23,31 +43,17 @@ void pci_write16(u16 bdf, u32 off, u16 v)
     outw((u16)(0xCFC + (off & 2)), v);
 }
 
-u8 pci_read8(u16 bdf, u32 off) { return (u8)(pci_read32(bdf, off) >> (8 * (off & 3))); }
-
-const char *pci_how(void) { return use_ports ? "0xCF8" : "ECAM"; }
-
-int pci_init(void)
+void pci_write32(u16 bdf, u32 off, u32 v)
 {
-    if (state)
-        return state > 0 ? 0 : -1;
-    state = -1;
-    char mode[8] = "";
-    rt_cmdline_str("pci", mode, sizeof(mode));
-    if (!memcmp(mode, "off", 4))
-        return -1;
-    const u8 *mcfg = memcmp(mode, "cf8", 4) ? rt_acpi_table("MCFG") : NULL;
-    if (mcfg && *(const u32 *)(mcfg + 4) >= 44 + 16) {
-        ecam_base = *(const u64 *)(mcfg + 44);  /* segment 0, starting at bus 0 */
-        use_ports = 0;
-    } else {
-        use_ports = 1;
-        if ((pci_read32(0, 0) & 0xFFFF) == 0xFFFF)
-            return -1;                          /* no host bridge at 00:00.0 */
+    if (!ports) {
+        mmio_write32(ecam_base + ((u64)bdf << 12) + (off & 0xFFC), v);
+        return;
     }
-    state = 1;
-    return 0;
+    outl(0xCF8, 0x80000000u | (u32)bdf << 8 | (off & 0xFC));
+    outl(0xCFC, v);
 }
+
+u8 pci_read8(u16 bdf, u32 off) { return (u8)(pci_read32(bdf, off) >> (8 * (off & 3))); }
 
 u64 pci_bar_address(u16 bdf, u32 bar)
 {
@@ -70,13 +76,25 @@ u16 pci_bar_port(u16 bdf, u32 bar)
     return (lo & 1) ? (u16)(lo & ~3u) : 0;
 }
 
-int pci_find(u16 vendor, u16 device)
+u32 pci_find_cap(u16 bdf, u8 cap_id)
+{
+    u32 id_next;
+    for (u32 cap = pci_read8(bdf, 0x34) & 0xFC, n = 0; cap && n < 48;
+         cap = (id_next >> 8) & 0xFC, n++) {
+        id_next = pci_read32(bdf, cap);
+        if ((id_next & 0xFF) == cap_id)
+            return cap;
+    }
+    return 0;
+}
+
+int pci_find(u16 vendor, u16 device, int nth)
 {
     if (pci_init() < 0)
         return -1;
     for (u32 dev = 0; dev < 32; dev++) {
         u32 id = pci_read32((u16)(dev << 3), 0);
-        if ((id & 0xFFFF) == vendor && id >> 16 == device)
+        if ((id & 0xFFFF) == vendor && id >> 16 == device && nth-- == 0)
             return (int)(dev << 3);
     }
     return -1;

@@ -180,8 +180,6 @@ static void add_window(const char *v)
 
 #define PCI_VENDOR_VIRTIO 0x1AF4
 #define PCI_DEVICE_MODERN 0x1040
-#define PCI_CAP_VENDOR 0x09
-#define PCI_CAP_MSIX 0x11
 #define VCAP_COMMON 1
 #define VCAP_NOTIFY 2
 #define VCAP_ISR 3
@@ -287,7 +285,7 @@ const char *vio_where(struct vio_dev *d)
         fmt(buf, sizeof(buf), "virtio-mmio at %lx", d->base);
     else
         fmt(buf, sizeof(buf), "virtio-pci %02x:%02x.%x (%s)", d->bdf >> 8, (d->bdf >> 3) & 31,
-            d->bdf & 7, pci_how());
+            d->bdf & 7, pci_uses_ports() ? "0xCF8" : "ECAM");
     return buf;
 }
 

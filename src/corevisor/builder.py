@@ -270,6 +270,9 @@ def attach_platform(
     pci = attach_pci(m, links, res) if config.pci else None
     attach_user_devices(m, config, res, links.report, pci)
     virtio = attach_virtio_devices(m, config, links, serial, res, pci)
+    if config.vfio:
+        assert pci is not None, "a machine with --vfio has a host bridge (spec.pci)"
+        attach_passthrough(m, config, links, pci)
     m.devices.update(links.parts)
     return serial, virtio
 
@@ -570,6 +573,21 @@ def attach_pci(m: Machine, links: PartitionLinks, res: Resources) -> PciPlatform
     m.devices["pci-config"] = ports
     m.devices["host-bridge"] = bridge
     return PciPlatform(root, m.vm, res, m.pio, m.mmio, lambda msg: links.report(m.name, msg))
+
+
+def attach_passthrough(m: Machine, config: PartitionSpec, links: PartitionLinks,
+                       pci: PciPlatform) -> None:
+    """Host PCI devices through VFIO (vfio/attach.py): all of the guest's RAM mapped in
+    the IOMMU at iova = guest-physical, so the devices' DMA reaches that RAM and nothing
+    else; each device a function on bus 0 after the virtio ones."""
+    from corevisor.vfio.attach import attach_vfio
+
+    functions = attach_vfio(pci, m.memory, config.vfio, m,
+                            lambda msg: links.report(m.name, msg),
+                            where=f"partition {config.name}: vfio device",
+                            place=config.bios is None)
+    for function in functions:
+        m.devices[function.name.replace(" ", "-")] = function
 
 
 def attach_bios(m: Machine, config: PartitionSpec, res: Resources,

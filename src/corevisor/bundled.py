@@ -39,6 +39,8 @@ GUESTS = {
     "blk": "virtio-blk driver: mode=check (write, flush, verify) or mode=bench seq=1M|rand=4K",
     "net": "virtio-net driver: answers ARP and ping on ip=A.B.C.D for count=N echo requests",
     "rng": "virtio-rng driver: reads 64 random bytes twice, prints them, checks they differ",
+    "edu": "drives QEMU's edu device passed through with --vfio: DMA into its RAM, INTx, "
+    "MSI, a DMA outside its RAM the IOMMU blocks (outside=ADDR)",
     "dbping": "benchmark: doorbell round trips to a peer (path=kernel|relay); guests/systems",
     "irqlat": "benchmark: LAPIC timer deadline to handler entry latency (wait=hlt|user)",
     "chanbw": "benchmark: byte stream through a channel to a peer in mode=sink",

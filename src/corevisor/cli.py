@@ -49,6 +49,7 @@ PARTITION_OPTIONS = {
     "device": "devices",
     "transport": "transport",
     "bios": "bios",
+    "vfio": "vfio",
 }
 
 
@@ -125,6 +126,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="boot the first --disk through a BIOS instead of an IMAGE (default PATH: "
         "Debian's SeaBIOS, /usr/share/seabios/bios-256k.bin)",
+    )
+    run.add_argument(
+        "--vfio",
+        action="append",
+        metavar="DOMAIN:BUS:DEV.FN",
+        help="pass a host PCI device bound to vfio-pci through to the guest, its DMA "
+        "confined to the guest's RAM by the IOMMU (repeatable; e.g. 0000:00:04.0)",
     )
     run.add_argument(
         "--module",
@@ -244,6 +252,7 @@ def _resolve(args: argparse.Namespace) -> SystemSpec:
         modules=args.module,
         devices=args.device,
         transport=args.transport,
+        vfio=args.vfio,
     )
     return SystemSpec(partitions=(part,))
 
@@ -273,6 +282,7 @@ def _bios_system(args: argparse.Namespace, target: str | None) -> SystemSpec:
         nets=args.net,
         rng=args.rng,
         transport=args.transport,
+        vfio=args.vfio,
         devices=args.device,
     )
     return SystemSpec(partitions=(part,))

@@ -115,6 +115,11 @@ class DeviceError(CorevisorError):
     """A device model was misused or given invalid state."""
 
 
+class VfioError(CorevisorError):
+    """A host PCI device cannot be passed through (vfio/): not bound to vfio-pci, its
+    IOMMU group not viable, no IOMMU or no VFIO on the host; names the device."""
+
+
 class SnapshotError(CorevisorError):
     """A snapshot file is corrupt, of the wrong version, or does not fit the machine."""
 

@@ -411,6 +411,30 @@ class ModuleSpec:
     string: str
 
 
+PCI_ADDRESS_PATTERN = "[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[01][0-9a-fA-F]\\.[0-7]"
+
+
+@dataclass(frozen=True)
+class PciAddress:
+    """A host PCI function, DOMAIN:BUS:DEVICE.FUNCTION (what lspci -D and sysfs call it):
+    the device a partition is given through VFIO (vfio/)."""
+
+    domain: int
+    bus: int
+    device: int
+    function: int
+
+    def __str__(self) -> str:
+        return f"{self.domain:04x}:{self.bus:02x}:{self.device:02x}.{self.function:x}"
+
+
+_VFIO_SCHEMA: dict[str, Any] = {
+    "type": "array",
+    "items": {"type": "string", "pattern": f"^{PCI_ADDRESS_PATTERN}$"},
+    "description": 'host PCI devices bound to vfio-pci, passed through under the IOMMU '
+                   '("0000:00:04.0" each)',
+}
+
 _MODULES_SCHEMA: dict[str, Any] = {
     "type": "array",
     "items": {"type": "string", "minLength": 1, "pattern": "^[^\\x00]*$"},
@@ -457,6 +481,8 @@ class PartitionSpec:
     bios: Path | None = field(default=None, metadata=doc(
         schema=_PATH_SCHEMA, description="a BIOS image (SeaBIOS's bios.bin) to boot the disk "
         "through, instead of an image"))
+    # Host PCI devices given to the guest through VFIO (vfio/), DMA confined by the IOMMU.
+    vfio: tuple[PciAddress, ...] = field(default=(), metadata=doc(schema=_VFIO_SCHEMA))
 
     def __post_init__(self) -> None:
         if (self.image is None) == (self.bios is None):
@@ -465,7 +491,7 @@ class PartitionSpec:
     @property
     def pci(self) -> bool:
         """Whether the machine has a PCI host bridge (PCI devices or firmware)."""
-        return self.bios is not None or self.virtio.transport is Transport.PCI
+        return self.bios is not None or self.virtio.transport is Transport.PCI or bool(self.vfio)
 
     def vcpu_cores(self) -> tuple[int, ...]:
         """The host core of each vCPU, in vCPU order (empty if the partition is not pinned)."""

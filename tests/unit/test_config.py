@@ -170,7 +170,7 @@ def test_unknown_partition_key(tree: Path) -> None:
     assert error(tree, DEMO + "cpu = 2\n") == (
         'partitions.demo: unknown key "cpu" (known: image, cpus, memory, pin, cmdline, serial, '
         "dedicated, exits, halt_poll_ns, restart, watchdog_ms, initrd, modules, gdb, blk, net, "
-        "rng, virtio_console, transport, devices, bios)"
+        "rng, virtio_console, transport, devices, bios, vfio)"
     )
 
 

@@ -277,3 +277,13 @@ def test_the_jail_holds_what_the_spec_names_and_limits_follow_its_size(tmp_path:
     assert spec.nofile == 256 + 2 * 64
     threads = 4 + (2 + 3 + 2) + (1 + 0 + 2)
     assert spec.address_space == (80 << 20) + (1 << 30) + threads * (80 << 20)
+
+
+def test_the_jail_refuses_a_passthrough_device_in_one_line(tmp_path: Path) -> None:
+    from corevisor.sandbox import jail
+    from corevisor.spec import PartitionSpec, PciAddress, SystemSpec
+
+    part = PartitionSpec(name="a", image=tmp_path / "g.elf", vfio=(PciAddress(0, 0, 4, 0),))
+    with pytest.raises(jail.JailError, match=r"^jail: partition a passes 0000:00:04.0 through "
+                                             r"\(vfio\), which the jail cannot hold yet"):
+        jail.plan(SystemSpec(partitions=(part,)), tmp_path / "root", 1000, 1000)

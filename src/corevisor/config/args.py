@@ -22,6 +22,7 @@ from corevisor.config.parse import (
     parse_cpu_list,
     parse_gdb,
     parse_path,
+    parse_pci_address,
     parse_serial,
     parse_size,
 )
@@ -33,6 +34,7 @@ from corevisor.spec import (
     DeviceSpec,
     NetSpec,
     PartitionSpec,
+    PciAddress,
     Transport,
     VirtioSpec,
 )
@@ -77,6 +79,17 @@ def virtio_from_args(
     return VirtioSpec(tuple(blks), taps, rng, False, chosen)
 
 
+def vfio_from_args(addresses: list[str] | None) -> tuple[PciAddress, ...]:
+    """`--vfio DOMAIN:BUS:DEV.FN` (repeatable): the host PCI devices to pass through."""
+    out: list[PciAddress] = []
+    for text in addresses or []:
+        address = parse_pci_address(text, "--vfio")
+        if address in out:
+            raise ConfigError(f"--vfio: {address} is given twice")
+        out.append(address)
+    return tuple(out)
+
+
 def bios_partition_from_args(
     bios: str,
     *,
@@ -93,6 +106,7 @@ def bios_partition_from_args(
     rng: bool = False,
     transport: str | None = None,
     devices: list[str] | None = None,
+    vfio: list[str] | None = None,
     host: HostFacts | None = None,
 ) -> PartitionSpec:
     """`corevisor run --bios [PATH] --disk IMG`: a machine that boots its disk through
@@ -113,6 +127,7 @@ def bios_partition_from_args(
         gdb_attach=gdb_attach,
         virtio=virtio,
         devices=devices_from_args(devices),
+        vfio=vfio_from_args(vfio),
     )
     validate_partition(
         part, CLI_KEYS, host if host is not None else gather(), gdb_allow_remote=gdb_allow_remote
@@ -148,6 +163,7 @@ def partition_from_args(
     modules: list[str] | None = None,
     transport: str | None = None,
     devices: list[str] | None = None,
+    vfio: list[str] | None = None,
     host: HostFacts | None = None,
 ) -> PartitionSpec:
     """Build and validate one partition from `corevisor run` options; errors name the
@@ -173,6 +189,7 @@ def partition_from_args(
         gdb_attach=gdb_attach,
         virtio=virtio_from_args(disks, nets, rng, transport),
         devices=devices_from_args(devices),
+        vfio=vfio_from_args(vfio),
     )
     validate_partition(
         part, CLI_KEYS, host if host is not None else gather(), gdb_allow_remote=gdb_allow_remote

@@ -27,6 +27,7 @@ from corevisor.spec import (
     ModuleSpec,
     NetSpec,
     PartitionSpec,
+    PciAddress,
     SerialSpec,
     SystemSpec,
     document_fields,
@@ -37,7 +38,7 @@ __all__ = ["partition_document", "channel_document", "system_document"]
 
 def _value(value: object) -> Any:
     """One spec value in its written form."""
-    if isinstance(value, SerialSpec | HostPort | Path):
+    if isinstance(value, SerialSpec | HostPort | Path | PciAddress):
         return str(value)
     if isinstance(value, enum.Enum):
         return value.value

@@ -16,7 +16,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from corevisor.errors import ConfigError, quote
-from corevisor.spec import NAME_PATTERN, HostPort, SerialKind, SerialSpec
+from corevisor.spec import (
+    NAME_PATTERN,
+    PCI_ADDRESS_PATTERN,
+    HostPort,
+    PciAddress,
+    SerialKind,
+    SerialSpec,
+)
 
 __all__ = [
     "parse_size",
@@ -24,6 +31,7 @@ __all__ = [
     "parse_serial",
     "parse_host_port",
     "parse_gdb",
+    "parse_pci_address",
     "parse_path",
     "format_size",
     "format_cpu_list",
@@ -173,3 +181,17 @@ def parse_gdb(text: str, where: str) -> HostPort:
     except ValueError as e:
         hint = "" if "(use" in str(e) else " (use e.g. 127.0.0.1:1234)"
         raise ConfigError(f"{where}: {e}{hint}") from None
+
+
+_PCI_ADDRESS = re.compile(PCI_ADDRESS_PATTERN)
+
+
+def parse_pci_address(text: str, where: str) -> PciAddress:
+    """A host PCI address, DOMAIN:BUS:DEVICE.FUNCTION in hex ("0000:00:04.0"), as sysfs
+    names it; device 0-1f, function 0-7."""
+    if _PCI_ADDRESS.fullmatch(text) is None:
+        raise ConfigError(f"{where}: {quote(text)} is not a PCI address: give DOMAIN:BUS:"
+                          "DEVICE.FUNCTION in hex, like 0000:00:04.0 (lspci -D)")
+    domain, bus, rest = text.split(":")
+    device, function = rest.split(".")
+    return PciAddress(int(domain, 16), int(bus, 16), int(device, 16), int(function, 16))

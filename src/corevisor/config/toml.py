@@ -31,6 +31,8 @@ JSON schema)::
     # bios = "/usr/share/seabios/bios-256k.bin"   instead of image: boot the first disk
     #                                     through SeaBIOS (transport "pci"; no initrd,
     #                                     modules or cmdline)
+    vfio = ["0000:00:04.0"]             # host PCI devices bound to vfio-pci, passed through
+                                        # under the IOMMU (vfio/, docs/pc-platform.md)
 
     [[partitions.demo.devices]]         # a device model written in Python (docs/devices.md)
     class = "sensor.py:TempSensor"      # or "package.module:Class"
@@ -74,6 +76,7 @@ from corevisor.config.parse import (
     parse_cpu_list,
     parse_gdb,
     parse_path,
+    parse_pci_address,
     parse_serial,
     parse_size,
     type_name,
@@ -89,6 +92,7 @@ from corevisor.spec import (
     ExitMode,
     NetSpec,
     PartitionSpec,
+    PciAddress,
     RestartPolicy,
     SystemSpec,
     Transport,
@@ -297,7 +301,20 @@ _READERS: dict[str, Callable[[object, str, Path | None], Any]] = {
     "watchdog_ms": lambda v, w, b: _int(v, w),
     "gdb": lambda v, w, b: parse_gdb(_str(v, w), w),
     "devices": lambda v, w, b: _devices(v, w, b),
+    "vfio": lambda v, w, b: _pci_addresses(v, w),
 }
+
+
+def _pci_addresses(value: object, where: str) -> tuple[PciAddress, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f'{where}: expected an array of PCI addresses like ["0000:00:04.0"]')
+    out: list[PciAddress] = []
+    for i, item in enumerate(value):
+        address = parse_pci_address(_str(item, f"{where}[{i}]"), f"{where}[{i}]")
+        if address in out:
+            raise ConfigError(f"{where}[{i}]: {address} is given twice")
+        out.append(address)
+    return tuple(out)
 
 
 def partition_from_table(

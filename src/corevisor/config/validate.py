@@ -71,6 +71,7 @@ _OPTIONS = {
     "cmdline": "--cmdline",
     "serial": "--serial",
     "initrd": "--initrd",
+    "vfio": "--vfio",
     "modules": "--module",
     "gdb": "--gdb",
     "blk": "--disk",

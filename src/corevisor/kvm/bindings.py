@@ -1,7 +1,8 @@
-"""Every ctypes structure, ioctl number and KVM_* constant corevisor uses.
+"""Every ctypes structure, ioctl number and KVM_*/VFIO_* constant corevisor uses.
 
 This is the only module that knows the KVM ABI's numbers and layouts (from
-include/uapi/linux/kvm.h and arch/x86/include/uapi/asm/kvm.h). Each structure is
+include/uapi/linux/kvm.h and arch/x86/include/uapi/asm/kvm.h), and VFIO's, for device
+passthrough (include/uapi/linux/vfio.h, at the end). Each structure is
 checked against its C size at import time, so a layout mistake fails loudly here
 instead of corrupting a vCPU later. What does not live here: calling the ioctls
 (kvm/ioctls.py) and deciding what values to put in the structures (arch/).
@@ -818,3 +819,157 @@ MSR_IA32_TSC_ADJUST = 0x3B
 MSR_IA32_TSC_DEADLINE = 0x6E0
 MSR_KVM_FIRST = 0x4B564D00  # KVM's own paravirtual MSRs: 0x4b564d00 upwards
 MSR_KVM_LAST = 0x4B564DFF
+
+
+# --- VFIO (include/uapi/linux/vfio.h) ----------------------------------------------------
+# Device passthrough (vfio/): the container (/dev/vfio/vfio), a group (/dev/vfio/N) and a
+# device fd. Every VFIO request is _IO(';', 100 + n): the size is in each structure's
+# argsz, not in the number.
+VFIO_TYPE = ord(";")
+VFIO_BASE = 100
+
+
+def _vfio(n: int) -> int:
+    return (VFIO_TYPE << 8) | (VFIO_BASE + n)
+
+
+VFIO_API_VERSION = 0
+VFIO_TYPE1v2_IOMMU = 3
+
+VFIO_GET_API_VERSION = _vfio(0)
+VFIO_CHECK_EXTENSION = _vfio(1)
+VFIO_SET_IOMMU = _vfio(2)
+VFIO_GROUP_GET_STATUS = _vfio(3)
+VFIO_GROUP_SET_CONTAINER = _vfio(4)
+VFIO_GROUP_UNSET_CONTAINER = _vfio(5)
+VFIO_GROUP_GET_DEVICE_FD = _vfio(6)
+VFIO_DEVICE_GET_INFO = _vfio(7)
+VFIO_DEVICE_GET_REGION_INFO = _vfio(8)
+VFIO_DEVICE_GET_IRQ_INFO = _vfio(9)
+VFIO_DEVICE_SET_IRQS = _vfio(10)
+VFIO_DEVICE_RESET = _vfio(11)
+VFIO_IOMMU_MAP_DMA = _vfio(13)
+VFIO_IOMMU_UNMAP_DMA = _vfio(14)
+assert VFIO_GET_API_VERSION == 0x3B64 and VFIO_IOMMU_MAP_DMA == 0x3B71
+
+# vfio_group_status.flags
+VFIO_GROUP_FLAGS_VIABLE = 1 << 0
+VFIO_GROUP_FLAGS_CONTAINER_SET = 1 << 1
+# vfio_device_info.flags
+VFIO_DEVICE_FLAGS_RESET = 1 << 0
+VFIO_DEVICE_FLAGS_PCI = 1 << 1
+# vfio_region_info.flags
+VFIO_REGION_INFO_FLAG_READ = 1 << 0
+VFIO_REGION_INFO_FLAG_WRITE = 1 << 1
+VFIO_REGION_INFO_FLAG_MMAP = 1 << 2
+# vfio_irq_info.flags
+VFIO_IRQ_INFO_EVENTFD = 1 << 0
+VFIO_IRQ_INFO_MASKABLE = 1 << 1
+VFIO_IRQ_INFO_AUTOMASKED = 1 << 2
+# vfio_irq_set.flags: one data type and one action
+VFIO_IRQ_SET_DATA_NONE = 1 << 0
+VFIO_IRQ_SET_DATA_BOOL = 1 << 1
+VFIO_IRQ_SET_DATA_EVENTFD = 1 << 2
+VFIO_IRQ_SET_ACTION_MASK = 1 << 3
+VFIO_IRQ_SET_ACTION_UNMASK = 1 << 4
+VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5
+# vfio_iommu_type1_dma_map.flags
+VFIO_DMA_MAP_FLAG_READ = 1 << 0
+VFIO_DMA_MAP_FLAG_WRITE = 1 << 1
+# A vfio-pci device's region and interrupt indexes
+VFIO_PCI_BAR0_REGION_INDEX = 0
+VFIO_PCI_ROM_REGION_INDEX = 6
+VFIO_PCI_CONFIG_REGION_INDEX = 7
+VFIO_PCI_INTX_IRQ_INDEX = 0
+VFIO_PCI_MSI_IRQ_INDEX = 1
+VFIO_PCI_MSIX_IRQ_INDEX = 2
+
+
+class vfio_group_status(ctypes.Structure):
+    _fields_ = [("argsz", c_uint32), ("flags", c_uint32)]
+
+
+class vfio_device_info(ctypes.Structure):
+    _fields_ = [
+        ("argsz", c_uint32),
+        ("flags", c_uint32),
+        ("num_regions", c_uint32),
+        ("num_irqs", c_uint32),
+    ]
+
+
+class vfio_region_info(ctypes.Structure):
+    _fields_ = [
+        ("argsz", c_uint32),
+        ("flags", c_uint32),
+        ("index", c_uint32),
+        ("cap_offset", c_uint32),
+        ("size", c_uint64),
+        ("offset", c_uint64),
+    ]
+
+
+class vfio_irq_info(ctypes.Structure):
+    _fields_ = [
+        ("argsz", c_uint32),
+        ("flags", c_uint32),
+        ("index", c_uint32),
+        ("count", c_uint32),
+    ]
+
+
+class vfio_irq_set(ctypes.Structure):
+    """The header of struct vfio_irq_set; its data (count eventfds as s32, or bools)
+    follows it in the same buffer (vfio_irq_set_eventfds)."""
+
+    _fields_ = [
+        ("argsz", c_uint32),
+        ("flags", c_uint32),
+        ("index", c_uint32),
+        ("start", c_uint32),
+        ("count", c_uint32),
+    ]
+
+
+class vfio_iommu_type1_dma_map(ctypes.Structure):
+    _fields_ = [
+        ("argsz", c_uint32),
+        ("flags", c_uint32),
+        ("vaddr", c_uint64),
+        ("iova", c_uint64),
+        ("size", c_uint64),
+    ]
+
+
+class vfio_iommu_type1_dma_unmap(ctypes.Structure):
+    _fields_ = [
+        ("argsz", c_uint32),
+        ("flags", c_uint32),
+        ("iova", c_uint64),
+        ("size", c_uint64),
+    ]
+
+
+@functools.cache
+def vfio_irq_set_eventfds(n: int) -> type[ctypes.Structure]:
+    """A struct vfio_irq_set followed by n eventfds (a flexible array in C)."""
+
+    class _IrqSet(ctypes.Structure):
+        _pack_ = 4
+        _fields_ = [("header", vfio_irq_set), ("fds", c_int32 * n)]
+
+    return _IrqSet
+
+
+for _struct, _struct_size in (
+    (vfio_group_status, 8),
+    (vfio_device_info, 16),
+    (vfio_region_info, 32),
+    (vfio_irq_info, 16),
+    (vfio_irq_set, 20),
+    (vfio_iommu_type1_dma_map, 32),
+    (vfio_iommu_type1_dma_unmap, 24),
+):
+    _check(_struct, _struct_size)
+assert vfio_region_info.size.offset == 16 and vfio_iommu_type1_dma_map.iova.offset == 16
+assert ctypes.sizeof(vfio_irq_set_eventfds(1)) == 24

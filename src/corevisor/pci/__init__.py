@@ -15,5 +15,6 @@ KVM GSI routing table with one MSI route per vector in use) and platform.py (BAR
 placement from the machine's resource map, and moving bus mappings and ioeventfds
 when the guest moves a BAR). Which addresses, ports and GSIs the bus uses is
 arch/x86_64/layout.py and resources.py; what the guest is told about them is acpi.py,
-aml.py and mptable.py. VFIO passthrough (vfio.py) is not built yet.
+aml.py and mptable.py. A passed-through host device is a function here too, built in
+corevisor/vfio/ (its own package: host checks, the VFIO fds, config virtualisation).
 """

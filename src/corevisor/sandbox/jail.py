@@ -118,6 +118,10 @@ def plan(system: SystemSpec, root: Path, uid: int, gid: int) -> tuple[SystemSpec
     dirs: list[Path] = []
     devices = ["/dev/kvm", "/dev/null"]
     for p in system.partitions:
+        if p.vfio:
+            raise JailError(f"jail: partition {p.name} passes {p.vfio[0]} through (vfio), "
+                            "which the jail cannot hold yet (no /dev/vfio, no sysfs): run it "
+                            "without --jail (the seccomp sandbox still applies)")
         ro.extend(f for f in (p.image, p.bios) if f is not None)
         if p.initrd is not None:
             ro.append(p.initrd)

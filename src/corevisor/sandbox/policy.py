@@ -13,10 +13,13 @@ taken over through a bug cannot load new code. Only control may, for the extensi
 modules an import loads.
 
 ioctls are allowed by request number. vCPU and GDB threads get the KVM requests on a
-vCPU they use; virtio, console and socket threads only KVM_IRQ_LINE (an interrupt into
-the guest); control gets every KVM request corevisor defines (kvm/bindings.py: it
-builds, restores and inspects machines), the TAP requests (virtio/net.py) and the
-terminal ones. VFIO has no requests yet: no device passthrough exists.
+vCPU they use, and vCPUs those a guest reprograms its platform with from an exit (GSI
+routes, ioeventfds and memory slots of moved BARs and shadow RAM, VFIO_DEVICE_SET_IRQS
+for a passed-through device's MSI/MSI-X); virtio, console and socket threads only
+KVM_IRQ_LINE (an interrupt into the guest); control gets every KVM and VFIO request
+corevisor defines (kvm/bindings.py: it builds, restores and inspects machines, opens
+passthrough containers, groups and devices), the TAP requests (virtio/net.py) and the
+terminal ones.
 
 What does not live here: the BPF encoding (bpf.py), installing (enforce.py).
 """
@@ -64,6 +67,7 @@ _CALLS: dict[str, tuple[str, ...]] = {
         "tgkill",  # kicking the machine's other vCPUs when the guest stops it
         "sendto", "shutdown",  # serial output to a unix: socket client
         "read",  # an eventfd (a doorbell counter) read by a device
+        "pread64", "pwrite64",  # a passed-through device's config space and trapped BARs
     ),
     VIRTIO: (
         "ioctl", "poll", "read", "readv", "writev",  # queue eventfds, a TAP
@@ -121,6 +125,8 @@ _VCPU_IOCTLS = (
     # (pci/routing.py rewrites the GSI routes), a BAR moved (pci/platform.py moves its
     # queue-notify ioeventfds), the PAM registers (firmware/bios.py maps shadow RAM)
     b.KVM_SET_GSI_ROUTING, b.KVM_IOEVENTFD, b.KVM_SET_USER_MEMORY_REGION,
+    # a passed-through device's MSI/MSI-X turned on or off (vfio/function.py)
+    b.VFIO_DEVICE_SET_IRQS,
 )
 _GDB_IOCTLS = (
     b.KVM_GET_REGS, b.KVM_SET_REGS, b.KVM_GET_SREGS, b.KVM_SET_SREGS, b.KVM_GET_FPU,
@@ -146,6 +152,12 @@ def _kvm_requests() -> tuple[int, ...]:
     )
 
 
+def _vfio_requests() -> tuple[int, ...]:
+    """Every VFIO request bindings.py defines (type byte ';'), for control: passthrough."""
+    return tuple(sorted(v for k, v in vars(b).items() if k.startswith("VFIO_")
+                        and isinstance(v, int) and (v >> 8) == b.VFIO_TYPE))
+
+
 def _tap_requests() -> tuple[int, ...]:
     from corevisor.virtio import net  # the TAP requests live with the TAP code
 
@@ -162,7 +174,7 @@ def ioctls(role: str) -> frozenset[int]:
     if role in (VIRTIO, CONSOLE, SOCKET):
         return frozenset(_IRQ_IOCTLS)
     if role == CONTROL:
-        own = (*_kvm_requests(), *_tap_requests(), *_TERMINAL_IOCTLS)
+        own = (*_kvm_requests(), *_vfio_requests(), *_tap_requests(), *_TERMINAL_IOCTLS)
         leaves = (r for other in ROLES if other != CONTROL for r in ioctls(other))
         return frozenset((*own, *leaves))
     return frozenset()
