@@ -522,3 +522,23 @@ def test_a_pci_sensor_snapshot_restores_its_function_and_goes_on(
     assert len(got) == 2 and got[1] >= got[0] + 3, after  # alarms 3 and 4, after the restore
     assert "pcisensor: done, 4 alarms" in after, after
     assert not [r for r in reports if "failed" in r], reports
+
+
+def test_a_pci_device_s_intx_is_in_the_mp_table(guests: dict[str, Path], tmp_path: Path) -> None:
+    """The MP table lists every function with an interrupt pin: the user device in slot
+    1 (INTA on 10) and the virtio-pci rng after it in slot 2 (INTA on 10 again)."""
+    from tests.unit.test_mptable import mp_buses_and_interrupts
+
+    path = tmp_path / "pci.toml"
+    path.write_text(
+        f'[partitions.pcisensor]\nimage = "{guests["pcisensor"]}"\nmemory = "32M"\n'
+        f'transport = "pci"\nrng = true\n[[partitions.pcisensor.devices]]\n'
+        f'class = "{PCI_EXAMPLE}:PciSensor"\n'
+    )
+    config = load_config(path).partitions[0]
+    with _built(dataclasses.replace(config, serial=SerialSpec.file(tmp_path / "s.log")),
+                []) as m:
+        buses, ints = mp_buses_and_interrupts(m.memory)
+    assert buses[0] == b"PCI   "
+    pci = [(irq, pin) for _, _, _, bus, irq, _, pin in ints if bus == 0]
+    assert pci == [(1 << 2, 10), (2 << 2, 10)], pci
