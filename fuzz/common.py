@@ -76,3 +76,13 @@ def drive_device(
     twin = make()
     twin.restore(state)
     assert twin.save() == state
+
+
+def restores_to_itself(state: Any, twin: Any) -> None:
+    """The save() contract: a fresh twin restored from state saves the same state (and is
+    closed afterwards, whatever happens)."""
+    try:
+        twin.restore(state)
+        assert twin.save() == state
+    finally:
+        twin.close()

@@ -15,14 +15,12 @@
 #define LOG_ADDR 4
 #define STATUS_LOG_ERROR 2
 #define SENSOR_VECTOR 0x25
-#define GUARD_VECTOR 0x41
 #define MAX_ALARMS 16
 
 static u16 port;
 static u8 rise;
 static volatile int alarms;
 static volatile u8 alarm_temp[MAX_ALARMS];
-static volatile int guard_fired;
 static volatile int spurious;
 static volatile u32 logbuf[MAX_ALARMS];
 
@@ -46,32 +44,6 @@ static void sensor_irq(struct trap_frame *tf)
     outb(port + THRESHOLD, (u8)(t + rise));
     outb(port + STATUS, 1);
     lapic_eoi();
-}
-
-static void guard_irq(struct trap_frame *tf)
-{
-    (void)tf;
-    guard_fired = 1;
-    lapic_eoi();
-}
-
-/* Halt until the next alarm or until ms have passed (a one-shot LAPIC timer). */
-static int wait_alarm(int seen, u32 ms)
-{
-    u64 per_10ms = rt_lapic_ticks_10ms ? rt_lapic_ticks_10ms : 625000;
-    u64 ticks = per_10ms * ms / 10;
-    guard_fired = 0;
-    lapic_write(LAPIC_TIMER_DIV, 0x3);
-    lapic_write(LAPIC_LVT_TIMER, GUARD_VECTOR);            /* one-shot */
-    lapic_write(LAPIC_TIMER_INIT, ticks > 0xFFFFFFFFu ? 0xFFFFFFFFu : (u32)ticks);
-    for (;;) {
-        cli();
-        if (alarms > seen || guard_fired)
-            break;
-        __asm__ volatile("sti; hlt" ::: "memory");          /* sti's shadow: no lost wakeup */
-    }
-    lapic_write(LAPIC_TIMER_INIT, 0);
-    return alarms > seen;
 }
 
 int main(void)
@@ -100,7 +72,6 @@ int main(void)
         printf("sensor: log at 0x%x\n", addr);
     }
     rt_set_handler(SENSOR_VECTOR, sensor_irq);
-    rt_set_handler(GUARD_VECTOR, guard_irq);
     ioapic_route_level_high(5, SENSOR_VECTOR, (u8)lapic_id());
     outb(port + THRESHOLD, (u8)(t + rise));
     outb(port + CONTROL, 1);
@@ -108,7 +79,7 @@ int main(void)
 
     int seen = 0;
     while (seen < count) {
-        if (!wait_alarm(seen, timeout_ms)) {
+        if (!rt_wait_count(&alarms, seen, timeout_ms)) {
             printf("sensor: no alarm within %u ms\n", timeout_ms);
             break;
         }

@@ -58,10 +58,13 @@ mount -t devpts devpts /host/dev/pts
 for dir in /tmp /run /var/tmp /dev/shm; do
     mount -t tmpfs tmpfs "/host$dir" || fail mount "tmpfs on $dir"
 done
-# Writable host directories: "TAG PATH [loose]" per line, each mounted at its own path.
+# Host directories: "TAG PATH [loose|ro]" per line, each mounted at its own path (made
+# first if a tmpfs above hides it: a checkout in /tmp/ci).
 while read -r tag path mode; do
     opts="$NINEP"
     [ "$mode" = loose ] && opts="$opts,cache=loose"
+    [ "$mode" = ro ] && opts="$opts,ro"
+    [ -d "/host$path" ] || mkdir -p "/host$path" 2>/dev/null
     mount -t 9p -o "$opts" "$tag" "/host$path" || fail mount "$path (9p tag $tag)"
 done < /lab/mounts
 ip link set lo up

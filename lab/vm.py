@@ -218,7 +218,7 @@ def run(
     npt selects nested (True) or shadow (False) paging for kvm_amd; cpu is QEMU's CPU
     model (its "max" is the one with SVM and nested paging); l1_cmdline adds to the L1
     kernel's command line (MODULE.param= words reach the modules); cwd and env default to the
-    caller's, and cwd must be visible in the guest (not under TMPFS_DIRS); writable
+    caller's (one below TMPFS_DIRS is shared read-only; one of them is refused); writable
     lists host directories the command may write (each mounted at its own path;
     everything else is read-only or a tmpfs); python is the interpreter whose bytecode
     is precompiled on the host (default: the repository's .venv). stdout/stderr, if
@@ -237,7 +237,9 @@ def run(
         call_env["PYTHONPYCACHEPREFIX"] = str((cache / "pycache").resolve())
         call_env["COREVISOR_LAB"] = f"npt={int(npt)}"
         (share / "command").write_text(_command_script(command, where, call_env))
-        dirs = [(cache / "pycache", True), *((Path(w), False) for w in writable)]
+        # A working directory the guest's tmpfs would hide is shared read-only first.
+        seen = [(where, "ro")] if _hidden(where) else []
+        dirs = [*seen, (cache / "pycache", "loose"), *((Path(w), "") for w in writable)]
         shares = _writable_shares(share, dirs)
         argv = _qemu_argv(kernel, initrd, share, shares, npt=npt, cpus=cpus, memory=memory,
                           iommu=iommu, cpu=cpu, l1_cmdline=l1_cmdline)
@@ -258,30 +260,41 @@ def run(
 
 
 def _visible(path: Path, what: str) -> Path:
-    """path, if the guest's chroot shows it; the guest's own tmpfs hide the host's."""
-    for hidden in TMPFS_DIRS:
-        if path == Path(hidden) or Path(hidden) in path.parents:
-            raise LabError(f"{what} {path} is under {hidden}, which the L1 guest replaces "
-                           "with its own empty tmpfs: use a directory elsewhere", Exit.SETUP)
+    """path, if the guest can show it; a tmpfs directory itself cannot be shared.
+
+    A path below one of TMPFS_DIRS (a checkout in /tmp/ci) is shared into the guest at
+    its own path, over the guest's tmpfs (_shares); the tmpfs directory itself (/tmp) is
+    refused, since sharing the host's would take the guest's writable /tmp away.
+    """
+    if str(path) in TMPFS_DIRS:
+        raise LabError(f"{what} {path} is under {path}, which the L1 guest replaces "
+                       "with its own empty tmpfs: use a directory below it or elsewhere",
+                       Exit.SETUP)
     return path
 
 
-def _writable_shares(share: Path, dirs: Sequence[tuple[Path, bool]]) -> list[str]:
+def _hidden(path: Path) -> bool:
+    """Whether the guest's own tmpfs hide path (it is below one of TMPFS_DIRS)."""
+    return any(Path(d) in path.parents for d in TMPFS_DIRS)
+
+
+def _writable_shares(share: Path, dirs: Sequence[tuple[Path, str]]) -> list[str]:
     """QEMU options for the writable host directories, and their list for the init script.
 
-    Each (path, loose) is mounted at its own path in the guest; loose means cache=loose
-    (for directories only this guest writes while it runs: the bytecode cache).
+    Each (path, mode) is mounted at its own path in the guest; mode "loose" means
+    cache=loose (for directories only this guest writes while it runs: the bytecode
+    cache), "ro" a read-only share (a working directory below the guest's tmpfs).
     """
     qemu_args: list[str] = []
     mounts = ""
-    for i, (path, loose) in enumerate(dirs):
+    for i, (path, mode) in enumerate(dirs):
         where = _visible(path.resolve(), "writable directory")
         if re.search(r"\s", str(where)):
             raise LabError(f"writable directory {where}: a path with white space", Exit.SETUP)
         if not where.is_dir():
             raise LabError(f"writable directory {where} does not exist", Exit.SETUP)
-        qemu_args += _virtfs(f"rw{i}", where, readonly=False)
-        mounts += f"rw{i} {where}{' loose' if loose else ''}\n"
+        qemu_args += _virtfs(f"rw{i}", where, readonly=mode == "ro")
+        mounts += f"rw{i} {where}{' ' + mode if mode else ''}\n"
     (share / "mounts").write_text(mounts)
     return qemu_args
 

@@ -20,7 +20,7 @@ from corevisor.virtio.console import Console
 from corevisor.virtio.device import VirtioDevice
 from corevisor.virtio.mmio import REG, VirtioMmio
 from corevisor.virtio.rng import Rng
-from fuzz.common import Cursor, guest_memory
+from fuzz.common import Cursor, guest_memory, restores_to_itself
 
 RAM = 2 << 20
 _REGS = tuple(v for k, v in vars(REG).items() if k.isupper())
@@ -65,13 +65,7 @@ def one_input(data: bytes) -> None:
             else:
                 got = dev.read(offset, size)
                 assert len(got) == size, (offset, size, got)
-        state = dev.save()
-        twin = VirtioMmio(make(), mem, reports.append)
-        try:
-            twin.restore(state)
-            assert twin.save() == state
-        finally:
-            twin.close()
+        restores_to_itself(dev.save(), VirtioMmio(make(), mem, reports.append))
     finally:
         dev.close()
 

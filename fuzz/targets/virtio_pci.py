@@ -17,7 +17,7 @@ import struct
 
 from corevisor.pci.host import ConfigPorts, Ecam, HostBridge, PciRoot
 from corevisor.virtio.pci import COMMON, ISR, NOTIFY, VirtioPci, device_id
-from fuzz.common import Cursor, guest_memory
+from fuzz.common import Cursor, guest_memory, restores_to_itself
 from fuzz.targets.virtio_mmio import _DEVICES
 
 RAM = 2 << 20
@@ -71,13 +71,7 @@ def one_input(data: bytes) -> None:
         assert f.read(0, 2) == 0x1AF4 and f.read(2, 2) == device_id(dev.device.device_type)
         for index, bar in f.bars.items():
             assert f.bar_address(index) % bar.size == 0, (index, f.bar_address(index))
-        state = dev.save()
-        twin = VirtioPci(make(), mem, reports.append)
-        try:
-            twin.restore(state)
-            assert twin.save() == state
-        finally:
-            twin.close()
+        restores_to_itself(dev.save(), VirtioPci(make(), mem, reports.append))
     finally:
         dev.close()
 

@@ -68,6 +68,14 @@ u64 pci_bar_address(u16 bdf, u32 bar)
     return a;
 }
 
+u16 pci_bar_port(u16 bdf, u32 bar)
+{
+    if (bar > 5)
+        return 0;
+    u32 lo = pci_read32(bdf, 0x10 + 4 * bar);
+    return (lo & 1) ? (u16)(lo & ~3u) : 0;
+}
+
 u32 pci_find_cap(u16 bdf, u8 cap_id)
 {
     u32 id_next;

@@ -2,7 +2,8 @@
  * PCI bus 0 for the bundled guests: configuration space through ECAM when the ACPI
  * tables have an MCFG (corevisor, QEMU q35), else through ports 0xCF8/0xCFC (QEMU -M pc);
  * `pci=cf8` on the command line forces the ports, `pci=off` hides the bus. Shared by the
- * virtio-pci drivers (virtio.c) and the passthrough guest (edu.c).
+ * virtio-pci drivers (virtio.c), the passthrough guest (edu.c) and the user-device
+ * guest (pcisensor.c).
  */
 #ifndef RT_PCI_H
 #define RT_PCI_H
@@ -22,6 +23,8 @@ void pci_write16(u16 bdf, u32 off, u16 v);
 void pci_write32(u16 bdf, u32 off, u32 v);
 /* The address a memory BAR decodes (0 for an I/O BAR or one not assigned). */
 u64 pci_bar_address(u16 bdf, u32 bar);
+/* The first port of an I/O BAR (0 for a memory BAR or one not assigned). */
+u16 pci_bar_port(u16 bdf, u32 bar);
 /* The offset of the first capability cap_id of bdf, 0 if it has none. */
 u32 pci_find_cap(u16 bdf, u8 cap_id);
 /* The bdf (device << 3) of the nth function with vendor:device on bus 0, or -1. */

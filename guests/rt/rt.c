@@ -943,3 +943,31 @@ void rt_start(void)
     outb(0xA1, 0xFF);
     rt_exit((u32)main());
 }
+
+static volatile int guard_fired;
+
+static void guard_irq(struct trap_frame *tf)
+{
+    (void)tf;
+    guard_fired = 1;
+    lapic_eoi();
+}
+
+int rt_wait_count(volatile int *count, int seen, u32 ms)
+{
+    u64 per_10ms = rt_lapic_ticks_10ms ? rt_lapic_ticks_10ms : 625000;
+    u64 ticks = per_10ms * ms / 10;
+    rt_set_handler(RT_GUARD_VECTOR, guard_irq);
+    guard_fired = 0;
+    lapic_write(LAPIC_TIMER_DIV, 0x3);
+    lapic_write(LAPIC_LVT_TIMER, RT_GUARD_VECTOR);         /* one-shot */
+    lapic_write(LAPIC_TIMER_INIT, ticks > 0xFFFFFFFFu ? 0xFFFFFFFFu : (u32)ticks);
+    for (;;) {
+        cli();
+        if (*count > seen || guard_fired)
+            break;
+        __asm__ volatile("sti; hlt" ::: "memory");          /* sti's shadow: no lost wakeup */
+    }
+    lapic_write(LAPIC_TIMER_INIT, 0);
+    return *count > seen;
+}

@@ -141,6 +141,12 @@ void ioapic_route_level(int pin, u8 vector, u8 dest_apic);
  * until the handler quiets it, before its EOI). */
 void ioapic_route_level_high(int pin, u8 vector, u8 dest_apic);
 
+/* Halt with interrupts on until *count > seen or ms have passed (a one-shot LAPIC timer
+ * on RT_GUARD_VECTOR, which this installs); returns whether count moved. For a driver
+ * waiting for its device's interrupt (sensor.c, pcisensor.c). Interrupts end up off. */
+#define RT_GUARD_VECTOR 0x41
+int rt_wait_count(volatile int *count, int seen, u32 ms);
+
 /* ---- SMP ---- */
 /* Start AP (index into rt_apic_ids) with INIT-SIPI-SIPI; it runs fn(index) on its own
  * stack with interrupts off. Returns 1 once the AP is running, 0 on timeout. */

@@ -267,8 +267,8 @@ def attach_platform(
     serial = attach_legacy_devices(m, config, links.serial, res, links.report)
     attach_acpi_pm(m, res)
     attach_hypercalls(m, config, links, serial, res)
-    attach_user_devices(m, config, res, links.report)
     pci = attach_pci(m, links, res) if config.pci else None
+    attach_user_devices(m, config, res, links.report, pci)
     virtio = attach_virtio_devices(m, config, links, serial, res, pci)
     if config.vfio:
         assert pci is not None, "a machine with --vfio has a host bridge (spec.pci)"
@@ -542,17 +542,20 @@ def attach_user_devices(
     config: PartitionSpec,
     res: Resources,
     report: Callable[[str, str], None] = report_to_stderr,
+    pci: PciPlatform | None = None,
 ) -> None:
     """Device models written in Python (userdev/, docs/devices.md) at the ranges and lines
-    their specs name. Before the virtio devices: a user device's line is fixed (its
-    guest driver knows it), so virtio's allocation steps around it. Their timers run on
-    one thread the machine starts with the vCPUs; a device that fails is reported
-    through report and answers as absent, the machine runs on."""
+    their specs name, PCI functions on pci's bus (before the virtio functions: slot
+    order is device order). Before the virtio devices: a user device's line is fixed
+    (its guest driver knows it), so virtio's allocation steps around it. Their timers
+    run on one thread the machine starts with the vCPUs; a device that fails is
+    reported through report and answers as absent, the machine runs on."""
     if not config.devices:
         return
     from corevisor.userdev import attach as userdev  # only partitions with user devices
 
-    userdev.attach(m, config.devices, res, lambda msg: report(m.name, msg))
+    userdev.attach(m, config.devices, res, lambda msg: report(m.name, msg), pci,
+                   place=config.bios is None)
 
 
 def attach_pci(m: Machine, links: PartitionLinks, res: Resources) -> PciPlatform:
@@ -620,8 +623,8 @@ def attach_bios(m: Machine, config: PartitionSpec, res: Resources,
                                       files)}, res)
 
 
-def _pci_host(virtio: list[VirtioSlot]) -> tuple[PciHost, list[tuple[int, int, int]]]:
-    """What ACPI says about the host bridge, and the MP table's INTA of each device."""
+def _pci_host() -> PciHost:
+    """What ACPI says about the host bridge."""
     from corevisor.arch.x86_64.aml import PciHost
     from corevisor.pci.host import SLOTS
 
@@ -635,8 +638,24 @@ def _pci_host(virtio: list[VirtioSlot]) -> tuple[PciHost, list[tuple[int, int, i
         ecam=(layout.PCI_ECAM_START, layout.PCI_ECAM_SIZE),
         routes=routes,
     )
-    used = [(s.pci_slot, 0, s.gsi) for s in virtio if s.pci_slot is not None]
-    return host, used
+    return host
+
+
+def _pci_intx(m: Machine) -> list[tuple[int, int, int]]:
+    """The MP table's interrupt entries: (slot, pin - 1, GSI) of each function on bus 0
+    with an interrupt pin (virtio-pci, user devices, passed-through devices alike)."""
+    from corevisor.pci.config import INTERRUPT_PIN
+    from corevisor.pci.host import ConfigPorts
+
+    ports = m.devices.get("pci-config")
+    if not isinstance(ports, ConfigPorts):
+        return []
+    out = []
+    for slot, function in sorted(ports.root.slots.items()):
+        pin = function.get(INTERRUPT_PIN, 1)
+        if slot and 1 <= pin <= 4:
+            out.append((slot, pin - 1, layout.pci_intx_gsi(slot, pin)))
+    return out
 
 
 def _acpi(config: PartitionSpec, virtio: list[VirtioSlot]) -> AcpiTables:
@@ -644,7 +663,7 @@ def _acpi(config: PartitionSpec, virtio: list[VirtioSlot]) -> AcpiTables:
     windows = [(s.base, s.size, s.gsi) for s in virtio if s.mmio]
     pci = None
     if config.pci:
-        pci, _ = _pci_host(virtio)
+        pci = _pci_host()
         pci = replace(pci, mmio64=layout.pci64_window(config.memory))
     return build_acpi_tables(config.cpus, windows, pci)
 
@@ -698,7 +717,7 @@ def attach_boot_tables(
     slots = virtio or []
     # KVM's default GSI routing wires the PIT (IRQ0) to IOAPIC pin 0, not pin 2 as on PCs
     # (pci/routing.py keeps it so).
-    pci_routes = _pci_host(slots)[1] if config.pci else None
+    pci_routes = _pci_intx(m) if config.pci else None
     write_mptable(m.memory, config.cpus, irq0_pin=FIXED_GSIS["the PIT"], pci_routes=pci_routes)
     table_rsdp, tables = _acpi(config, slots).relocate(layout.ACPI_ADDR + 64)
     m.memory.write(layout.ACPI_ADDR, table_rsdp)

@@ -29,6 +29,8 @@ GUESTS = {
     "fault": "triple-faults on purpose",
     "sensor": "drives the example user device (examples/sensor.py): reads it, takes its "
     "alarm interrupt count=N times",
+    "pcisensor": "drives the example PCI user device (examples/pcisensor.py): finds it on "
+    "PCI bus 0, reads its BARs, takes its INTx (or irq=msi) count=N times",
     "pio": "count=N port writes from user mode (benchmark guest)",
     "ptstress": "benchmark: page-table stress, map/touch/unmap and CR3 switches "
     "(pages=N spaces=N iters=N pattern=seq|rand|shared)",

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from corevisor import bundled, linuxboot, provisioning
 from corevisor.errors import CorevisorError, show
@@ -236,25 +236,29 @@ def _resolve(args: argparse.Namespace) -> SystemSpec:
     from corevisor.config.args import partition_from_args
 
     part = partition_from_args(
-        target,
-        cpus=1 if cpus is None else cpus,
-        memory=args.memory,
-        pin=args.pin,
-        cmdline=cmdline,
-        serial=args.serial if args.serial is not None else "stdout",
-        initrd=args.initrd,
-        gdb=args.gdb,
-        gdb_attach=args.gdb_attach,
-        gdb_allow_remote=args.gdb_allow_remote,
-        disks=args.disk,
-        nets=args.net,
-        rng=args.rng,
-        modules=args.module,
-        devices=args.device,
-        transport=args.transport,
-        vfio=args.vfio,
+        target, cmdline=cmdline, initrd=args.initrd, modules=args.module,
+        **_machine_options(args, cpus),
     )
     return SystemSpec(partitions=(part,))
+
+
+def _machine_options(args: argparse.Namespace, cpus: int | None) -> dict[str, Any]:
+    """The `run` options an image machine and a BIOS machine take alike."""
+    return {
+        "cpus": 1 if cpus is None else cpus,
+        "memory": args.memory,
+        "pin": args.pin,
+        "serial": args.serial if args.serial is not None else "stdout",
+        "gdb": args.gdb,
+        "gdb_attach": args.gdb_attach,
+        "gdb_allow_remote": args.gdb_allow_remote,
+        "disks": args.disk,
+        "nets": args.net,
+        "rng": args.rng,
+        "devices": args.device,
+        "transport": args.transport,
+        "vfio": args.vfio,
+    }
 
 
 def _bios_system(args: argparse.Namespace, target: str | None) -> SystemSpec:
@@ -269,22 +273,8 @@ def _bios_system(args: argparse.Namespace, target: str | None) -> SystemSpec:
         if getattr(args, flag, None):
             raise CorevisorError(f"--{flag} cannot be combined with --bios: the BIOS boots "
                                  "from the disk, with no kernel of corevisor's")
-    part = bios_partition_from_args(
-        args.bios or str(DEFAULT_BIOS),
-        cpus=1 if args.cpus is None else args.cpus,
-        memory=args.memory,
-        pin=args.pin,
-        serial=args.serial if args.serial is not None else "stdout",
-        gdb=args.gdb,
-        gdb_attach=args.gdb_attach,
-        gdb_allow_remote=args.gdb_allow_remote,
-        disks=args.disk,
-        nets=args.net,
-        rng=args.rng,
-        transport=args.transport,
-        vfio=args.vfio,
-        devices=args.device,
-    )
+    part = bios_partition_from_args(args.bios or str(DEFAULT_BIOS),
+                                    **_machine_options(args, args.cpus))
     return SystemSpec(partitions=(part,))
 
 

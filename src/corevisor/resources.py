@@ -301,7 +301,11 @@ def _claim_pci(res: Resources, memory: int) -> None:
 
 def claim_device(res: Resources, device: DeviceSpec, where: str) -> None:
     """A user device's ports or MMIO range and its line, or a ConfigError naming where and
-    what it overlaps (validation and the builder both claim through here)."""
+    what it overlaps (validation and the builder both claim through here). A PCI
+    function claims nothing here: its BARs are claimed where the PCI platform places
+    them, and its INTx line is PCI's (pci/platform.py)."""
+    if device.space is DeviceSpace.PCI:
+        return
     space = Space.PIO if device.space is DeviceSpace.PORT else Space.GPA
     owner = f"device {device.name}"
     res.claim(space, device.base, device.size, owner, where=where)

@@ -318,10 +318,12 @@ class VirtioSpec:
 
 
 class DeviceSpace(enum.StrEnum):
-    """Where a user device's registers sit (userdev/): the port-I/O or the MMIO bus."""
+    """Where a user device's registers sit (userdev/): the port-I/O or the MMIO bus, or
+    the BARs of a PCI function (placed by the PCI platform: no base, no fixed line)."""
 
     PORT = "port"
     MMIO = "mmio"
+    PCI = "pci"
 
 
 # A user device's table: its class, optional name, base and gsi, and its constructor's
@@ -347,9 +349,11 @@ _DEVICE_SCHEMA: dict[str, Any] = {
         "name": {"type": "string", "pattern": f"^{NAME_PATTERN}$",
                  "description": "default: the class's name in lower case"},
         "base": {"type": "integer", "minimum": 0,
-                 "description": "first port or MMIO address (default: the class's REGION)"},
+                 "description": "first port or MMIO address (default: the class's REGION; "
+                 "not for a PCI function, whose BARs are placed)"},
         "gsi": {"type": "integer", "minimum": 0,
-                "description": "its interrupt line (default: the class's IRQ)"},
+                "description": "its interrupt line (default: the class's IRQ; not for a "
+                "PCI function, whose line is its slot's INTx)"},
     },
     "required": ["class"],
     "additionalProperties": _PARAM_SCHEMA,
@@ -363,7 +367,9 @@ class DeviceSpec:
 
     Read from the class when the document is read (userdev/load.py): space and size from
     its REGION, trigger from its IRQ; base and gsi are the class's unless the document
-    moves them. cls is "package.module:Class", or "/absolute/FILE.py:Class".
+    moves them. cls is "package.module:Class", or "/absolute/FILE.py:Class". A PCI
+    function (space PCI) has base and size 0 and no gsi: its BARs and its INTx line are
+    the PCI platform's to place (userdev/attach.py).
     """
 
     cls: str = field(metadata=doc(key="class"))
@@ -386,6 +392,8 @@ class DeviceSpec:
         """Its range as messages show it: "ports 0x700-0x703", "MMIO 0xc1000000+0x1000"."""
         if self.space is DeviceSpace.PORT:
             return f"ports {self.base:#x}-{self.end - 1:#x}"
+        if self.space is DeviceSpace.PCI:
+            return "a PCI function"
         return f"MMIO {self.base:#x}+{self.size:#x}"
 
     @staticmethod

@@ -215,7 +215,7 @@ def test_a_snapshot_of_another_version_starts_nothing(snapshot_dir: Path, tmp_pa
     struct.pack_into("<H", state, 8, 2)  # major 2
     struct.pack_into("<I", state, 16, zlib.crc32(bytes(state[:16])))
     (bad / "state.bin").write_bytes(bytes(state))
-    assert "snapshot format 2.1; this corevisor reads 1.0 to 1.1" in _refused(bad)
+    assert "snapshot format 2.2; this corevisor reads 1.0 to 1.2" in _refused(bad)
 
 
 def test_a_snapshot_from_another_cpu_starts_nothing(snapshot_dir: Path, tmp_path: Path) -> None:

@@ -375,3 +375,170 @@ def test_the_api_builds_a_partition_with_a_device(tmp_path: Path,
         assert (info.value.status, str(info.value)) == (
             400, "partitions.warm.devices[0].celsius: expected an integer (TempSensor's "
             'parameter celsius: int), got a string "warm"')
+
+
+# ---------------------------------------------------------------------- PCI functions
+
+PCI_EXAMPLE = ROOT / "examples" / "pcisensor.py"
+
+
+def pci_alarms(out: str) -> list[int]:
+    return [int(t) for t in re.findall(r"^pcisensor: alarm \d+ at (\d+) C$", out, re.M)]
+
+
+def _drove_the_pci_sensor(out: str, start_at_least: int, count: int) -> int:
+    """The guest found 1234:5e50 with both BARs placed, read the same temperature through
+    both, and took count alarms three degrees apart; returns the first temperature."""
+    assert re.search(r"^pcisensor: BAR0 memory at 0xe01[0-9a-f]{5}, BAR1 ports at 0xc0[0-9a-f]{2}$",
+                     out, re.M), out
+    found = re.search(r"^pcisensor: temperature (\d+) C \(BAR1: (\d+) C\)$", out, re.M)
+    assert found is not None, out
+    start, through_ports = int(found.group(1)), int(found.group(2))
+    assert start_at_least <= start <= through_ports < 125, out
+    assert f"pcisensor: alarm at {start + 3} C, interrupt on\n" in out
+    got = pci_alarms(out)
+    assert len(got) == count and got[0] >= start + 3, out
+    assert all(b >= a + 3 for a, b in zip(got, got[1:], strict=False)), out
+    assert f"pcisensor: done, {count} alarms" in out
+    return start
+
+
+def test_the_example_pci_sensor_is_found_and_interrupts_by_intx(guests: dict[str, Path]) -> None:
+    r = corevisor("run", str(ROOT / "examples" / "pcisensor.toml"))
+    out = r.stdout
+    assert "pcisensor: 1234:5e50 at 00:01.0 (ECAM), class 118000\n" in out, out
+    assert "pcisensor: INTx pin 1 line 10\n" in out, out  # slot 1's INTA: PIRQ A
+    _drove_the_pci_sensor(out, 21, 3)
+    # the function's STATUS said "interrupt pending" whenever the handler ran for an alarm
+    assert "pcisensor: STATUS interrupt bit set in 3 of 3 handlers\n" in out, out
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "corevisor: pcisensor: guest exited with status 0\n"
+
+
+def test_a_pci_sensor_over_0xcf8_by_msi_beside_a_virtio_pci_device(
+    guests: dict[str, Path]
+) -> None:
+    r = corevisor(
+        "run", str(guests["pcisensor"]), "--transport", "pci", "--rng",
+        "--device", f"{PCI_EXAMPLE}:PciSensor,celsius=60,step=2",
+        "--cmdline", "count=2 irq=msi pci=cf8",
+    )
+    out = r.stdout
+    # user devices take the slots before the virtio functions
+    assert "pcisensor: 1234:5e50 at 00:01.0 (0xCF8), class 118000\n" in out, out
+    assert "pcisensor: MSI vector 0x26\n" in out, out
+    assert _drove_the_pci_sensor(out, 60, 2) % 2 == 0, out  # from 60, two degrees a sample
+    assert r.returncode == 0, r.stderr
+
+
+def test_two_pci_sensors_on_one_intx_line(guests: dict[str, Path]) -> None:
+    # slots 1 and 2 both route to GSI 10; the guest drives the first, the second (its
+    # interrupt never enabled) must not disturb it (the OR of two requests on a line is
+    # tests/unit/test_userdev_pci.py's)
+    r = corevisor(
+        "run", str(guests["pcisensor"]), "--transport", "pci",
+        "--device", f"{PCI_EXAMPLE}:PciSensor",
+        "--device", f"{PCI_EXAMPLE}:PciSensor,name=second,celsius=100",
+        "--cmdline", "count=2",
+    )
+    assert "pcisensor: 1234:5e50 at 00:01.0 (ECAM)" in r.stdout, r.stdout
+    _drove_the_pci_sensor(r.stdout, 20, 2)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_pci_device_without_a_pci_bus_is_one_line(guests: dict[str, Path]) -> None:
+    r = corevisor("run", str(guests["pcisensor"]), "--device", f"{PCI_EXAMPLE}:PciSensor")
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == (
+        "corevisor: --device: device pcisensor is a PCI function, but partition pcisensor "
+        'has no PCI bus (give it transport = "pci" or a bios)\n'
+    )
+
+
+def test_a_failing_pci_device_is_contained(guests: dict[str, Path]) -> None:
+    r = corevisor(
+        "run", str(guests["pcisensor"]), "--transport", "pci",
+        "--device", f"{USERDEVS}:FailingPciSensor", "--cmdline", "count=3 timeout=500",
+    )
+    out = r.stdout
+    assert len(pci_alarms(out)) == 2, out  # the second alarm's clearing write failed it
+    assert "pcisensor: no alarm within 500 ms\n" in out, out
+    assert "pcisensor: done, 2 alarms, now 4294967295 C\n" in out, out
+    assert "pcisensor: the device is gone (it reads all ones)\n" in out, out
+    assert r.returncode == 1, r.stderr
+    (failed,) = [line for line in r.stderr.splitlines() if "failed" in line]
+    assert failed == (
+        "corevisor: pcisensor: device failingpcisensor (userdevs.py:FailingPciSensor) failed "
+        "in write(0, 0x8, 01000000): RuntimeError: status write refused (at userdevs.py:"
+        f"{_line_of('status write refused')} in write); it answers as an absent device from "
+        "now on"
+    ), r.stderr
+
+
+def _line_of(text: str) -> int:
+    lines = USERDEVS.read_text().splitlines()
+    return max(i for i, line in enumerate(lines, 1) if text in line)
+
+
+def test_a_pci_sensor_snapshot_restores_its_function_and_goes_on(
+    guests: dict[str, Path], tmp_path: Path
+) -> None:
+    """Taken running after the second alarm: the function's configuration space comes
+    back with the device's registers — its BARs, and the MSI capability the guest
+    programmed (without it the restored function would fall back to INTx, whose IOAPIC
+    pin this guest never routed: no more alarms)."""
+    from corevisor.pci.config import BAR0
+    from corevisor.snapshot import partition
+
+    path = tmp_path / "pci.toml"
+    path.write_text(
+        f'[partitions.pcisensor]\nimage = "{guests["pcisensor"]}"\n'
+        f'cmdline = "count=4 irq=msi"\nmemory = "32M"\ntransport = "pci"\n'
+        f'[[partitions.pcisensor.devices]]\n'
+        f'class = "{PCI_EXAMPLE}:PciSensor"\n'
+    )
+    config = dataclasses.replace(load_config(path).partitions[0],
+                                 serial=SerialSpec.file(tmp_path / "a.log"))
+    serial = _PauseAt(tmp_path / "a.log", "pcisensor: alarm 2 at ")
+    reports: list[str] = []
+    with _built(config, reports, serial) as m:
+        serial.machine = m
+        m.start()
+        assert serial.paused.wait(120) and serial.error is None, serial.error
+        m.resume()  # take() freezes a running machine itself
+        partition.take(m, tmp_path / "snap")
+    snap = partition.read(tmp_path / "snap")
+    (state,) = [s for name, s in snap.machine.devices if name == "device-pcisensor"]
+    assert isinstance(state, UserDeviceState) and state.config is not None
+    bar0 = int.from_bytes(state.config.config[BAR0 : BAR0 + 4], "little")
+    assert bar0 == 0xE0100000, hex(bar0)  # where the platform placed it
+    assert b"\x26\x00" in state.config.config[0x40:], state.config  # the MSI data: vector
+    overrides = partition.Overrides(serial=SerialSpec.file(tmp_path / "b.log"))
+    with partition.restore(snap, overrides) as restored:
+        report = restored.run(120)
+    after = (tmp_path / "b.log").read_text()
+    assert (report.kind, report.code) == ("exit", 0), (report, after)
+    got = pci_alarms(after)
+    assert len(got) == 2 and got[1] >= got[0] + 3, after  # alarms 3 and 4, after the restore
+    assert "pcisensor: done, 4 alarms" in after, after
+    assert not [r for r in reports if "failed" in r], reports
+
+
+def test_a_pci_device_s_intx_is_in_the_mp_table(guests: dict[str, Path], tmp_path: Path) -> None:
+    """The MP table lists every function with an interrupt pin: the user device in slot
+    1 (INTA on 10) and the virtio-pci rng after it in slot 2 (INTA on 10 again)."""
+    from tests.unit.test_mptable import mp_buses_and_interrupts
+
+    path = tmp_path / "pci.toml"
+    path.write_text(
+        f'[partitions.pcisensor]\nimage = "{guests["pcisensor"]}"\nmemory = "32M"\n'
+        f'transport = "pci"\nrng = true\n[[partitions.pcisensor.devices]]\n'
+        f'class = "{PCI_EXAMPLE}:PciSensor"\n'
+    )
+    config = load_config(path).partitions[0]
+    with _built(dataclasses.replace(config, serial=SerialSpec.file(tmp_path / "s.log")),
+                []) as m:
+        buses, ints = mp_buses_and_interrupts(m.memory)
+    assert buses[0] == b"PCI   "
+    pci = [(irq, pin) for _, _, _, bus, irq, _, pin in ints if bus == 0]
+    assert pci == [(1 << 2, 10), (2 << 2, 10)], pci

@@ -1,6 +1,6 @@
 """User devices for the tests (named in system files as "tests/kvm/userdevs.py:Class"):
 the example sensor gone wrong in each way the containment promises to survive, a sensor
-that keeps a log in guest memory, and one whose calls block.
+that keeps a log in guest memory, one whose calls block, and the PCI example failing.
 
 Each is the example (examples/sensor.py, loaded from its file as a system file would)
 with one thing changed, driven by the bundled `sensor` guest.
@@ -11,16 +11,26 @@ from __future__ import annotations
 import importlib.util
 import sys
 import threading
+import types
 from pathlib import Path
 
 from corevisor.userdev import GuestMemoryError, Host, Ports
 
-_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sensor.py"
-_spec = importlib.util.spec_from_file_location("corevisor_example_sensor", _EXAMPLE)
-assert _spec is not None and _spec.loader is not None
-example = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = example
-_spec.loader.exec_module(example)
+_EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _example(name: str) -> types.ModuleType:
+    """examples/NAME.py, loaded from its file as a system file would load it."""
+    spec = importlib.util.spec_from_file_location(f"corevisor_example_{name}",
+                                                  _EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+example = _example("sensor")
 TempSensor = example.TempSensor
 
 
@@ -172,3 +182,22 @@ class ForbiddenSensor(TempSensor):  # type: ignore[misc, valid-type]
         if self.regs[3] & 1 and self.where == "timer":
             open("/dev/null").close()  # noqa: SIM115
         super().sample()
+
+
+PciSensor = _example("pcisensor").PciSensor
+
+
+class FailingPciSensor(PciSensor):  # type: ignore[misc, valid-type]
+    """The PCI example, failing on the `after`-th write to its status register (BAR0 +8:
+    the guest's interrupt handler clearing an alarm)."""
+
+    def __init__(self, host: Host, after: int = 2, **kw: int) -> None:
+        super().__init__(host, **kw)
+        self.left = after
+
+    def write(self, bar: int, offset: int, data: bytes) -> None:
+        if (bar, offset) == (0, 8):
+            self.left -= 1
+            if self.left <= 0:
+                raise RuntimeError("status write refused")
+        super().write(bar, offset, data)

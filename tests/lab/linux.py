@@ -4,8 +4,9 @@ The guest side is three busybox scripts in guest/: ``init`` (loads the modules, 
 many CPUs are online, then does what ``l2.do=`` on the command line asks: run a
 command, reboot, panic, or exercise the devices), ``devices.sh`` (rng, hvc0, net, then
 the ext4 root) and ``rootfs-init`` (the ext4 root's /sbin/init: writes a file, powers
-off). Debian builds every driver they need as a module; those and their dependencies
-(modules.dep, lab/kernel.py) go into the initramfs.
+off); test_pci.py's virtio-pci boot has its own, ``pci-init``. Debian builds every
+driver they need as a module; those and their dependencies (modules.dep,
+lab/kernel.py) go into the initramfs.
 """
 
 from __future__ import annotations

@@ -93,4 +93,4 @@ def test_a_working_directory_the_guest_cannot_see_is_refused() -> None:
     r = subprocess.run([sys.executable, str(LAB_RUN), "--", "true"], capture_output=True,
                        text=True, timeout=120, cwd="/tmp")
     assert r.returncode == lab.Exit.SETUP
-    assert r.stderr.startswith("lab: the working directory /tmp is under /tmp")
+    assert r.stderr.startswith("lab: the working directory /tmp is under /tmp")  # itself

@@ -18,9 +18,10 @@ LAB_RUN = Path(lab.__file__).with_name("run")
 REPO = LAB_RUN.parent.parent
 
 
-def _lab_run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _lab_run(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO
+             ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(LAB_RUN), *args], capture_output=True,
-                          text=True, timeout=600, env=env, cwd=REPO)
+                          text=True, timeout=600, env=env, cwd=cwd)
 
 
 def test_a_command_gets_its_directory_environment_output_and_status_back() -> None:
@@ -37,6 +38,18 @@ def test_a_command_gets_its_directory_environment_output_and_status_back() -> No
         "tmpfs-writable", "root-read-only",
     ]
     assert r.stderr == "to-stderr\n"
+
+
+def test_a_working_directory_below_tmp_is_shared_read_only(tmp_path: Path) -> None:
+    """A checkout in /tmp/ci: the guest's own /tmp would hide it, so it is shared at its
+    path, read-only, and the guest's /tmp around it stays its writable tmpfs."""
+    (tmp_path / "f").write_text("from the host\n")
+    r = _lab_run("--", "sh", "-c", "pwd; cat f; touch g 2>/dev/null || echo read-only; "
+                 "touch /tmp/y && echo tmpfs-writable", cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    assert r.stdout.splitlines() == [str(tmp_path), "from the host", "read-only",
+                                     "tmpfs-writable"]
+    assert not (tmp_path / "g").exists()
 
 
 def test_a_run_longer_than_its_timeout_is_killed_with_status_124() -> None:

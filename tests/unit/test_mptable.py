@@ -120,12 +120,27 @@ def test_a_pci_machine_lists_bus_0_as_pci_and_its_intx(mem: GuestMemory) -> None
     INTA is an entry (source IRQ = device << 2 | pin, level, active low), and the ISA
     IRQ its line shares is not listed as an ISA interrupt."""
     write_mptable(mem, 1, irq0_pin=0, pci_routes=[(1, 0, 10), (2, 0, 10), (3, 0, 11)])
+    buses, ints = mp_buses_and_interrupts(mem)
+    assert buses == {0: b"PCI   ", 1: b"ISA   "}
+    pci = [(flags, irq, pin) for _, _, flags, bus, irq, _, pin in ints if bus == 0]
+    assert pci == [(0x0F, 1 << 2, 10), (0x0F, 2 << 2, 10), (0x0F, 3 << 2, 11)]
+    isa = [irq for _, _, _, bus, irq, _, _ in ints if bus == 1]
+    assert 10 not in isa and 11 not in isa and 4 in isa
+
+
+def mp_buses_and_interrupts(
+    mem: GuestMemory,
+) -> tuple[dict[int, bytes], list[tuple[int, ...]]]:
+    """The MP table's buses (id -> type) and I/O interrupt entries, as a guest reads them
+    (tests/kvm/test_userdev.py reads a built machine's with it)."""
     ptr = mem.read(layout.MPTABLE_ADDR, 16)
     table_addr = struct.unpack_from("<I", ptr, 4)[0]
     length = struct.unpack_from("<H", mem.read(table_addr + 4, 2))[0]
     table = mem.read(table_addr, length)
     assert sum(table) % 256 == 0
-    off, ints, buses = 44, [], {}
+    off = 44
+    ints: list[tuple[int, ...]] = []
+    buses: dict[int, bytes] = {}
     while off < length:
         kind = table[off]
         if kind == 0:
@@ -136,8 +151,4 @@ def test_a_pci_machine_lists_bus_0_as_pci_and_its_intx(mem: GuestMemory) -> None
         if kind == 3:
             ints.append(struct.unpack_from("<BBHBBBB", table, off))
         off += 8
-    assert buses == {0: b"PCI   ", 1: b"ISA   "}
-    pci = [(flags, irq, pin) for _, _, flags, bus, irq, _, pin in ints if bus == 0]
-    assert pci == [(0x0F, 1 << 2, 10), (0x0F, 2 << 2, 10), (0x0F, 3 << 2, 11)]
-    isa = [irq for _, _, _, bus, irq, _, _ in ints if bus == 1]
-    assert 10 not in isa and 11 not in isa and 4 in isa
+    return buses, ints

@@ -113,7 +113,7 @@ def test_write_then_read_gives_everything_back(snap: fmt.Snapshot, tmp_path: Pat
     assert back.meta.name == "t" and back.meta.writer.startswith("corevisor")
     assert sorted(os.listdir(tmp_path / "snap")) == ["memory.raw", "spec.json", "state.bin"]
     raw = (tmp_path / "snap" / "state.bin").read_bytes()
-    assert raw[:8] == fmt.MAGIC and struct.unpack_from("<HH", raw, 8) == (1, 1)
+    assert raw[:8] == fmt.MAGIC and struct.unpack_from("<HH", raw, 8) == (1, 2)
     assert list(_sections(raw)) == list(fmt.SECTIONS)
 
 
@@ -203,19 +203,19 @@ def _rewrite_header(path: Path, major: int, minor: int) -> None:
     path.write_bytes(raw)
 
 
-@pytest.mark.parametrize("major, minor", [(2, 0), (0, 9), (1, 2)])
+@pytest.mark.parametrize("major, minor", [(2, 0), (0, 9), (1, 3)])
 def test_other_versions_are_refused(snap: fmt.Snapshot, tmp_path: Path, major: int,
                                     minor: int) -> None:
     _rewrite_header(tmp_path / "snap" / "state.bin", major, minor)
     text = _error(tmp_path / "snap")
-    assert f"snapshot format {major}.{minor}; this corevisor reads 1.0 to 1.1" in text
+    assert f"snapshot format {major}.{minor}; this corevisor reads 1.0 to 1.2" in text
 
 
 def test_an_older_minor_version_loads(snap: fmt.Snapshot, tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fmt, "MINOR", 3)  # this reader is 1.3, the file 1.1
+    monkeypatch.setattr(fmt, "MINOR", 4)  # this reader is 1.4, the file 1.2
     assert fmt.read(tmp_path / "snap").machine == machine_snapshot()
-    _rewrite_header(tmp_path / "snap" / "state.bin", 1, 3)
+    _rewrite_header(tmp_path / "snap" / "state.bin", 1, 4)
     assert fmt.read(tmp_path / "snap").machine == machine_snapshot()
 
 

@@ -159,10 +159,10 @@ ERRORS = {
     'class = "devs.py:function"': f"{KEY}.class: function is a function, not a class",
     'class = "devs.py"': f'{KEY}.class: "devs.py" is not "package.module:Class" or '
     '"FILE.py:Class"',
-    'class = "devs.py:NoRegion"': f"{KEY}.class: NoRegion has no REGION (a Ports or Mmio: "
+    'class = "devs.py:NoRegion"': f"{KEY}.class: NoRegion has no REGION (a Ports, Mmio or Pci: "
     "where its registers sit)",
-    'class = "devs.py:BadRegion"': f"{KEY}.class: BadRegion has REGION = (1792, 4) (a Ports "
-    "or Mmio: where its registers sit)",
+    'class = "devs.py:BadRegion"': f"{KEY}.class: BadRegion has REGION = (1792, 4) (a Ports, "
+    "Mmio or Pci: where its registers sit)",
     'class = "devs.py:NoWrite"': f"{KEY}.class: NoWrite has no write() method (a device "
     "answers read(offset, size) -> bytes and write(offset, data))",
     'class = "devs.py:SaveOnly"': f"{KEY}.class: SaveOnly has save() but no restore() "

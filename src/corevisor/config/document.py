@@ -21,6 +21,7 @@ from typing import Any
 from corevisor.spec import (
     BlkSpec,
     ChannelSpec,
+    DeviceSpace,
     DeviceSpec,
     HostPort,
     ModuleSpec,
@@ -48,7 +49,8 @@ def _value(value: object) -> Any:
     if isinstance(value, ModuleSpec):
         return f"{value.path},{value.string}"
     if isinstance(value, DeviceSpec):  # its own keys, then its parameters (userdev/load.py)
-        own = {"class": value.cls, "name": value.name, "base": value.base, "gsi": value.gsi}
+        base = None if value.space is DeviceSpace.PCI else value.base  # a PCI BAR is placed
+        own = {"class": value.cls, "name": value.name, "base": base, "gsi": value.gsi}
         params = {k: _value(v) for k, v in value.params}
         return {**{k: v for k, v in own.items() if v is not None}, **params}
     if isinstance(value, tuple):

@@ -37,7 +37,8 @@ JSON schema)::
     [[partitions.demo.devices]]         # a device model written in Python (docs/devices.md)
     class = "sensor.py:TempSensor"      # or "package.module:Class"
     base = 0x700                        # optional: its ports or MMIO address (default: its REGION)
-    gsi = 5                             # optional: its interrupt line (default: its IRQ)
+    gsi = 5                             # optional: its interrupt line (default: its IRQ);
+                                        # a PCI function (REGION = Pci) has no base or gsi
     celsius = 21                        # anything else: its constructor's keyword arguments
 
     [channels.NAME]                     # shared memory between two partitions (channel.py)

@@ -51,6 +51,7 @@ from corevisor.spec import (
     MIN_MEMORY,
     PAGE,
     ChannelSpec,
+    DeviceSpace,
     ExitMode,
     PartitionSpec,
     SystemSpec,
@@ -173,6 +174,11 @@ def _check_devices(p: PartitionSpec, keys: Keys) -> None:
                 f"({first}): give one a name"
             )
         names[d.name] = i
+        if d.space is DeviceSpace.PCI and not p.pci:
+            raise ConfigError(
+                f"{_device_key(p, keys, i)}: device {d.name} is a PCI function, but partition "
+                f'{p.name} has no PCI bus (give it transport = "pci" or a bios)'
+            )
     partition_map(p, keys)
     lines = {d.gsi for d in p.devices if d.gsi is not None}
     # (virtio-pci devices interrupt through MSI-X and PCI's own INTx lines, not these)

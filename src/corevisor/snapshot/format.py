@@ -61,7 +61,7 @@ __all__ = [
 
 MAGIC = b"\x89CVSNAP\n"  # a high byte and a newline: mangled by a text transfer, and seen
 MAJOR = 1
-MINOR = 1  # 1.1: HypercallsState gained clock_ns and the generation
+MINOR = 2  # 1.1: HypercallsState gained clock_ns, the generation; 1.2: UserDeviceState.config
 STATE_FILE = "state.bin"
 SPEC_FILE = "spec.json"
 MEMORY_FILE = "memory.raw"

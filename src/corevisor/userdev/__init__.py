@@ -4,12 +4,17 @@ the one door to the machine it gets (docs/devices.md is the reference).
 A user device is a class that declares where its registers sit (``REGION``: ``Ports`` or
 ``Mmio``) and, optionally, its interrupt line (``IRQ``), and answers register accesses
 as corevisor's own devices do (devices/__init__.py): ``read(offset, size) -> bytes`` and
-``write(offset, data)``, offsets relative to its base. corevisor constructs it as
-``Class(host, **parameters)``: the parameters come from the system file, and ``host``
-(a ``Host``) is everything the device may use of the machine — its interrupt line
-(``IrqLine``: KVM_IRQ_LINE into the in-kernel irqchip), the guest's RAM through
-bounds-checked reads and writes (``GuestRam``: guest-physical addresses, never a host
-pointer), timers that run on a thread the machine owns (``Timer``), and a log line.
+``write(offset, data)``, offsets relative to its base. Or it is a PCI function
+(``REGION = Pci(vendor=, device=, class_code=, bars=(Bar(size), Bar(size, io=True)))``)
+on the machine's PCI bus: its BARs are placed by the PCI platform (or the guest's
+firmware), its configuration space is corevisor's, its accesses arrive as
+``read(bar, offset, size)`` and ``write(bar, offset, data)`` with the BAR's index, and
+its line is its slot's INTx (level-triggered, shared, masked by INTX_DISABLE) or MSI.
+corevisor constructs it as ``Class(host, **parameters)``: the parameters come from the
+system file, and ``host`` (a ``Host``) is everything the device may use of the machine —
+its interrupt line (``IrqLine``: KVM_IRQ_LINE into the in-kernel irqchip), the guest's
+RAM through bounds-checked reads and writes (``GuestRam``: guest-physical addresses,
+never a host pointer), timers that run on a thread the machine owns (``Timer``), and a log line.
 Optional ``save()``/``restore(state)`` make the device part of snapshots.
 
     class Blinker:
@@ -58,6 +63,8 @@ if TYPE_CHECKING:
 __all__ = [
     "Ports",
     "Mmio",
+    "Pci",
+    "Bar",
     "Irq",
     "Trigger",
     "Host",
@@ -114,6 +121,60 @@ class Mmio:
             raise ValueError(f"MMIO {self.base:#x}+{self.size:#x} is not below {MAX_GPA:#x}")
 
 
+@dataclass(frozen=True)
+class Bar:
+    """One BAR of a Pci function: size bytes of memory space (16 B to 256 MiB, 32-bit,
+    placed below 4 GiB) or, with io, size I/O ports (4 to 256); a power of 2. Its index
+    is its place in ``Pci.bars`` (BAR0 first)."""
+
+    size: int
+    io: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("Bar.size", self.size)
+        if type(self.io) is not bool:
+            raise ValueError(f"Bar.io {self.io!r} is not a boolean")
+        low, high = (4, MAX_PORTS) if self.io else (16, MAX_MMIO)
+        if self.size & (self.size - 1) or not low <= self.size <= high:
+            kind = "an I/O BAR is 4 to 256 ports" if self.io else "a memory BAR is 16 B to 256 MiB"
+            raise ValueError(f"Bar.size {self.size:#x}: {kind}, a power of 2")
+
+
+@dataclass(frozen=True)
+class Pci:
+    """A PCI function on the machine's bus 0 (the partition needs PCI: ``transport =
+    "pci"`` or a ``bios``): its IDs, its class code (class, subclass, prog-if as
+    0xCCSSPP), its BARs (one to six, BAR0 first), and whether it interrupts
+    (``interrupt``: pin INTA on the slot's routed line, level-triggered, and an MSI
+    capability with one vector the guest may enable instead). corevisor answers its
+    configuration space; the device sees only its BARs' accesses."""
+
+    vendor: int
+    device: int
+    class_code: int
+    bars: tuple[Bar, ...]
+    revision: int = 0
+    subsystem_vendor: int = 0
+    subsystem: int = 0
+    interrupt: bool = True
+
+    def __post_init__(self) -> None:
+        for what, bits in (("vendor", 16), ("device", 16), ("class_code", 24), ("revision", 8),
+                           ("subsystem_vendor", 16), ("subsystem", 16)):
+            value = getattr(self, what)
+            _check_int(f"Pci.{what}", value)
+            if not 0 <= value < 1 << bits:
+                raise ValueError(f"Pci.{what} {value:#x} does not fit in {bits} bits")
+        if self.vendor == 0xFFFF:
+            raise ValueError("Pci.vendor 0xffff means no device: give a real vendor ID")
+        if type(self.bars) is not tuple or not all(isinstance(b, Bar) for b in self.bars):
+            raise ValueError(f"Pci.bars {self.bars!r} is not a tuple of Bar")
+        if not 1 <= len(self.bars) <= 6:
+            raise ValueError(f"Pci.bars: {len(self.bars)} BARs, a function has 1 to 6")
+        if type(self.interrupt) is not bool:
+            raise ValueError(f"Pci.interrupt {self.interrupt!r} is not a boolean")
+
+
 class Trigger(enum.StrEnum):
     """How an interrupt line signals: an edge (the line's rise; ``IrqLine.pulse``) or a
     level (held high until the device lowers it; the guest must program its IOAPIC pin
@@ -157,7 +218,7 @@ class UserDevice(Protocol):
     float, str, bool) are checked against the system file's values.
     """
 
-    REGION: ClassVar[Ports | Mmio]
+    REGION: ClassVar[Ports | Mmio | Pci]  # a Pci device's read/write take the BAR first
 
     def read(self, offset: int, size: int) -> bytes:
         """The size bytes at offset: never raise, never block (guest input)."""

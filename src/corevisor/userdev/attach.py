@@ -1,5 +1,6 @@
-"""User devices in a machine: on its buses, their lines and timers wired, their failures
-contained (the builder's attach_user_devices step calls ``attach``).
+"""User devices in a machine: on its buses (or its PCI bus: function.py), their lines and
+timers wired, their failures contained (the builder's attach_user_devices step calls
+``attach``).
 
 Each device sits behind a ``Contained``, which is what the bus, the machine and
 snapshots see. It serialises every call into the device (one lock: the vCPU threads and
@@ -43,17 +44,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corevisor import sandbox
-from corevisor.errors import DeviceError, SnapshotError
+from corevisor.errors import ConfigError, DeviceError, SnapshotError
+from corevisor.pci.config import PciFunctionState
 from corevisor.resources import Resources, claim_device
 from corevisor.signals import start_thread
 from corevisor.snapshot import require_bool, require_state
 from corevisor.spec import DeviceSpace, DeviceSpec
-from corevisor.userdev import GuestRam, Host, IrqLine, Timer, Trigger
+from corevisor.userdev import GuestRam, Host, IrqLine, Pci, Timer, Trigger
+from corevisor.userdev.function import BarPort, SharedLines, UserFunction
 from corevisor.userdev.load import declared, load_class
 
 if TYPE_CHECKING:
     from corevisor.machine import Machine
     from corevisor.memory import GuestMemory
+    from corevisor.pci.platform import PciPlatform
 
 __all__ = ["attach", "Contained", "DeviceTimers", "UserDeviceState", "SLOW_CALL"]
 
@@ -67,18 +71,27 @@ PARK_TIMEOUT = 5.0  # seconds park() waits for a callback in progress to return
 class UserDeviceState:
     """A user device's part of a snapshot: its class (a state fits only the same one), its
     line's level, its armed timers as (index, seconds until due, period or None), and
-    what its own save() returned (plain values)."""
+    what its own save() returned (plain values); a PCI function's configuration space
+    too (its BARs, COMMAND, MSI: what the guest programmed)."""
 
     cls: str
     irq: bool
     timers: tuple[tuple[int, float, float | None], ...]
     state: Any
+    config: PciFunctionState | None = None
 
 
 def attach(
-    m: Machine, devices: tuple[DeviceSpec, ...], res: Resources, report: Callable[[str], None]
+    m: Machine,
+    devices: tuple[DeviceSpec, ...],
+    res: Resources,
+    report: Callable[[str], None],
+    pci: PciPlatform | None = None,
+    place: bool = True,
 ) -> None:
-    """Put each device on its bus at the range its spec names, with its line and timers.
+    """Put each device on its bus at the range its spec names, with its line and timers;
+    a PCI function on pci's bus 0 in the next free slot (its BARs placed there when
+    place: no firmware to do it).
 
     report: the machine's one-line reports. A constructor that raises fails the build
     (DeviceError naming the device): a device that cannot be made is a bad system file.
@@ -87,18 +100,52 @@ def attach(
     m.at_start(clock.start)
     m.at_close(clock.close)
     m.at_quiesce(clock.park, clock.unpark)  # no timer fires while a snapshot is taken
+    lines = SharedLines(m.vm.irq_line)
     for i, spec in enumerate(devices):
         where = f"partitions.{m.name}.devices[{i}]"
         claim_device(res, spec, where)
         _, cls = load_class(spec.cls, where)
-        declared(cls, where)
-        dev = Contained(spec, cls, m.memory, m.vm.irq_line, clock, report, key=where)
-        m.at_close(dev.close)
+        region, _ = declared(cls, where)
         key = f"device-{spec.name}"
-        bus = m.pio if spec.space is DeviceSpace.PORT else m.mmio
-        bus.attach(spec.base, spec.size, dev, key)
+        if isinstance(region, Pci):
+            dev = _attach_function(m, spec, cls, region, clock, report, where, pci, lines, place)
+        else:
+            dev = Contained(spec, cls, m.memory, m.vm.irq_line, clock, report, key=where)
+            bus = m.pio if spec.space is DeviceSpace.PORT else m.mmio
+            bus.attach(spec.base, spec.size, dev, key)
+        m.at_close(dev.close)
         m.devices[key] = dev
         m.at_stall(dev.stalled)
+
+
+def _attach_function(
+    m: Machine,
+    spec: DeviceSpec,
+    cls: type,
+    region: Pci,
+    clock: DeviceTimers,
+    report: Callable[[str], None],
+    where: str,
+    pci: PciPlatform | None,
+    lines: SharedLines,
+    place: bool,
+) -> Contained:
+    """A PCI device: its function in the lowest free slot, a BarPort per BAR."""
+    if pci is None:
+        raise ConfigError(f"{where}: device {spec.name} is a PCI function, but partition "
+                          f'{m.name} has no PCI bus (give it transport = "pci" or a bios)')
+    function = UserFunction(region, f"device {spec.name}", m.vm.signal_msi)
+    slot = pci.root.free_slot()
+    if slot is None:
+        raise ConfigError(f"{where}: no free PCI slot for device {spec.name}")
+    function.slot = slot
+    dev = Contained(spec, cls, m.memory, m.vm.irq_line, clock, report, key=where,
+                    function=function)
+    function.lines = lines
+    pci.add(function, {i: BarPort(dev, i) for i in range(len(region.bars))}, slot=slot)
+    if place:
+        pci.place(function)
+    return dev
 
 
 def _text(value: object, limit: int = 200) -> str:
@@ -131,11 +178,12 @@ def _what(call: _Call | None) -> str:
     if call is None:
         return "?"
     kind, a, b = call[:3]
-    if kind == "read":
-        return f"read({a:#x}, {b})"
-    if kind == "write":
+    if kind in ("read", "write"):
+        at = f"{a[0]}, {a[1]:#x}" if isinstance(a, tuple) else f"{a:#x}"  # (bar, offset)
+        if kind == "read":
+            return f"read({at}, {b})"
         data = b if isinstance(b, bytes) else b""
-        return f"write({a:#x}, {data[:8].hex()})"
+        return f"write({at}, {data[:8].hex()})"
     if isinstance(a, Timer):
         return f"timer {a.index} ({getattr(a.callback, '__name__', '?')})"
     return kind
@@ -193,8 +241,10 @@ class Contained:
         clock: DeviceTimers,
         report: Callable[[str], None],
         key: str = "",
+        function: UserFunction | None = None,
     ) -> None:
-        """key: how a build error names the device (its table in the spec)."""
+        """key: how a build error names the device (its table in the spec); function: its
+        PCI function, whose interrupt request its line drives (function.py)."""
         self.spec = spec
         self.failure: str | None = None  # why it failed, once it has
         self._report = report
@@ -205,7 +255,11 @@ class Contained:
         self._timers: list[Timer] = []
         gsi = spec.gsi
         self.irq = None
-        if gsi is not None:
+        self.function = function
+        if function is not None:
+            if function.msi is not None:  # it interrupts: INTx, or MSI once enabled
+                self.irq = IrqLine(function.gsi, Trigger.LEVEL, function.set_request)
+        elif gsi is not None:
             trigger = Trigger.LEVEL if spec.level else Trigger.EDGE
             self.irq = IrqLine(gsi, trigger, lambda level: irq_line(gsi, level))
         host = Host(spec.name, self.irq, GuestRam(memory), self._new_timer, self._log)
@@ -272,12 +326,14 @@ class Contained:
             f"{self.label} failed {self.failure}; it answers as an absent device from now on"
         )
 
-    def read(self, offset: int, size: int) -> bytes:
+    def read(self, offset: int, size: int, bar: int | None = None) -> bytes:
+        """The device's read; a PCI device's with the BAR first (bar: its index)."""
         with self._lock:
             if self.failure is None:
-                self._enter("read", offset, size)
+                self._enter("read", offset if bar is None else (bar, offset), size)
                 try:
-                    value = self.device.read(offset, size)
+                    value = (self.device.read(offset, size) if bar is None
+                             else self.device.read(bar, offset, size))
                 except BaseException as e:  # noqa: BLE001 - SystemExit too: contained
                     self._fail(_why(e), _what(self._call))
                 else:
@@ -290,12 +346,16 @@ class Contained:
                     self._leave()
         return b"\xff" * size
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes, bar: int | None = None) -> None:
+        """The device's write; a PCI device's with the BAR first (bar: its index)."""
         with self._lock:
             if self.failure is None:
-                self._enter("write", offset, data)
+                self._enter("write", offset if bar is None else (bar, offset), data)
                 try:
-                    self.device.write(offset, data)
+                    if bar is None:
+                        self.device.write(offset, data)
+                    else:
+                        self.device.write(bar, offset, data)
                 except BaseException as e:  # noqa: BLE001 - SystemExit too: contained
                     self._fail(_why(e), _what(self._call))
                 finally:
@@ -357,7 +417,8 @@ class Contained:
                 if armed is not None:
                     timers.append((t.index, *armed))
             level = self.irq.level if self.irq is not None else False
-            return UserDeviceState(self.spec.cls, level, tuple(timers), plain)
+            config = self.function.save() if self.function is not None else None
+            return UserDeviceState(self.spec.cls, level, tuple(timers), plain, config)
 
     def restore(self, state: UserDeviceState) -> None:
         """The saved state into this (fresh, never started) device, all checked first."""
@@ -371,7 +432,14 @@ class Contained:
         timers = self._check_timers(where, st.timers)
         if not self._savable:
             raise DeviceError(f"{self.label} has no restore()")
+        config = None
+        if self.function is not None:  # checked before anything is touched
+            config = self.function.check_state(st.config)
+        elif st.config is not None:
+            raise DeviceError(f"{where}: the saved state has a PCI configuration space")
         with self._lock:
+            if self.function is not None and config is not None:
+                self.function.load_state(config)  # BARs re-mapped, MSI re-read
             try:
                 self.device.restore(st.state)
             except (Exception, SystemExit) as e:

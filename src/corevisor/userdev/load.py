@@ -7,7 +7,7 @@ fd is opened, as one ConfigError naming the file and the key (shown here on two 
     sensor.toml: partitions.demo.devices[0].class: no module named "sensr"
         (class = "sensr:TempSensor")
     sensor.toml: partitions.demo.devices[0].class: TempSensor has no REGION
-        (a Ports or Mmio: where its registers sit)
+        (a Ports, Mmio or Pci: where its registers sit)
     sensor.toml: partitions.demo.devices[0].celsius: expected an integer
         (TempSensor's parameter celsius: int), got a string "hot"
 
@@ -38,7 +38,7 @@ from typing import Any
 from corevisor.config.parse import NAME_RE, parse_path, type_name
 from corevisor.errors import ConfigError, quote, show
 from corevisor.spec import DeviceSpace, DeviceSpec
-from corevisor.userdev import Irq, Mmio, Ports, Trigger
+from corevisor.userdev import Irq, Mmio, Pci, Ports, Trigger
 
 __all__ = ["RESERVED_KEYS", "device_from_table", "device_from_option", "load_class"]
 
@@ -136,22 +136,30 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {message}" if message else type(e).__name__
 
 
-def declared(cls: type, where: str) -> tuple[Ports | Mmio, Irq | None]:
+def declared(cls: type, where: str) -> tuple[Ports | Mmio | Pci, Irq | None]:
     """What the class declares (REGION, IRQ), after checking it is a device class."""
     name = cls.__name__
     region = getattr(cls, "REGION", None)
-    if not isinstance(region, Ports | Mmio):
+    if not isinstance(region, Ports | Mmio | Pci):
         what = "has no REGION" if region is None else f"has REGION = {show(repr(region))}"
-        raise ConfigError(f"{where}: {name} {what} (a Ports or Mmio: where its registers sit)")
+        raise ConfigError(
+            f"{where}: {name} {what} (a Ports, Mmio or Pci: where its registers sit)"
+        )
     irq = getattr(cls, "IRQ", None)
     if irq is not None and not isinstance(irq, Irq):
         raise ConfigError(f"{where}: {name}.IRQ is {show(repr(irq))}, not an Irq (or None)")
+    pci = isinstance(region, Pci)
+    if pci and irq is not None:
+        raise ConfigError(
+            f"{where}: {name} is a PCI function and declares an IRQ: its line is its slot's "
+            "INTx or MSI (Pci(..., interrupt=True)): drop the IRQ"
+        )
     for method in ("read", "write"):
         if not callable(getattr(cls, method, None)):
-            raise ConfigError(
-                f"{where}: {name} has no {method}() method (a device answers "
-                "read(offset, size) -> bytes and write(offset, data))"
-            )
+            answers = ("read(bar, offset, size) -> bytes and write(bar, offset, data)" if pci
+                       else "read(offset, size) -> bytes and write(offset, data)")
+            raise ConfigError(f"{where}: {name} has no {method}() method (a device answers "
+                              f"{answers})")
     has_save, has_restore = (callable(getattr(cls, m, None)) for m in ("save", "restore"))
     if has_save != has_restore:
         have, lack = ("save", "restore") if has_save else ("restore", "save")
@@ -293,7 +301,7 @@ def _kind_of(value: Any) -> str:
 def _spec(
     canonical: str,
     cls: type,
-    declaration: tuple[Ports | Mmio, Irq | None],
+    declaration: tuple[Ports | Mmio | Pci, Irq | None],
     params: tuple[tuple[str, Any], ...],
     own: dict[str, object],
     key_where: typing.Callable[[str], str],
@@ -301,8 +309,10 @@ def _spec(
     """The spec of a checked class: own holds the table's name, base and gsi (each
     optional), key_where names a key in messages."""
     region, irq = declaration
-    space = DeviceSpace.PORT if isinstance(region, Ports) else DeviceSpace.MMIO
     name = _name(own["name"], key_where("name")) if "name" in own else _default_name(cls)
+    if isinstance(region, Pci):
+        return _pci_spec(canonical, cls, region, name, params, own, key_where)
+    space = DeviceSpace.PORT if isinstance(region, Ports) else DeviceSpace.MMIO
     base = _address(own["base"], key_where("base")) if "base" in own else region.base
     gsi = _address(own["gsi"], key_where("gsi")) if "gsi" in own else None
     try:
@@ -323,6 +333,25 @@ def _spec(
         level=irq is not None and irq.trigger is Trigger.LEVEL,
         params=params,
     )
+
+
+def _pci_spec(
+    canonical: str,
+    cls: type,
+    region: Pci,
+    name: str,
+    params: tuple[tuple[str, Any], ...],
+    own: dict[str, object],
+    key_where: typing.Callable[[str], str],
+) -> DeviceSpec:
+    """A PCI function's spec: no base, no gsi (the platform places its BARs, its line is
+    its slot's INTx)."""
+    for key, why in (("base", "its BARs are placed by the PCI platform or the firmware"),
+                     ("gsi", "its line is its slot's INTx")):
+        if key in own:
+            raise ConfigError(f"{key_where(key)}: {cls.__name__} is a PCI function: {why}")
+    return DeviceSpec(cls=canonical, name=name, space=DeviceSpace.PCI, base=0, size=0,
+                      gsi=None, level=region.interrupt, params=params)
 
 
 def _default_name(cls: type) -> str:
