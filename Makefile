@@ -18,11 +18,13 @@ test: setup
 
 setup: sysdeps $(STAMP) guests
 
-# The tests that need hardware virtualization (marker lab; `make test` deselects them),
-# all in ONE boot of the lab's L1 guest: QEMU-TCG with an emulated AMD SVM CPU, where
-# /dev/kvm is kvm_amd with nested paging (lab/README.md, docs/lab.md). No pytest cache
-# (the root is read-only there) and no hypothesis plugin (seconds to import there).
-LAB_PYTEST := -m lab -p no:cacheprovider -p no:hypothesispytest -q -rA --durations=0
+# The tests that need hardware virtualization (marker lab; `make test` deselects them)
+# and those that run on every KVM (marker portable: `make test` runs them on PVM, this
+# runs them again on SVM), all in ONE boot of the lab's L1 guest: QEMU-TCG with an
+# emulated AMD SVM CPU, where /dev/kvm is kvm_amd with nested paging (lab/README.md,
+# docs/lab.md). No pytest cache (the root is read-only there) and no hypothesis plugin
+# (seconds to import there). The expression is tests/conftest.py's LAB_SELECTION.
+LAB_PYTEST := -m "lab or portable" -p no:cacheprovider -p no:hypothesispytest -q -rA --durations=0
 lab-test: setup
 	lab/run --iommu --timeout 1500 -- $(PY) -m pytest $(LAB_PYTEST) tests
 

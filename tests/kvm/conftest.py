@@ -17,6 +17,10 @@ from pathlib import Path
 import pytest
 
 KVM_OK = os.access("/dev/kvm", os.R_OK | os.W_OK)
+# In the lab (lab/vm.py sets COREVISOR_LAB) everything runs emulated, ~10-30x slower
+# than here, and a CLI start takes ~10 s: the guards against a hang (timeouts, deadlines
+# for a line to appear) stretch by this factor there. Nothing asserts on speed.
+LAB_SLOWDOWN = 10 if os.environ.get("COREVISOR_LAB") else 1
 NO_KVM_REASON = "/dev/kvm is absent or not accessible: KVM tests cannot run on this host"
 
 
@@ -39,15 +43,21 @@ def guests() -> dict[str, Path]:
     return {name: bundled.image_path(name) for name in bundled.GUESTS}
 
 
+def patience(seconds: float) -> float:
+    """How long a guard against a hang waits on this host (LAB_SLOWDOWN)."""
+    return seconds * LAB_SLOWDOWN
+
+
 def corevisor(
     *args: str, timeout: float = 180, prefix: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI in a child process, as a user would (prefix: e.g. `ip netns exec`)."""
+    """Run the real CLI in a child process, as a user would (prefix: e.g. `ip netns exec`);
+    timeout is the guard here, stretched in the lab (patience)."""
     return subprocess.run(
         [*prefix, sys.executable, "-m", "corevisor.cli", *args],
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=patience(timeout),
         stdin=subprocess.DEVNULL,
         check=False,
     )

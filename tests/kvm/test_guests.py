@@ -1,12 +1,19 @@
-"""The bundled guests on real KVM through the real CLI: output and exit status."""
+"""The bundled guests on real KVM through the real CLI: output and exit status.
+
+The tests marked portable run again in the lab (make lab-test), on SVM: the same images
+through KVM's hardware path.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.kvm.conftest import corevisor
 
 
+@pytest.mark.portable
 def test_hello_prints_and_exits_with_requested_status(guests: dict[str, Path]) -> None:
     r = corevisor("run", str(guests["hello"]), "--cmdline", "exit=3 greeting")
     assert "hello: Hello from a corevisor guest!" in r.stdout
@@ -36,6 +43,7 @@ def test_hello_sees_its_memory_size(guests: dict[str, Path]) -> None:
     assert 31 * 1024 < kib <= 32 * 1024
 
 
+@pytest.mark.portable
 def test_multiboot_image_boots(guests: dict[str, Path]) -> None:
     r = corevisor("run", str(guests["hello-mb"]), "--cmdline", "exit=5")
     assert "hello: Hello from a corevisor guest!" in r.stdout
@@ -50,6 +58,7 @@ def test_bundled_guest_by_name(guests: dict[str, Path]) -> None:
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.portable
 def test_smp_every_cpu_checks_in_on_pinned_cores(guests: dict[str, Path]) -> None:
     r = corevisor("run", str(guests["smp"]), "--cpus", "2", "--pin", "0,1")
     assert "smp: cpu 0 apic 0 checked in" in r.stdout
@@ -58,6 +67,7 @@ def test_smp_every_cpu_checks_in_on_pinned_cores(guests: dict[str, Path]) -> Non
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.portable
 def test_timer_ticks_interrupt_user_mode(guests: dict[str, Path]) -> None:
     r = corevisor("run", str(guests["timer"]))
     assert "timer: uart irq ok" in r.stdout
@@ -67,6 +77,7 @@ def test_timer_ticks_interrupt_user_mode(guests: dict[str, Path]) -> None:
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.portable
 def test_fault_guest_triple_fault_is_reported(guests: dict[str, Path]) -> None:
     r = corevisor("run", str(guests["fault"]))
     assert "fault: about to triple-fault" in r.stdout
@@ -76,6 +87,7 @@ def test_fault_guest_triple_fault_is_reported(guests: dict[str, Path]) -> None:
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.portable
 def test_demo_runs_and_exits_zero(guests: dict[str, Path]) -> None:
     r = corevisor("run")
     out = r.stdout.splitlines()

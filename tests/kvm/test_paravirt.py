@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.kvm.asm import guest, string
 from tests.kvm.conftest import corevisor
 
@@ -49,6 +51,7 @@ main:
 )
 
 
+@pytest.mark.portable
 def test_hypercalls_answer_per_the_abi(tmp_path: Path) -> None:
     img = guest(tmp_path / "hc.elf", HYPERCALLS)
     r = corevisor("run", str(img), "--memory", "16M", "--cpus", "2", timeout=60)
@@ -112,6 +115,8 @@ def system_file(tmp_path: Path, parts: dict[str, tuple[Path, str]], tail: str = 
     return path
 
 
+# Not portable yet: in the lab the second partition's doorbell never wakes it from a
+# plain hlt (docs/lab.md, "A lab limit: a halted vCPU that is not woken").
 def test_channel_both_ways_with_direct_and_relayed_doorbells(tmp_path: Path) -> None:
     a = guest(tmp_path / "a.elf", _ping("a", 0, 0xAAAA0001, 4, 0xBBBB0002, DIRECT_RING))
     b = guest(tmp_path / "b.elf", _ping("b", 4, 0xBBBB0002, 0, 0xAAAA0001, RELAYED_RING))
@@ -173,6 +178,7 @@ doorbell_irq:
 """
 
 
+@pytest.mark.portable
 def test_one_way_channel_refuses_the_readers_writes(tmp_path: Path) -> None:
     w = guest(tmp_path / "w.elf", WRITER)
     rd = guest(tmp_path / "r.elf", READER)

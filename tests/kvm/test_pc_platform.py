@@ -14,10 +14,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.kvm.asm import assemble, string
 from tests.kvm.conftest import corevisor
 
 
+@pytest.mark.portable
 def test_fwcfg_guest_reads_cpus_ram_and_e820_by_port_and_dma(guests: dict[str, Path]) -> None:
     r = corevisor("run", "fwcfg", "--cpus", "2", "--memory", "96M")
     out = r.stdout
@@ -50,6 +53,7 @@ def test_pm_timer_ticks_at_about_3_58_mhz_against_the_published_tsc_rate(
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.portable
 def test_multiboot_image_finds_its_cpus_in_fw_cfg(guests: dict[str, Path]) -> None:
     r = corevisor("run", "fwcfg-mb", "--cpus", "2", "--cmdline", "x=1")
     assert "fwcfg: cpus=2 (io) cpus=2 (dma) max_cpus=2" in r.stdout, r.stdout + r.stderr

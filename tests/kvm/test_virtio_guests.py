@@ -5,6 +5,9 @@ blk works on a real image file the test fills and checks afterwards; net answers
 pings sent from the host side of a TAP in a network namespace of the test's own (created
 here, always removed; no address outside it is touched); rng reads the host's entropy.
 Over PCI, blk also completes requests by MSI-X and by INTx interrupts.
+
+The cases marked portable (virtio-mmio and virtio-pci through ECAM, MSI-X) run again in
+the lab (make lab-test), on SVM: the same guests through KVM's hardware path.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kvm.conftest import corevisor, tap_in_netns
+from tests.kvm.conftest import corevisor, patience, tap_in_netns
 
 GREETING = b"corevisor blk test: sector zero"
 START, SECTORS = 8, 64
@@ -45,7 +48,16 @@ TRANSPORTS = {
 }
 
 
-@pytest.fixture(params=list(TRANSPORTS))
+PORTABLE = {"mmio", "pci-ecam"}
+
+
+def _cases(names: list[str]) -> list[object]:
+    """pytest params, the portable ones marked so."""
+    return [pytest.param(n, id=n, marks=[pytest.mark.portable] if n in PORTABLE else [])
+            for n in names]
+
+
+@pytest.fixture(params=_cases(list(TRANSPORTS)))
 def transport(request: pytest.FixtureRequest) -> tuple[str, str, list[str]]:
     return TRANSPORTS[request.param]
 
@@ -84,7 +96,7 @@ def test_blk_read_only_disk_refuses_writes(guests: dict[str, Path], tmp_path: Pa
     assert img.read_bytes() == before
 
 
-@pytest.mark.parametrize("irq", ["msix", "intx"])
+@pytest.mark.parametrize("irq", [pytest.param("msix", marks=pytest.mark.portable), "intx"])
 def test_blk_over_pci_completes_by_interrupt(
     guests: dict[str, Path], tmp_path: Path, irq: str
 ) -> None:
@@ -120,7 +132,8 @@ HOST_IP, GUEST_IP = "10.0.0.1", "10.0.0.2"
 
 def _ns(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["ip", "netns", "exec", NS, *args], capture_output=True, text=True, timeout=60, check=check
+        ["ip", "netns", "exec", NS, *args], capture_output=True, text=True,
+        timeout=patience(60), check=check,
     )
 
 
@@ -164,7 +177,9 @@ def _ping(ip: str) -> subprocess.CompletedProcess[str]:
 )
 @pytest.mark.parametrize(
     ("kind", "jailed"),
-    [("mmio", False), ("pci-ecam", False), ("pci-cf8", False), ("mmio", True)],
+    [pytest.param("mmio", False, marks=pytest.mark.portable),
+     pytest.param("pci-ecam", False, marks=pytest.mark.portable),
+     ("pci-cf8", False), ("mmio", True)],
     ids=["mmio", "pci-ecam", "pci-cf8", "mmio-jail"],
 )
 def test_net_answers_ping_in_a_private_namespace(
@@ -178,7 +193,7 @@ def test_net_answers_ping_in_a_private_namespace(
         proc = subprocess.Popen(
             ["ip", "netns", "exec", NS, sys.executable, "-m", "corevisor.cli", "run", "net"]
             + ["--net", TAP, "--transport", transport,
-               "--cmdline", f"ip={GUEST_IP} count=3 timeout=40" + extra]
+               "--cmdline", f"ip={GUEST_IP} count=3 timeout={patience(40):.0f}" + extra]
             + (jail if jailed else []),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -188,7 +203,7 @@ def test_net_answers_ping_in_a_private_namespace(
         try:
             assert proc.stdout is not None
             out: list[str] = []
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + patience(30)
             while not any(x.startswith("net: up ") for x in out):
                 ready, _, _ = select.select(
                     [proc.stdout], [], [], max(0.0, deadline - time.monotonic())
@@ -200,7 +215,7 @@ def test_net_answers_ping_in_a_private_namespace(
             ping = _ping(GUEST_IP)
             assert ping.returncode == 0, ping.stdout + ping.stderr
             assert "3 received" in ping.stdout and "BAD CHECKSUM" not in ping.stdout, ping.stdout
-            rest, err = proc.communicate(timeout=30)
+            rest, err = proc.communicate(timeout=patience(30))
             out += rest.splitlines()
             assert proc.returncode == 0, err
             assert out[-1] == "net: done, 3 echo replies", out

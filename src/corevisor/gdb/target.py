@@ -10,9 +10,10 @@ Stops reach it on the vCPU threads through Vcpu.debug_handler:
   * KVM_EXIT_DEBUG, exception 3: an int3 with KVM_GUESTDBG_USE_SW_BP (VT-x, AMD-V);
   * KVM_EXIT_DEBUG, exception 1 with DR6.B0-B3: a hardware breakpoint or watchpoint
     (KVM_GUESTDBG_USE_HW_BP; the slots are debugregs.py's, the same on every vCPU);
-  * KVM_EXIT_INTERNAL_ERROR (emulation failure) whose rip is exactly a planted
-    breakpoint holding 0xCC: hosts that run guest CPL0 code in the kernel's instruction
-    emulator (PVM) cannot emulate int3, so that is how a breakpoint hit arrives there.
+  * on PVM only (kvm/host.detect().is_pvm), KVM_EXIT_INTERNAL_ERROR (emulation
+    failure) whose rip is exactly a planted breakpoint holding 0xCC: PVM runs guest CPL0
+    code in the kernel's instruction emulator, which cannot emulate int3, so that is how
+    a breakpoint hit arrives there. On VT-x/AMD-V an emulation failure is always a fault.
 Everything else keeps its usual meaning (an emulation failure elsewhere is a fault).
 
 Guest-virtual addresses are translated by walking the guest's own page tables with the
@@ -92,7 +93,12 @@ class DebugTarget:
         # breakpoints) and never fires them at CPL3 either (measured): a watchpoint
         # would silently never stop, so it is refused there and GDB's software
         # watchpoints (`set can-use-hw-watchpoints 0`, single steps) are the way.
-        self.hw_watch_supported = self.hw_supported and not host.detect().is_pvm
+        pvm = host.detect().is_pvm
+        self.hw_watch_supported = self.hw_supported and not pvm
+        # PVM reports a planted int3 its emulator met as an emulation failure; hardware
+        # intercepts #BP and reports KVM_EXIT_DEBUG (exception 3), so there an emulation
+        # failure at a breakpoint address is a real fault and must stop the machine.
+        self._int3_fails_emulation = pvm
         self._control: list[tuple[int, tuple[int, ...]] | None] = [None] * len(self.vcpus)
         # While attached, debug exits are ours; detached, they are faults as usual.
         self.attached = halted
@@ -154,6 +160,8 @@ class DebugTarget:
                 hw_hit = point.stop_reason() if point is not None else b""
             event = StopEvent(vcpu.index, SIGTRAP, swbreak, hw_hit)
         else:
+            if not self._int3_fails_emulation:
+                return False
             suberror, _ = fd.internal_error()
             if suberror != b.KVM_INTERNAL_ERROR_EMULATION or not self._at_breakpoint(vcpu):
                 return False
