@@ -274,6 +274,19 @@ static u64 bench(u8 *buf, u64 bs, int rnd, u64 ops, int write, u64 qd, u64 warm)
     return 0;
 }
 
+/* n sectors' worth of buffers after the image, or NULL (said why) for a bad n or no room. */
+static u8 *buffers(u64 n)
+{
+    if (n == 0 || n > 2048) {
+        printf("blk: sectors=%lu out of range 1..2048\n", n);
+        return NULL;
+    }
+    u8 *buf = vio_ram_after_image(n * 512);
+    if (!buf)
+        printf("blk: not enough RAM for the buffers\n");
+    return buf;
+}
+
 static u64 user_main(u64 arg)
 {
     (void)arg;
@@ -294,15 +307,9 @@ static u64 user_main(u64 arg)
     rt_cmdline_str("mode", mode, sizeof(mode));
     if (!memcmp(mode, "check", 6)) {
         u64 start = rt_cmdline_uint("start", 8), n = rt_cmdline_uint("sectors", 64);
-        if (n == 0 || n > 2048) {
-            printf("blk: sectors=%lu out of range 1..2048\n", n);
+        u8 *buf = buffers(n);
+        if (!buf)
             return 1;
-        }
-        u8 *buf = vio_ram_after_image(n * 512);
-        if (!buf) {
-            printf("blk: not enough RAM for the buffers\n");
-            return 1;
-        }
         u64 bad = check(start, n, buf);
         if (!bad && rt_cmdline_str("irq", v, sizeof(v)))
             bad = irq_test(v, buf);
@@ -310,15 +317,9 @@ static u64 user_main(u64 arg)
     }
     if (!memcmp(mode, "rounds", 7)) {
         u64 n = rt_cmdline_uint("sectors", 64);
-        if (n == 0 || n > 2048) {
-            printf("blk: sectors=%lu out of range 1..2048\n", n);
+        u8 *buf = buffers(n);
+        if (!buf)
             return 1;
-        }
-        u8 *buf = vio_ram_after_image(n * 512);
-        if (!buf) {
-            printf("blk: not enough RAM for the buffers\n");
-            return 1;
-        }
         return rounds(rt_cmdline_uint("rounds", 10), rt_cmdline_uint("start", 8), n,
                       rt_cmdline_uint("period", 50), buf);
     }

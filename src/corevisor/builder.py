@@ -126,15 +126,22 @@ def build(
     """
     links = links if links is not None else PartitionLinks()
     ram = GuestMemory.anonymous(layout.ram_layout(config.memory), name=f"{config.name}-ram")
-    m = _new_machine(config, kvm_path, ram)
-    # every GSI, window, port and slot
-    res = machine_map(config.name, config.memory, config.pci)
+    return _assemble(_new_machine(config, kvm_path, ram), config, links, boot=True)
+
+
+def _assemble(m: Machine, config: PartitionSpec, links: PartitionLinks, boot: bool) -> Machine:
+    """Every attach_* step on m, in one order for a boot and a restore; boot: load what
+    the guest starts from (a restore must not overwrite the saved guest). On failure m
+    is closed, with everything attached so far."""
+    res = machine_map(config.name, config.memory, config.pci)  # every GSI, window, port, slot
     try:
         _, virtio = attach_platform(m, config, links, res)
         if config.bios is not None:
-            attach_bios(m, config, res, virtio, boot=True)
-        else:
+            attach_bios(m, config, res, virtio, boot=boot)
+        elif boot:
             _boot_image(m, config, res, virtio)
+        else:
+            attach_fw_cfg(m, config, res, None)  # the machine items only
         attach_system(m, config, links, res)
     except BaseException:
         m.close()
@@ -203,19 +210,7 @@ def prepare_restore(
             f"{config.name}: the saved RAM ({sum(n for _, n in runs)} bytes) is not the "
             f"RAM of its spec ({config.memory} bytes)"
         )
-    m = _new_machine(config, kvm_path, memory)
-    res = machine_map(config.name, config.memory, config.pci)
-    try:
-        _, virtio = attach_platform(m, config, links, res)
-        if config.bios is not None:
-            attach_bios(m, config, res, virtio, boot=False)
-        else:
-            attach_fw_cfg(m, config, res, None)
-        attach_system(m, config, links, res)
-    except BaseException:
-        m.close()
-        raise
-    return m
+    return _assemble(_new_machine(config, kvm_path, memory), config, links, boot=False)
 
 
 def restore_state(m: Machine, state: MachineSnapshot, new_generation: bool = True) -> None:

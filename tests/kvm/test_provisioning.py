@@ -73,15 +73,23 @@ def _uninterrupted(guests: dict[str, Path], guest: str, cmdline: str, *extra: st
 # --- snapshot and restore --------------------------------------------------------------
 
 
-def test_a_guest_restored_by_the_cli_prints_what_an_uninterrupted_run_prints(
-    guests: dict[str, Path], tmp_path: Path
-) -> None:
+def _restored_by_the_cli(guests: dict[str, Path], tmp_path: Path
+                         ) -> subprocess.CompletedProcess[str]:
+    """The counter snapshotted at its 4th tick and restored by `run --restore` in a fresh
+    process, which must print exactly the rest of an uninterrupted run."""
     log = tmp_path / "a.log"
     with _system(_spec(guests, log)) as system:
         before = _snapshot_at(system, log, "peer: tick 4\n", tmp_path / "snap")
     r = corevisor("run", "--restore", str(tmp_path / "snap"))
     assert r.returncode == 0, r.stderr
     assert before + r.stdout == _uninterrupted(guests, "peer", COUNTER)
+    return r
+
+
+def test_a_guest_restored_by_the_cli_prints_what_an_uninterrupted_run_prints(
+    guests: dict[str, Path], tmp_path: Path
+) -> None:
+    r = _restored_by_the_cli(guests, tmp_path)
     assert r.stderr.strip().endswith("corevisor: guest: guest exited with status 0")
 
 
@@ -545,12 +553,7 @@ def test_lab_snapshot_restore_and_migration_on_hardware_virtualization(
     a local migration continue the guest exactly as on PVM."""
     host = corevisor("host", "--json")
     assert host.returncode == 0 and "kvm_amd" in host.stdout, host.stdout
-    log = tmp_path / "a.log"
-    with _system(_spec(guests, log)) as system:
-        before = _snapshot_at(system, log, "peer: tick 4\n", tmp_path / "snap")
-    r = corevisor("run", "--restore", str(tmp_path / "snap"))
-    assert r.returncode == 0, r.stderr
-    assert before + r.stdout == _uninterrupted(guests, "peer", COUNTER)
+    _restored_by_the_cli(guests, tmp_path)
     # Long enough to outlive the migration in the lab, where the VMM's Python runs ~30x
     # slower (12 passes of 20 ms ended before the final stop: "it is stopped").
     cmdline = "mode=dirty passes=300 mib=16 period=50"
