@@ -25,8 +25,14 @@ setup: sysdeps $(STAMP) guests
 # docs/lab.md). No pytest cache (the root is read-only there) and no hypothesis plugin
 # (seconds to import there). The expression is tests/conftest.py's LAB_SELECTION.
 LAB_PYTEST := -m "lab or portable" -p no:cacheprovider -p no:hypothesispytest -q -rA --durations=0
+# A lab boot that times out (status 124: the L1 guest stopped making progress, the
+# QEMU-TCG stall of docs/lab.md, seen in about 1 run of 4 on 2026-12-01) is said and
+# booted once more; a test that fails is never retried. Worst case ~2 x 17 min.
+LAB_RUN := lab/run --iommu --timeout 1000 -- $(PY) -m pytest $(LAB_PYTEST) tests
 lab-test: setup
-	lab/run --iommu --timeout 1500 -- $(PY) -m pytest $(LAB_PYTEST) tests
+	@$(LAB_RUN); s=$$?; if [ $$s -eq 124 ]; then \
+	  echo "lab-test: the lab timed out (an L1 stall, docs/lab.md): one more boot" >&2; \
+	  $(LAB_RUN); else exit $$s; fi
 
 # System packages, installed only when missing: a compiler and binutils for the guests
 # (all the demo needs); for the tests and benchmarks also QEMU, gdb, ACPICA, cpio,
